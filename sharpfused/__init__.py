@@ -1,0 +1,16 @@
+"""sharpfused: sharpness-aware optimizers (SAM and successors) as a few fused kernels per step."""
+
+from . import ops
+from .bn import disable_running_stats, enable_running_stats, frozen_bn_stats
+from .optim import SAM, SharpnessAware
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SAM",
+    "SharpnessAware",
+    "disable_running_stats",
+    "enable_running_stats",
+    "frozen_bn_stats",
+    "ops",
+]

@@ -1,0 +1,397 @@
+"""Machinery shared by every sharpness-aware optimizer: buckets, protocol, base step, state.
+
+An algorithm subclasses :class:`SharpnessAware` and says its update in primitives
+(:mod:`sharpfused.ops`); it never touches foreach ops, Triton or the extension itself.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from typing import Any, Callable, Iterable, Optional
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from .. import ops
+from ..buffers import FlatBuffer
+
+EPS = 1e-12  # added to norms before dividing, as in the papers
+
+
+class Bucket:
+    """The parameters of one param group on one (device, dtype) that have gradients this step.
+
+    ``backup`` is a flat buffer in the parameter dtype (exact restore); algorithms may hang
+    more flat buffers on ``extra`` (saved gradients, masks).
+    """
+
+    __slots__ = ("group", "group_index", "params", "backend", "backup", "extra", "base_state")
+
+    def __init__(self, group: dict, group_index: int, params: list[Tensor], backend: str) -> None:
+        self.group = group
+        self.group_index = group_index
+        self.params = params
+        self.backend = backend
+        self.backup = FlatBuffer(params)
+        self.extra: dict[str, Any] = {}
+        self.base_state: Optional[dict[str, Any]] = None  # fused base step's view of base state
+
+    @property
+    def device(self) -> torch.device:
+        return self.params[0].device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.params[0].dtype
+
+    def grads(self) -> list[Tensor]:
+        return [p.grad for p in self.params]
+
+    def buffer(self, name: str, dtype: Optional[torch.dtype] = None, zero: bool = False) -> FlatBuffer:
+        """A flat buffer shaped like the bucket's params, allocated on first use and kept."""
+        buf = self.extra.get(name)
+        if buf is None:
+            buf = self.extra[name] = FlatBuffer(self.params, dtype=dtype, zero=zero)
+        return buf
+
+
+def _check_number(name: str, value: Any, low: float = 0.0, *, strict: bool = False, where: str = "") -> None:
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{name}{where} must be a number or a 1-element tensor, got shape {tuple(value.shape)}")
+        return  # device tensors are not read back (no host sync); the caller owns their range
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name}{where} must be a real number, got {type(value).__name__}")
+    ok = math.isfinite(value) and (value > low if strict else value >= low)
+    if not ok:
+        rng = f"> {low}" if strict else f">= {low}"
+        raise ValueError(f"{name}{where} must be a finite number {rng}, got {value}")
+
+
+class SharpnessAware(Optimizer):
+    """Base of sharpfused's optimizers: wraps a base optimizer and shares its ``param_groups``.
+
+    Subclasses set :attr:`hyper` (name -> validator) and implement ``first_step``.
+    """
+
+    #: per-group hyperparameters of the algorithm, validated at construction and in add_param_group
+    hyper: dict[str, Callable[[str, Any, str], None]] = {}
+
+    def __init__(
+        self,
+        params: Iterable,
+        base_optimizer: Any,
+        defaults: dict[str, Any],
+        backend: str = "auto",
+        **base_kwargs: Any,
+    ) -> None:
+        if not isinstance(backend, str) or (backend != "auto" and backend not in ops.BACKENDS):
+            raise ValueError(
+                f"backend must be 'auto' or one of {', '.join(repr(b) for b in ops.BACKENDS)}, got {backend!r}"
+            )
+        for k, v in defaults.items():
+            self.hyper[k](k, v, "")
+        instance = isinstance(base_optimizer, Optimizer)
+        if not instance and not (inspect.isclass(base_optimizer) and issubclass(base_optimizer, Optimizer)):
+            raise TypeError(
+                "base_optimizer must be a torch.optim.Optimizer subclass (e.g. torch.optim.SGD) or an "
+                f"optimizer instance, got {base_optimizer!r}"
+            )
+        if instance and base_kwargs:
+            raise TypeError(
+                f"keyword arguments {sorted(base_kwargs)} are for building a base optimizer, but "
+                "base_optimizer is already an instance"
+            )
+        if isinstance(params, Tensor):
+            raise TypeError("params must be an iterable of tensors or of param-group dicts, got a Tensor")
+        params = list(params)
+        if not params:
+            raise ValueError("params is empty: the optimizer got no parameters to optimize")
+        self._base_ready = False
+        self.backend = backend
+        super().__init__(params, defaults)
+        if instance:
+            mine = {id(p) for g in self.param_groups for p in g["params"]}
+            theirs = {id(p) for g in base_optimizer.param_groups for p in g["params"]}
+            if mine != theirs:
+                raise ValueError("params must be the same parameters the base_optimizer instance optimizes")
+            self.base_optimizer = base_optimizer
+            for group in base_optimizer.param_groups:
+                for k, v in defaults.items():
+                    group.setdefault(k, v)
+        else:
+            self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
+        self.param_groups = self.base_optimizer.param_groups
+        for k, v in self.base_optimizer.defaults.items():
+            self.defaults.setdefault(k, v)
+        self._base_ready = True
+        for group in self.param_groups:
+            self._check_group(group)
+        self._bucket_key: Optional[tuple] = None
+        self._buckets: list[Bucket] = []
+        self._perturbed = False
+
+    # ---------------------------------------------------------------- param groups
+    def _check_group(self, group: dict) -> None:
+        where = f" (param group {self.param_groups.index(group) if group in self.param_groups else 'new'})"
+        for k, check in self.hyper.items():
+            check(k, group[k], where)
+        for p in group["params"]:
+            ops.resolve(self.backend, p.device)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if not getattr(self, "_base_ready", False):
+            super().add_param_group(param_group)  # during Optimizer.__init__
+            return
+        for k, v in self.defaults.items():
+            if k in self.hyper:
+                param_group.setdefault(k, v)
+        self.base_optimizer.add_param_group(param_group)  # appends to the shared list
+        self._check_group(self.param_groups[-1])
+        self._bucket_key = None
+
+    # ---------------------------------------------------------------- buckets
+    def _grad_key(self) -> tuple:
+        key = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                g = p.grad
+                if g is None:
+                    continue
+                if g.is_sparse:
+                    raise RuntimeError(
+                        f"{type(self).__name__} does not support sparse gradients (a parameter of shape "
+                        f"{tuple(p.shape)} has one); use a dense embedding or a dense optimizer"
+                    )
+                key.append((id(p), p.data_ptr()))
+        return tuple(key)
+
+    def buckets(self) -> list[Bucket]:
+        """Buckets of the parameters that have gradients now; rebuilt only when that set changes."""
+        key = self._grad_key()
+        if key != self._bucket_key:
+            by: dict[tuple, list[Tensor]] = {}
+            for gi, group in enumerate(self.param_groups):
+                for p in group["params"]:
+                    if p.grad is not None:
+                        by.setdefault((gi, p.device, p.dtype), []).append(p)
+            self._buckets = [
+                Bucket(self.param_groups[gi], gi, ps, ops.resolve(self.backend, dev))
+                for (gi, dev, _), ps in by.items()
+            ]
+            self._bucket_key = key
+        return self._buckets
+
+    # ---------------------------------------------------------------- building blocks
+    def global_norm(self, buckets: list[Bucket], xs: Optional[Callable[[Bucket], list[Tensor]]] = None) -> Tensor:
+        """sqrt(sum over buckets of sq_norm), with each group's ASAM weight when ``adaptive``.
+
+        ``xs`` picks the tensors of a bucket (its gradients by default).
+        """
+        total: Optional[Tensor] = None
+        for b in buckets:
+            g = b.group
+            adaptive = g.get("adaptive", False)
+            part = ops.sq_norm(
+                xs(b) if xs else b.grads(), b.params if adaptive else None, g.get("eta", 0.0), backend=b.backend
+            )
+            total = part if total is None else total + part.to(total.device)
+        assert total is not None
+        return total.sqrt()
+
+    def perturb(self, buckets: list[Bucket], norm: Tensor, rho_key: str = "rho", save: bool = True) -> None:
+        """w <- w + rho * T^2 g / (||T g|| + eps) per bucket, saving w for exact restore."""
+        inv = (norm + EPS).reciprocal()
+        for b in buckets:
+            g = b.group
+            scale = inv.to(b.device) * g[rho_key]
+            eta = g.get("eta", 0.0) if g.get("adaptive", False) else None
+            ops.perturb_(b.params, b.grads(), b.backup.views if save else None, scale, eta, backend=b.backend)
+
+    def restore(self, buckets: list[Bucket]) -> None:
+        for b in buckets:
+            ops.restore_(b.params, b.backup.views, backend=b.backend)
+
+    # ---------------------------------------------------------------- base step
+    def _fused_kind(self) -> Optional[str]:
+        base = self.base_optimizer
+        groups = base.param_groups
+        if any(g.get("maximize") or g.get("differentiable") or g.get("capturable") for g in groups):
+            return None
+        if type(base) is torch.optim.SGD:
+            return "sgd"
+        if type(base) is torch.optim.AdamW and not any(g.get("amsgrad") for g in groups):
+            return "adamw"
+        return None
+
+    def _prepare_base_state(self, b: Bucket, kind: str) -> bool:
+        """Point the bucket at the base optimizer's state tensors, creating them like torch does."""
+        if b.base_state is not None:
+            return True
+        st = self.base_optimizer.state
+        g = b.group
+        if kind == "sgd":
+            if not g["momentum"]:
+                b.base_state = {"bufs": None, "init": False}
+                return True
+            bufs = [st[p].get("momentum_buffer") for p in b.params]
+            init = bufs[0] is None
+            if any((x is None) != init for x in bufs):
+                return False
+            if init:
+                bufs = [torch.empty_like(p, memory_format=torch.preserve_format) for p in b.params]
+            b.base_state = {"bufs": bufs, "init": init}
+            return True
+        states = [st[p] for p in b.params]
+        fresh = [not s for s in states]
+        if any(fresh) and not all(fresh):
+            return False
+        if all(fresh):
+            for p, s in zip(b.params, states):
+                s["step"] = torch.tensor(0.0, dtype=torch.float32)
+                s["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                s["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        steps = [s["step"] for s in states]
+        if any(t.device.type != "cpu" for t in steps):
+            return False
+        counts = {float(t) for t in steps}  # host tensors: no device sync
+        if len(counts) != 1:
+            return False
+        b.base_state = {
+            "steps": steps,
+            "count": int(counts.pop()),
+            "m": [s["exp_avg"] for s in states],
+            "v": [s["exp_avg_sq"] for s in states],
+        }
+        return True
+
+    def restore_and_base_step(self, buckets: list[Bucket]) -> None:
+        """Restore w exactly and take the base optimizer's step with the gradients now in ``.grad``.
+
+        For torch.optim.SGD and AdamW this is one fused primitive per bucket that writes the
+        base optimizer's own state; any other base optimizer gets restore + ``base.step()``.
+        """
+        kind = self._fused_kind()
+        fused = kind is not None and self._grad_key() == self._bucket_key
+        if fused:
+            fused = all(self._prepare_base_state(b, kind) for b in buckets)
+        if not fused:
+            self.restore(buckets)
+            for b in buckets:
+                b.base_state = None  # base.step() may create or replace state tensors
+            self.base_optimizer.step()
+            return
+        for b in buckets:
+            g, s = b.group, b.base_state
+            if kind == "sgd":
+                ops.restore_sgd_(
+                    b.params, b.backup.views, b.grads(), s["bufs"], lr=g["lr"], momentum=g["momentum"],
+                    dampening=g["dampening"], weight_decay=g["weight_decay"], nesterov=g["nesterov"],
+                    init_momentum=s["init"], backend=b.backend,
+                )
+                if s["init"]:
+                    for p, buf in zip(b.params, s["bufs"]):
+                        self.base_optimizer.state[p]["momentum_buffer"] = buf
+                    s["init"] = False
+            else:
+                s["count"] += 1
+                torch._foreach_add_(s["steps"], 1.0)
+                beta1, beta2 = g["betas"]
+                ops.restore_adamw_(
+                    b.params, b.backup.views, b.grads(), s["m"], s["v"], step=s["count"], lr=g["lr"],
+                    beta1=beta1, beta2=beta2, eps=g["eps"], weight_decay=g["weight_decay"], backend=b.backend,
+                )
+
+    # ---------------------------------------------------------------- protocol
+    def _begin_first(self) -> list[Bucket]:
+        if self._perturbed:
+            raise RuntimeError(
+                f"{type(self).__name__}.first_step() called twice: call second_step() after the second "
+                "forward/backward before starting the next step"
+            )
+        return self.buckets()
+
+    def _begin_second(self) -> list[Bucket]:
+        if not self._perturbed:
+            raise RuntimeError(
+                f"{type(self).__name__}.second_step() called without first_step(): a step is "
+                "first_step() (perturb, after the first backward), a second forward/backward at the "
+                "perturbed weights, then second_step() (restore and update); or use step(closure)"
+            )
+        return self._buckets
+
+    def _end_second(self, zero_grad: bool) -> None:
+        self._perturbed = False
+        self._opt_called = True  # LR schedulers check this
+        if zero_grad:
+            self.zero_grad()
+
+    def _has_grads(self) -> bool:
+        return any(p.grad is not None for g in self.param_groups for p in g["params"])
+
+    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:  # type: ignore[override]
+        """One full step. ``closure`` recomputes the loss and its gradients (zero_grad is done here).
+
+        If gradients are already present they are used for the first pass; otherwise the
+        closure runs for it too. Returns the first-pass loss (None when the first pass used
+        gradients that were already there); the perturbed-point loss is kept in
+        ``last_perturbed_loss``. Gradients are cleared (set to None) at the end, so that the
+        perturbed-point gradients never seed the next step's first pass.
+        """
+        if closure is None:
+            raise RuntimeError(
+                f"{type(self).__name__}.step() needs a closure that runs forward and backward; "
+                "or call first_step() and second_step() around the second forward/backward"
+            )
+        closure = torch.enable_grad()(closure)
+        loss = None
+        if not self._has_grads():
+            loss = closure()
+        self.first_step(zero_grad=True)
+        self.last_perturbed_loss = closure()
+        self.second_step(zero_grad=True)
+        return loss
+
+    # ---------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        """Our state plus the base optimizer's (``"base_optimizer"``): resuming is exact."""
+        sd = super().state_dict()
+        sd["base_optimizer"] = self.base_optimizer.state_dict()
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        base = state_dict.pop("base_optimizer", None)
+        super().load_state_dict(state_dict)
+        if base is not None:
+            self.base_optimizer.load_state_dict(base)
+        self.base_optimizer.param_groups = self.param_groups
+        self._bucket_key = None
+        self._buckets = []
+        self._perturbed = False
+
+
+def check_rho(name: str, value: Any, where: str) -> None:
+    _check_number(name, value, where=where)
+
+
+def check_nonneg(name: str, value: Any, where: str) -> None:
+    _check_number(name, value, where=where)
+
+
+def check_positive(name: str, value: Any, where: str) -> None:
+    _check_number(name, value, strict=True, where=where)
+
+
+def check_bool(name: str, value: Any, where: str) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name}{where} must be True or False, got {value!r}")
+
+
+def check_unit(name: str, value: Any, where: str) -> None:
+    """A number in [0, 1]."""
+    _check_number(name, value, where=where)
+    if not isinstance(value, Tensor) and value > 1:
+        raise ValueError(f"{name}{where} must be in [0, 1], got {value}")
