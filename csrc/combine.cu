@@ -1,0 +1,38 @@
+// combine_: g <- c1 * g + c2 * saved, in opmath, rounded once. Bytes per element: read 2b, write 1b.
+#include "multi_tensor.cuh"
+
+namespace sharpfused {
+namespace {
+
+template <typename T>
+struct CombineOp {
+  DevScalar<acc_t<T>> c1, c2;
+
+  __device__ void operator()(const Table<2>& tab, int t, int64_t start, int64_t len, int64_t) const {
+    using A = acc_t<T>;
+    T* g = static_cast<T*>(tab.ptr[0][t]) + start;
+    const T* saved = static_cast<const T*>(tab.ptr[1][t]) + start;
+    const A a = c1.get(), b = c2.get();
+    for_chunk<T>(len, aligned16(g) && aligned16(saved), [&](auto width, int64_t i) {
+      constexpr int K = decltype(width)::value;
+      A gv[K], sv[K];
+      load<K>(gv, g + i);
+      load<K>(sv, saved + i);
+#pragma unroll
+      for (int k = 0; k < K; ++k) gv[k] = a * gv[k] + b * sv[k];
+      store<K>(g + i, gv);
+    });
+  }
+};
+
+}  // namespace
+
+cudaError_t combine(DType dt, const Lists& lists, Scalar c1, Scalar c2, cudaStream_t stream) {
+  return dispatch(dt, [&](auto tag) -> cudaError_t {
+    using T = decltype(tag);
+    using A = acc_t<T>;
+    return multi_tensor_apply<2>(lists, CombineOp<T>{dev_scalar<A>(c1), dev_scalar<A>(c2)}, stream);
+  });
+}
+
+}  // namespace sharpfused
