@@ -9,8 +9,8 @@ untouched -- exactly what the first pass would have done minus the update.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 from torch import nn
 

@@ -8,7 +8,8 @@ float64. ``*_step`` functions take a model-free view: a list of parameter tensor
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, Sequence
+from collections.abc import Sequence
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor

@@ -9,35 +9,57 @@ Low-precision results are computed in opmath and rounded once, when written back
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 import torch
 from torch import Tensor
 
 _LOW = (torch.float16, torch.bfloat16)
-_WORKSPACES: "OrderedDict[tuple, list[Tensor]]" = OrderedDict()
-_MAX_WORKSPACES = 8
+_WORKSPACES: OrderedDict[tuple, tuple[Tensor, list[Tensor]]] = OrderedDict()
+_MAX_WORKSPACES = 16
 
 
 def opmath(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _workspace(like: Sequence[Tensor], dtype: torch.dtype) -> list[Tensor]:
-    """Opmath scratch tensors shaped like ``like``; contents are garbage, valid until the next call."""
-    key = (like[0].device, dtype, tuple(t.shape for t in like))
-    ws = _WORKSPACES.get(key)
-    if ws is None:
+def _workspace_flat(like: Sequence[Tensor], dtype: torch.dtype, slot: int = 0) -> tuple[Tensor, list[Tensor]]:
+    key = (like[0].device, dtype, slot, tuple(t.shape for t in like))
+    hit = _WORKSPACES.get(key)
+    if hit is None:
         flat = torch.empty(sum(t.numel() for t in like), dtype=dtype, device=like[0].device)
-        ws, off = [], 0
+        views, off = [], 0
         for t in like:
-            ws.append(flat[off : off + t.numel()].view(t.shape))
+            views.append(flat[off : off + t.numel()].view(t.shape))
             off += t.numel()
-        _WORKSPACES[key] = ws
+        hit = _WORKSPACES[key] = (flat, views)
         if len(_WORKSPACES) > _MAX_WORKSPACES:
             _WORKSPACES.popitem(last=False)
     else:
         _WORKSPACES.move_to_end(key)
+    return hit
+
+
+def _workspace(like: Sequence[Tensor], dtype: torch.dtype, slot: int = 0) -> list[Tensor]:
+    """Opmath scratch tensors shaped like ``like`` (one flat allocation per key, kept and reused).
+
+    Contents are garbage and valid until the next primitive call. Slots 0 and 1 are two
+    independent scratch lists for operations that need two opmath operands at once.
+    """
+    return _workspace_flat(like, dtype, slot)[1]
+
+
+def _opm(xs: Sequence[Tensor], dtype: torch.dtype, slot: int) -> list[Tensor]:
+    """``xs`` in opmath for READ-ONLY use: the tensors themselves when already opmath, else a copy.
+
+    Arithmetic between different dtypes makes torch's CPU kernels allocate a cast temporary;
+    copying into a workspace first (copy_ converts without one) keeps every step allocation-free.
+    """
+    if xs[0].dtype == opmath(dtype):
+        return list(xs)
+    ws = _workspace(xs, opmath(dtype), slot)
+    torch._foreach_copy_(ws, xs)
     return ws
 
 
@@ -58,13 +80,13 @@ def _groups(first: Sequence[Tensor], *others: Optional[Sequence[Tensor]]):
 
 def _mul_(xs: list[Tensor], s) -> None:
     if isinstance(s, Tensor):
-        torch._foreach_mul_(xs, s)
+        torch._foreach_mul_(xs, s.to(xs[0].dtype))
     elif s != 1:
         torch._foreach_mul_(xs, float(s))
 
 
 def _axpy_(ws: list[Tensor], x: Sequence[Tensor], s) -> None:
-    """ws <- ws + s * x (s a number or a 0-d tensor)."""
+    """ws <- ws + s * x (s a number or a 0-d tensor; x of ws's dtype)."""
     if isinstance(s, Tensor):
         torch._foreach_addcmul_(ws, x, [s.to(ws[0].dtype)] * len(ws))
     else:
@@ -79,25 +101,33 @@ def _t_(ws: list[Tensor], w: Sequence[Tensor], eta: float) -> None:
         torch._foreach_add_(ws, float(eta))
 
 
-def _sum_squares(xs: list[Tensor], dtype: torch.dtype) -> Tensor:
-    """Per-tensor squared norms, opmath, as a 1-d tensor (deterministic)."""
+def _store_(dst: Sequence[Tensor], delta: list[Tensor], base: Sequence[Tensor], dtype: torch.dtype) -> None:
+    """dst <- base + delta, computed in opmath and rounded once (``delta`` is opmath scratch, slot 0)."""
     if dtype in _LOW:
-        norms = torch._foreach_norm(xs, 2, dtype=torch.float32)
+        torch._foreach_add_(delta, _opm(base, dtype, 1))
+        torch._foreach_copy_(dst, delta)
+    elif dst is base:
+        torch._foreach_add_(dst, delta)
     else:
-        norms = torch._foreach_norm(xs, 2)
-    return torch.stack(norms).square()
+        torch._foreach_add_(delta, base)
+        torch._foreach_copy_(dst, delta)
+
+
+def _sum_squares(xs: list[Tensor]) -> Tensor:
+    """Per-tensor squared norms of opmath tensors, as a 1-d tensor (deterministic)."""
+    return torch.stack(torch._foreach_norm(xs, 2)).square()
 
 
 def sq_norm(xs, weights=None, eta=0.0, per_tensor=False):
     parts, order = [], []
     for dtype, (x, w) in _groups(xs, weights):
         if w is not None:
-            ws = _workspace(x, opmath(dtype))
+            ws = _workspace(x, opmath(dtype), 0)
             _t_(ws, w, eta)
-            torch._foreach_mul_(ws, x)
-            per = _sum_squares(ws, opmath(dtype))
+            torch._foreach_mul_(ws, _opm(x, dtype, 1))
+            per = _sum_squares(ws)
         else:
-            per = _sum_squares(x, dtype)
+            per = _sum_squares(_opm(x, dtype, 0))
         parts.append(per)
         order.append(x)
     if len(parts) == 1:
@@ -120,17 +150,19 @@ def perturb_(params, grads, backup, scale, eta=None, mask=None):
         if eta is None and m is None and dtype not in _LOW:
             _axpy_(p, g, scale)  # opmath == dtype: w + scale*g directly, no scratch
             continue
-        ws = _workspace(p, opmath(dtype))
+        ws = _workspace(p, opmath(dtype), 0)
         if eta is not None:
             _t_(ws, p, eta)  # T at the incoming w
             torch._foreach_mul_(ws, ws)
-            torch._foreach_mul_(ws, g)
+            torch._foreach_mul_(ws, _opm(g, dtype, 1))
         else:
             torch._foreach_copy_(ws, g)
         if m is not None:
-            torch._foreach_mul_(ws, m)
+            m1 = _workspace(p, opmath(dtype), 1)
+            torch._foreach_copy_(m1, m)
+            torch._foreach_mul_(ws, m1)
         _mul_(ws, scale)
-        torch._foreach_add_(p, ws)
+        _store_(p, ws, p, dtype)
 
 
 def restore_(params, backup):
@@ -141,11 +173,13 @@ def restore_(params, backup):
 def dot_norms(a, b):
     out = []
     for dtype, (x, y) in _groups(a, b):
-        ws = _workspace(x, opmath(dtype))
+        flat, ws = _workspace_flat(x, opmath(dtype), 0)
         torch._foreach_copy_(ws, x)
-        torch._foreach_mul_(ws, y)
-        dot = torch.stack(torch._foreach_sum(ws) if hasattr(torch, "_foreach_sum") else [t.sum() for t in ws]).sum()
-        out.append(torch.stack([dot, _sum_squares(x, dtype).sum(), _sum_squares(y, dtype).sum().to(dot.dtype)]))
+        yy = _opm(y, dtype, 1)
+        na = _sum_squares(ws).sum()
+        nb = _sum_squares(yy).sum()
+        torch._foreach_mul_(ws, yy)
+        out.append(torch.stack([flat.sum(), na, nb]))
     return out[0] if len(out) == 1 else torch.stack([o.double() for o in out]).sum(0)
 
 
@@ -155,50 +189,56 @@ def combine_(g, saved, c1, c2):
             _mul_(x, c1)
             _axpy_(x, s, c2)
             continue
-        ws = _workspace(x, opmath(dtype))  # c1*g + c2*saved in opmath, one rounding at the end
+        ws = _workspace(x, opmath(dtype), 0)  # c1*g + c2*saved in opmath, one rounding at the end
         torch._foreach_copy_(ws, x)
         _mul_(ws, c1)
-        _axpy_(ws, s, c2)
+        _axpy_(ws, _opm(s, dtype, 1), c2)
         torch._foreach_copy_(x, ws)
 
 
 def restore_sgd_(params, backup, grads, momentum_buffers, lr, momentum, dampening, weight_decay, nesterov, init_momentum):
     for dtype, (p, b, g, buf) in _groups(params, backup, grads, momentum_buffers):
-        d = _workspace(p, opmath(dtype))
+        d = _workspace(p, opmath(dtype), 0)
         torch._foreach_copy_(d, g)
         if weight_decay:
-            torch._foreach_add_(d, b, alpha=float(weight_decay))
+            _axpy_(d, _opm(b, dtype, 1), weight_decay)
         if momentum:
             if init_momentum:
                 torch._foreach_copy_(buf, d)
+            elif dtype in _LOW:
+                bb = _opm(buf, dtype, 1)
+                torch._foreach_mul_(bb, float(momentum))
+                _axpy_(bb, d, 1.0 - float(dampening))
+                torch._foreach_copy_(buf, bb)
             else:
                 torch._foreach_mul_(buf, float(momentum))
-                torch._foreach_add_(buf, d, alpha=1.0 - float(dampening))
+                _axpy_(buf, d, 1.0 - float(dampening))
             if nesterov:
-                torch._foreach_add_(d, buf, alpha=float(momentum))
+                _axpy_(d, _opm(buf, dtype, 1), momentum)
             else:
                 torch._foreach_copy_(d, buf)
         _mul_(d, -lr)
-        torch._foreach_add_(d, b)
-        torch._foreach_copy_(p, d)
+        _store_(p, d, b, dtype)
 
 
 def restore_adamw_(params, backup, grads, exp_avgs, exp_avg_sqs, step, lr, beta1, beta2, eps, weight_decay):
     bc1 = 1.0 - beta1**step
     bc2_sqrt = (1.0 - beta2**step) ** 0.5
     for dtype, (p, b, g, m, v) in _groups(params, backup, grads, exp_avgs, exp_avg_sqs):
+        # moments stay in the parameter dtype, as torch.optim.AdamW keeps them
         torch._foreach_lerp_(m, g, 1.0 - beta1)
         torch._foreach_mul_(v, beta2)
         torch._foreach_addcmul_(v, g, g, value=1.0 - beta2)
-        ws = _workspace(p, opmath(dtype))
+        ws = _workspace(p, opmath(dtype), 0)
         torch._foreach_copy_(ws, v)
         torch._foreach_sqrt_(ws)
         torch._foreach_div_(ws, bc2_sqrt)
         torch._foreach_add_(ws, eps)
         torch._foreach_reciprocal_(ws)
-        torch._foreach_mul_(ws, m)  # m / denom
+        torch._foreach_mul_(ws, _opm(m, dtype, 1))  # m / denom
         _mul_(ws, lr)
         _mul_(ws, -1.0 / bc1)  # -lr/bc1 * m/denom
         # + w0*(1 - lr*wd), accumulated in opmath
-        _axpy_(ws, b, 1.0 - lr * weight_decay)
+        w0 = _opm(b, dtype, 1)
+        _axpy_(ws, w0, 1.0 - lr * weight_decay)
         torch._foreach_copy_(p, ws)

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import inspect
 import math
-from typing import Any, Callable, Iterable, Optional
+from collections.abc import Iterable
+from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor
@@ -135,7 +136,8 @@ class SharpnessAware(Optimizer):
 
     # ---------------------------------------------------------------- param groups
     def _check_group(self, group: dict) -> None:
-        where = f" (param group {self.param_groups.index(group) if group in self.param_groups else 'new'})"
+        index = next((i for i, g in enumerate(self.param_groups) if g is group), "new")
+        where = f" (param group {index})"
         for k, check in self.hyper.items():
             check(k, group[k], where)
         for p in group["params"]:
@@ -213,6 +215,44 @@ class SharpnessAware(Optimizer):
     def restore(self, buckets: list[Bucket]) -> None:
         for b in buckets:
             ops.restore_(b.params, b.backup.views, backend=b.backend)
+
+    # ---------------------------------------------------------------- algorithm state (additive helpers)
+    def global_dot_norms(
+        self, buckets: list[Bucket], a: Callable[[Bucket], list[Tensor]], b: Callable[[Bucket], list[Tensor]]
+    ) -> Tensor:
+        """(<a,b>, ||a||^2, ||b||^2) summed over every bucket: one ``dot_norms`` per bucket."""
+        total: Optional[Tensor] = None
+        for bk in buckets:
+            part = ops.dot_norms(a(bk), b(bk), backend=bk.backend)
+            total = part if total is None else total + part.to(total.device)
+        assert total is not None
+        return total
+
+    def copy(self, buckets: list[Bucket], dst: Callable[[Bucket], list[Tensor]], src: Callable[[Bucket], list[Tensor]]) -> None:
+        """dst <- src, bit-exact, per bucket (``restore_`` is a copy)."""
+        for b in buckets:
+            ops.restore_(dst(b), src(b), backend=b.backend)
+
+    def state_buffer(self, b: Bucket, name: str, dtype: Optional[torch.dtype] = None) -> tuple[FlatBuffer, bool]:
+        """A flat buffer of bucket ``b`` that is also algorithm state: its views are ``self.state[p][name]``.
+
+        So it is saved by ``state_dict``, filled back by ``load_state_dict``, and carried over
+        when buckets are rebuilt (copied once into the new buffer). Returns ``(buffer, valid)``:
+        ``valid`` is False when some parameter had no saved value (the algorithm must write it).
+        """
+        buf = b.extra.get(name)
+        if buf is not None:
+            return buf, True
+        buf = b.buffer(name, dtype=dtype, zero=True)
+        valid = True
+        for p, view in zip(b.params, buf.views):
+            old = self.state[p].get(name) if p in self.state else None
+            if old is None:
+                valid = False
+            else:
+                view.copy_(old)
+            self.state[p][name] = view
+        return buf, valid
 
     # ---------------------------------------------------------------- base step
     def _fused_kind(self) -> Optional[str]:

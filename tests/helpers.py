@@ -1,0 +1,57 @@
+"""Small shared test utilities: random tensor lists, error measures, tiny models."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+ODD_SIZES = [(1,), (7,), (0,), (33, 5), (4099,), (3, 0, 2), (17, 3, 3)]
+
+
+def rand_list(shapes, dtype=torch.float32, device="cpu", scale=1.0):
+    return [(torch.randn(s, dtype=torch.float64) * scale).to(dtype).to(device) for s in shapes]
+
+
+def rel_err(out, ref) -> float:
+    """||out - ref|| / ||ref|| over a list (or a tensor), in float64."""
+    if isinstance(out, torch.Tensor):
+        out, ref = [out], [ref]
+    out, ref = [o.detach() for o in out], [r.detach() for r in ref]
+    num = sum(((o.double().cpu() - r.double().cpu()) ** 2).sum() for o, r in zip(out, ref))
+    den = sum((r.double().cpu() ** 2).sum() for r in ref)
+    return float((num / den.clamp_min(1e-300)).sqrt())
+
+
+def first_mismatch(a, b) -> str:
+    for i, (x, y) in enumerate(zip(a, b)):
+        if not torch.equal(x, y):
+            idx = (x != y).nonzero()[:3].tolist()
+            return f"tensor {i} differs at {idx}: {x.flatten()[:3].tolist()} vs {y.flatten()[:3].tolist()}"
+    return "equal"
+
+
+class MLP(nn.Module):
+    def __init__(self, d_in=10, d_hidden=16, d_out=3):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(d_in, d_hidden), nn.Tanh(), nn.Linear(d_hidden, d_out))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class ConvBN(nn.Module):
+    def __init__(self, c=4, classes=3):
+        super().__init__()
+        self.conv = nn.Conv2d(1, c, 3, padding=1)
+        self.bn = nn.BatchNorm2d(c)
+        self.fc = nn.Linear(c * 6 * 6, classes)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.bn(self.conv(x))).flatten(1))
+
+
+def data(model_kind: str, n=16, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    if model_kind == "mlp":
+        return torch.randn(n, 10, generator=g), torch.randint(0, 3, (n,), generator=g)
+    return torch.randn(n, 1, 6, 6, generator=g), torch.randint(0, 3, (n,), generator=g)

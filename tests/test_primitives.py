@@ -1,0 +1,183 @@
+"""Each primitive of sharpfused.ops on the torch backend against the float64 reference."""
+
+import pytest
+import torch
+
+from sharpfused import ops
+from sharpfused.backends import torch_ops
+
+from . import reference as ref
+from .helpers import ODD_SIZES, rand_list, rel_err
+
+DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
+# fp32 within ~1e-6; low precision: a few units of the dtype's rounding
+TOL = {torch.float64: 1e-12, torch.float32: 2e-6, torch.bfloat16: 8e-3, torch.float16: 1e-3}
+MANY = [(i % 13 + 1, 3) if i % 5 else (i % 7,) for i in range(211)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shapes", [ODD_SIZES, MANY], ids=["odd", "211-tensors"])
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_sq_norm(dtype, shapes, adaptive):
+    xs = rand_list(shapes, dtype)
+    ws = rand_list(shapes, dtype) if adaptive else None
+    total, per = ops.sq_norm(xs, ws, 0.01, per_tensor=True)
+    rt, rp = ref.sq_norm(xs, ws, 0.01, per_tensor=True)
+    assert total.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert rel_err(total, rt) < TOL[dtype]
+    assert rel_err(per, rp) < TOL[dtype]
+    assert torch.equal(ops.sq_norm(xs, ws, 0.01), total)  # deterministic, same value without per_tensor
+
+
+def test_sq_norm_mixed_dtypes_keeps_list_order():
+    shapes = [(5,), (3, 2), (8,), (1,)]
+    xs = [x.to(d) for x, d in zip(rand_list(shapes), [torch.float32, torch.bfloat16, torch.float64, torch.float16])]
+    total, per = ops.sq_norm(xs, per_tensor=True)
+    rt, rp = ref.sq_norm(xs, per_tensor=True)
+    assert per.shape == (4,)
+    assert rel_err(per, rp) < 8e-3 and rel_err(total, rt) < 8e-3
+    for i in range(len(xs)):
+        assert abs(per[i].item() - rp[i].item()) <= 8e-3 * rp[i].item()
+
+
+def test_sq_norm_nonfinite_propagates():
+    xs = rand_list([(4,), (6,)])
+    xs[1][3] = float("inf")
+    assert not torch.isfinite(ops.sq_norm(xs))
+    xs[1][3] = float("nan")
+    assert torch.isnan(ops.sq_norm(xs))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("eta", [None, 0.0, 0.01])
+@pytest.mark.parametrize("use_mask", [False, True])
+@pytest.mark.parametrize("tensor_scale", [False, True])
+def test_perturb_and_exact_restore(dtype, eta, use_mask, tensor_scale):
+    shapes = ODD_SIZES + MANY[:40]
+    w = rand_list(shapes, dtype)
+    g = rand_list(shapes, dtype)
+    mask = [torch.rand(s) > 0.5 for s in shapes] if use_mask else None
+    w0 = [x.clone() for x in w]
+    backup = [torch.full_like(x, float("nan")) for x in w]  # poisoned
+    scale = 0.37
+    opm = torch.float64 if dtype == torch.float64 else torch.float32
+    ops.perturb_(w, g, backup, torch.tensor(scale, dtype=opm) if tensor_scale else scale, eta, mask)
+    assert all(torch.equal(b, x) for b, x in zip(backup, w0))
+    want = ref.perturb(w0, g, scale, eta, mask)
+    # one rounding to the dtype at the end: error within the dtype's half-ulp of the result
+    err = rel_err(w, want)
+    assert err < TOL[dtype], err
+    ops.restore_(w, backup)
+    assert all(torch.equal(a, b) for a, b in zip(w, w0))  # bit-exact, every dtype
+
+
+def test_perturb_without_backup_and_low_precision_rounds_once():
+    # bf16: w + s*g computed in fp32 then rounded once equals the correctly rounded float64 result
+    w = rand_list([(1001,)], torch.bfloat16)
+    g = rand_list([(1001,)], torch.bfloat16)
+    want = (w[0].double() + 0.01 * g[0].double()).float().to(torch.bfloat16)
+    ops.perturb_(w, g, None, 0.01)
+    mismatch = (w[0] != want).float().mean().item()
+    assert mismatch < 0.01  # double rounding through fp32 may flip a rare tie
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dot_norms(dtype):
+    shapes = ODD_SIZES + MANY[:60]
+    a, b = rand_list(shapes, dtype), rand_list(shapes, dtype)
+    out = ops.dot_norms(a, b)
+    want = ref.dot_norms(a, b)
+    assert out.shape == (3,)
+    assert rel_err(out, want) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tensor_coef", [False, True])
+def test_combine(dtype, tensor_coef):
+    shapes = ODD_SIZES + MANY[:30]
+    g, s = rand_list(shapes, dtype), rand_list(shapes, dtype)
+    want = ref.combine(g, s, 0.7, -1.3)
+    opm = torch.float64 if dtype == torch.float64 else torch.float32
+    c1, c2 = (torch.tensor(0.7, dtype=opm), torch.tensor(-1.3, dtype=opm)) if tensor_coef else (0.7, -1.3)
+    ops.combine_(g, s, c1, c2)
+    assert rel_err(g, want) < TOL[dtype]
+
+
+def _grads(shapes, dtype):
+    # magnitudes in [0.5, 1.5]: keeps Adam's second moment out of fp16's subnormal range
+    gs = rand_list(shapes, torch.float64)
+    return [(x.sign() * (0.5 + torch.rand_like(x))).to(dtype) for x in gs]
+
+
+def _run(kind, dtype, shapes, steps=7, tensor_lr=False, **hp):
+    """Our fused restore+step, torch.optim's own step in the same dtype, and the float64 reference."""
+    torch.manual_seed(3)
+    w = rand_list(shapes, dtype)
+    wt = [torch.nn.Parameter(x.clone()) for x in w]
+    wref = ref.f64(w)
+    if kind == "sgd":
+        base, refopt = torch.optim.SGD(wt, **hp), ref.SGDRef(**hp)
+        bufs = [torch.zeros_like(x) for x in w] if hp["momentum"] else None
+    else:
+        base, refopt = torch.optim.AdamW(wt, **hp), ref.AdamWRef(**hp)
+        m, v = [torch.zeros_like(x) for x in w], [torch.zeros_like(x) for x in w]
+    backup = [torch.empty_like(x) for x in w]
+    opm = torch.float64 if dtype == torch.float64 else torch.float32
+    lr = torch.tensor(hp["lr"], dtype=opm) if tensor_lr else hp["lr"]
+    for step in range(1, steps + 1):
+        g = _grads(shapes, dtype)
+        torch._foreach_copy_(backup, w)
+        ops.perturb_(w, g, None, 0.5)  # w differs from backup: the update must start at backup
+        if kind == "sgd":
+            ops.restore_sgd_(w, backup, g, bufs, lr=lr, momentum=hp["momentum"], dampening=hp["dampening"],
+                             weight_decay=hp["weight_decay"], nesterov=hp["nesterov"], init_momentum=step == 1)
+        else:
+            b1, b2 = hp["betas"]
+            ops.restore_adamw_(w, backup, g, m, v, step=step, lr=lr, beta1=b1, beta2=b2, eps=hp["eps"],
+                               weight_decay=hp["weight_decay"])
+        for p, gi in zip(wt, g):
+            p.grad = gi.clone()
+        base.step()
+        wref = refopt.step(wref, ref.f64(g))
+    return rel_err(w, wref), rel_err([p.detach() for p in wt], wref)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("momentum,nesterov,dampening", [(0.0, False, 0.0), (0.9, False, 0.1), (0.9, True, 0.0)])
+def test_restore_sgd_matches_reference_over_steps(dtype, momentum, nesterov, dampening):
+    hp = dict(lr=0.1, momentum=momentum, dampening=dampening, weight_decay=0.01, nesterov=nesterov)
+    ours, torch_err = _run("sgd", dtype, ODD_SIZES + MANY[:20], **hp)
+    assert ours <= 2 * torch_err + TOL[dtype] / 4, (ours, torch_err)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tensor_lr", [False, True])
+def test_restore_adamw_matches_reference_over_steps(dtype, tensor_lr):
+    hp = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1)
+    ours, torch_err = _run("adamw", dtype, ODD_SIZES + MANY[:20], tensor_lr=tensor_lr, **hp)
+    assert ours <= 2 * torch_err + TOL[dtype] / 4, (ours, torch_err)
+
+
+def test_workspace_is_reused_not_reallocated():
+    shapes = [(100,), (3, 7)]
+    w, g = rand_list(shapes, torch.bfloat16), rand_list(shapes, torch.bfloat16)
+    ops.perturb_(w, g, None, 0.1)
+    ws1 = torch_ops._workspace(w, torch.float32)
+    ops.perturb_(w, g, None, 0.1)
+    ws2 = torch_ops._workspace(w, torch.float32)
+    assert ws1[0].data_ptr() == ws2[0].data_ptr()
+
+
+def test_empty_list_is_an_error():
+    with pytest.raises(ValueError, match="non-empty"):
+        ops.sq_norm([])
+
+
+def test_backend_resolution():
+    cpu = torch.device("cpu")
+    assert ops.resolve("auto", cpu) == "torch"
+    assert ops.resolve("torch", cpu) == "torch"
+    with pytest.raises(ValueError, match="unknown backend"):
+        ops.resolve("fast", cpu)
+    with pytest.raises(ValueError, match="CUDA tensors only"):
+        ops.resolve("cuda", cpu)
