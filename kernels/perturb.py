@@ -1,0 +1,126 @@
+"""``perturb_``: backup <- w; w <- w + scale * T^2 * g (* mask), one pass over every tensor.
+
+T = |w| + eta at the incoming w for ASAM (Kwon et al., ICML 2021), else 1 (SAM, Foret et al.,
+ICLR 2021). Byte model per element (b = bytes per element): read 2b (w, g; +1 mask),
+write 2b (w, backup; 1b without backup).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from sharpfused.backends import torch_ops
+
+from . import table as tb
+from .table import chunk_of, load, load_scalar, store, tensor_ptr
+
+
+@triton.jit
+def _perturb_block(
+    p_ptr,
+    g_ptr,
+    b_ptr,
+    m_ptr,
+    offs,
+    mask,
+    scale,
+    eta,
+    HAS_BACKUP: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    ADAPTIVE: tl.constexpr,
+    MASKED: tl.constexpr,
+):
+    w = load(p_ptr, offs, mask, MASKED)
+    if HAS_BACKUP:
+        store(b_ptr, offs, w, mask, MASKED)  # same dtype: the stored bits are w's bits
+    wf = w.to(tl.float32)
+    e = load(g_ptr, offs, mask, MASKED).to(tl.float32)
+    if ADAPTIVE:
+        t = tl.abs(wf) + eta
+        e = (t * t) * e
+    if HAS_MASK:
+        e = e * load(m_ptr, offs, mask, MASKED).to(tl.float32)
+    store(p_ptr, offs, wf + e * scale, mask, MASKED)  # fp32 math, one rounding
+
+
+@triton.jit
+def _perturb_kernel(
+    addrs_ptr,
+    numels_ptr,
+    chunk_tensor_ptr,
+    chunk_start_ptr,
+    n_tensors,
+    scale_ptr,
+    scale_val,
+    eta_ptr,
+    eta_val,
+    P_DT: tl.constexpr,
+    G_DT: tl.constexpr,
+    B_DT: tl.constexpr,
+    M_DT: tl.constexpr,
+    SCALE_PTR: tl.constexpr,
+    ETA_PTR: tl.constexpr,
+    HAS_BACKUP: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    ADAPTIVE: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    CHUNK: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """backup <- w; w <- w + scale*T^2*g*mask. Bytes/element: read w, g (+mask); write w (+backup)."""
+    t, start, n = chunk_of(chunk_tensor_ptr, chunk_start_ptr, numels_ptr, BLOCK)
+    p_ptr = tensor_ptr(addrs_ptr, 0, n_tensors, t, P_DT, ALIGNED)
+    g_ptr = tensor_ptr(addrs_ptr, 1, n_tensors, t, G_DT, ALIGNED)
+    b_ptr = p_ptr
+    m_ptr = g_ptr
+    if HAS_BACKUP:
+        b_ptr = tensor_ptr(addrs_ptr, 2, n_tensors, t, B_DT, ALIGNED)
+        if HAS_MASK:
+            m_ptr = tensor_ptr(addrs_ptr, 3, n_tensors, t, M_DT, ALIGNED)
+    elif HAS_MASK:
+        m_ptr = tensor_ptr(addrs_ptr, 2, n_tensors, t, M_DT, ALIGNED)
+    scale = load_scalar(scale_ptr, scale_val, SCALE_PTR)
+    eta = load_scalar(eta_ptr, eta_val, ETA_PTR)
+    for i in range(0, CHUNK, BLOCK):
+        base = start + i
+        offs = base + tl.arange(0, BLOCK)
+        mask = offs < n
+        if base + BLOCK <= n:
+            _perturb_block(p_ptr, g_ptr, b_ptr, m_ptr, offs, mask, scale, eta, HAS_BACKUP, HAS_MASK, ADAPTIVE, False)
+        elif base < n:
+            _perturb_block(p_ptr, g_ptr, b_ptr, m_ptr, offs, mask, scale, eta, HAS_BACKUP, HAS_MASK, ADAPTIVE, True)
+
+
+def perturb_(params, grads, backup, scale, eta=None, mask=None) -> None:
+    """``backup <- w`` (skipped when ``backup`` is None), then ``w <- w + scale * T^2 * g [* mask]``.
+
+    One launch per (device, dtype) group; float64 (and non-contiguous) groups go to torch_ops.
+    """
+    for native, _, (p, g, b, m) in tb.groups(params, grads, backup, mask):
+        if not native:
+            torch_ops.perturb_(p, g, b, scale, eta, m)
+            continue
+        lists = [p, g] + ([b] if b is not None else []) + ([m] if m is not None else [])
+        tab = tb.table(lists)
+        if tab.n_chunks == 0:
+            continue
+        s_ptr, s_val, s_is = tb.scalar(scale, tab.chunk_begin)
+        e_ptr, e_val, e_is = tb.scalar(0.0 if eta is None else eta, tab.chunk_begin)
+        tb.launch(
+            _perturb_kernel,
+            tab,
+            s_ptr,
+            s_val,
+            e_ptr,
+            e_val,
+            P_DT=tb.tl_dtype(p[0].dtype),
+            G_DT=tb.tl_dtype(g[0].dtype),
+            B_DT=tb.tl_dtype(b[0].dtype) if b is not None else tl.float32,
+            M_DT=tb.tl_dtype(m[0].dtype) if m is not None else tl.float32,
+            SCALE_PTR=s_is,
+            ETA_PTR=e_is,
+            HAS_BACKUP=b is not None,
+            HAS_MASK=m is not None,
+            ADAPTIVE=eta is not None,
+        )

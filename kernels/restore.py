@@ -1,0 +1,60 @@
+"""``restore_``: w <- backup, bit-exact. Byte model per element: read 1b (backup), write 1b (w).
+
+When both lists have one dtype the copy moves the raw bits (same-width integers): no float
+conversion can touch a NaN payload or a signed zero.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from sharpfused.backends import torch_ops
+
+from . import table as tb
+from .table import chunk_of, load, store, tensor_ptr
+
+
+@triton.jit
+def _restore_kernel(
+    addrs_ptr,
+    numels_ptr,
+    chunk_tensor_ptr,
+    chunk_start_ptr,
+    n_tensors,
+    P_DT: tl.constexpr,
+    B_DT: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    CHUNK: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """w <- backup. Bytes/element: read backup, write w."""
+    t, start, n = chunk_of(chunk_tensor_ptr, chunk_start_ptr, numels_ptr, BLOCK)
+    p_ptr = tensor_ptr(addrs_ptr, 0, n_tensors, t, P_DT, ALIGNED)
+    b_ptr = tensor_ptr(addrs_ptr, 1, n_tensors, t, B_DT, ALIGNED)
+    for i in range(0, CHUNK, BLOCK):
+        base = start + i
+        offs = base + tl.arange(0, BLOCK)
+        mask = offs < n
+        if base + BLOCK <= n:
+            store(p_ptr, offs, load(b_ptr, offs, mask, False), mask, False)
+        elif base < n:
+            store(p_ptr, offs, load(b_ptr, offs, mask, True), mask, True)
+
+
+def restore_(params, backup) -> None:
+    """``w <- backup``, bit-exact. One launch per (device, dtype) group; float64 goes to torch_ops."""
+    for native, _, (p, b) in tb.groups(params, backup):
+        if not native:
+            torch_ops.restore_(p, b)
+            continue
+        tab = tb.table([p, b])
+        if tab.n_chunks == 0:
+            continue
+        same = p[0].dtype == b[0].dtype
+        tb.launch(
+            _restore_kernel,
+            tab,
+            P_DT=tb.BITS[p[0].dtype] if same else tb.tl_dtype(p[0].dtype),
+            B_DT=tb.BITS[b[0].dtype] if same else tb.tl_dtype(b[0].dtype),
+        )

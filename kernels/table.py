@@ -1,0 +1,284 @@
+"""The multi-tensor table: one launch walks every tensor of a list, whatever their number and sizes.
+
+A list of ``n`` tensors is cut into chunks of :data:`CHUNK` elements (the last chunk of a tensor
+may be short; an empty tensor has none). Each Triton program handles one chunk, found through:
+
+* ``addrs``: int64 ``[L, n_local]``, the data address of tensor ``t`` of list ``l`` at ``l * n_local + t``
+* ``numels``: int64 ``[n_local]``
+* ``chunk_tensor``: int64 ``[n_chunks]``, the local tensor index of each chunk
+* ``chunk_start``: int64 ``[n_chunks]``, the element offset of each chunk inside its tensor
+
+all four packed in one device allocation (one host-to-device copy). A table holds at most
+:data:`TABLE_TENSORS` tensors and :data:`TABLE_CHUNKS` chunks; a longer list is split into several
+such tables ("pieces"), each one launch. Chunks are numbered globally across pieces, so a
+reduction writes one partial per chunk into one partials tensor whatever the number of pieces,
+and ``chunk_begin`` (int64 ``[n + 1]``) gives each tensor's first global chunk.
+
+Tables are cached, keyed by the device, the data addresses and the numels of every list (and the
+module constants), and rebuilt only when one of those changes.
+
+Module constants are read at call time, so tests may lower them (``monkeypatch.setattr``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+#: elements per program (a multiple of BLOCK)
+CHUNK = 16384
+#: elements per loop iteration of a program: 2048 fp32 over 8 warps is 2 x 16-byte accesses per thread
+BLOCK = 2048
+NUM_WARPS = 8
+#: most tensors one launch's table holds; a longer list takes several launches
+TABLE_TENSORS = 8192
+#: most chunks one launch covers (CHUNK * TABLE_CHUNKS elements; keeps grids well inside limits)
+TABLE_CHUNKS = 1 << 20
+#: tables kept in the cache (a SAM step uses a handful: grads, params+grads+backup, ...)
+CACHE_SIZE = 64
+
+#: element types the kernels read and write; anything else (float64 included) goes to torch_ops
+NATIVE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+#: same-width integer types, for bit-exact copies
+BITS = {torch.float32: tl.int32, torch.bfloat16: tl.int16, torch.float16: tl.int16}
+
+
+class Piece:
+    """The table of one launch: a run of consecutive chunks and the tensors they touch."""
+
+    __slots__ = ("addrs", "numels", "chunk_tensor", "chunk_start", "n_tensors", "n_chunks", "chunk_base")
+
+    def __init__(self, meta: Tensor, n_lists: int, n_tensors: int, n_chunks: int, chunk_base: int) -> None:
+        a = n_lists * n_tensors
+        self.addrs = meta[:a]
+        self.numels = meta[a : a + n_tensors]
+        self.chunk_tensor = meta[a + n_tensors : a + n_tensors + n_chunks]
+        self.chunk_start = meta[a + n_tensors + n_chunks :]
+        self.n_tensors = n_tensors
+        self.n_chunks = n_chunks
+        self.chunk_base = chunk_base
+
+
+class Table:
+    """Every piece of one list-of-lists, plus what a per-tensor reduction needs."""
+
+    __slots__ = ("pieces", "n_chunks", "chunk_begin", "aligned", "n_tensors")
+
+    def __init__(self, pieces: list[Piece], n_chunks: int, chunk_begin: Tensor, aligned: bool, n_tensors: int) -> None:
+        self.pieces = pieces
+        self.n_chunks = n_chunks
+        self.chunk_begin = chunk_begin
+        self.aligned = aligned
+        self.n_tensors = n_tensors
+
+
+_CACHE: OrderedDict[tuple, Table] = OrderedDict()
+
+
+def _build(lists: Sequence[Sequence[Tensor]], device: torch.device) -> Table:
+    numels = [t.numel() for t in lists[0]]
+    n_lists = len(lists)
+    ptrs = [[t.data_ptr() for t in lst] for lst in lists]
+    chunk, cap_t, cap_c = CHUNK, TABLE_TENSORS, TABLE_CHUNKS
+    if chunk % BLOCK:
+        raise ValueError(f"CHUNK ({chunk}) must be a multiple of BLOCK ({BLOCK})")
+    # segments of pieces: (tensor index, first chunk, number of chunks)
+    pieces_segs: list[list[tuple[int, int, int]]] = [[]]
+    used = 0
+    begin = [0]
+    for i, n in enumerate(numels):
+        nch = -(-n // chunk)
+        begin.append(begin[-1] + nch)
+        first = 0
+        while first < nch:
+            segs = pieces_segs[-1]
+            if used == cap_c or len(segs) == cap_t:
+                pieces_segs.append([])
+                segs, used = pieces_segs[-1], 0
+            take = min(nch - first, cap_c - used)
+            segs.append((i, first, take))
+            used += take
+            first += take
+    pieces_segs = [s for s in pieces_segs if s]
+    host = []
+    shapes = []
+    for segs in pieces_segs:
+        idx = [s[0] for s in segs]
+        addrs = torch.tensor([ptrs[li][i] for li in range(n_lists) for i in idx], dtype=torch.int64)
+        nums = torch.tensor([numels[i] for i in idx], dtype=torch.int64)
+        counts = torch.tensor([s[2] for s in segs], dtype=torch.int64)
+        firsts = torch.tensor([s[1] for s in segs], dtype=torch.int64)
+        local = torch.repeat_interleave(torch.arange(len(segs), dtype=torch.int64), counts)
+        seg_start = torch.cumsum(counts, 0) - counts
+        within = torch.arange(int(counts.sum()), dtype=torch.int64) - torch.repeat_interleave(seg_start, counts)
+        starts = (within + torch.repeat_interleave(firsts, counts)) * chunk
+        host.append(torch.cat([addrs, nums, local, starts]))
+        shapes.append((len(segs), int(counts.sum())))
+    host.append(torch.tensor(begin, dtype=torch.int64))
+    meta = torch.cat(host).to(device)  # one host-to-device copy per table
+    pieces, off, base = [], 0, 0
+    for h, (nt, nc) in zip(host, shapes):
+        pieces.append(Piece(meta[off : off + h.numel()], n_lists, nt, nc, base))
+        off += h.numel()
+        base += nc
+    aligned = all(p % 16 == 0 for row in ptrs for p in row)
+    return Table(pieces, begin[-1], meta[off:], aligned, len(numels))
+
+
+def table(lists: Sequence[Sequence[Tensor]]) -> Table:
+    """The (cached) table of parallel lists; rebuilt only when an address or a numel changes."""
+    device = lists[0][0].device
+    key = (
+        device,
+        CHUNK,
+        BLOCK,
+        TABLE_TENSORS,
+        TABLE_CHUNKS,
+        tuple(t.numel() for t in lists[0]),
+        tuple(tuple(t.data_ptr() for t in lst) for lst in lists),
+    )
+    tab = _CACHE.get(key)
+    if tab is None:
+        tab = _CACHE[key] = _build(lists, device)
+        while len(_CACHE) > CACHE_SIZE:
+            _CACHE.popitem(last=False)
+    else:
+        _CACHE.move_to_end(key)
+    return tab
+
+
+# ---------------------------------------------------------------------------------------- grouping
+def groups(first: Sequence[Tensor], *others: Optional[Sequence[Tensor]]):
+    """Split parallel lists by device and the dtype of every list's entry.
+
+    Yields ``(native, index, [sublists...])``: ``index`` the positions in ``first``, ``native``
+    whether the Triton kernels take this group (float32/bf16/fp16 -- plus bool masks --,
+    contiguous, one device); other groups (float64 among them) go to the torch backend.
+    """
+    if not first:
+        raise ValueError("primitives take a non-empty list of tensors")
+    for o in others:
+        if o is not None and len(o) != len(first):
+            raise ValueError(f"parallel lists differ in length: {len(first)} and {len(o)}")
+    present = [o for o in others if o is not None]
+    by: dict[tuple, list[int]] = {}
+    for i, t in enumerate(first):
+        key = (t.device, t.dtype) + tuple(x for o in present for x in (o[i].device, o[i].dtype))
+        by.setdefault(key, []).append(i)
+    for key, idx in by.items():
+        if len(by) == 1:
+            subs = [list(first), *[None if o is None else list(o) for o in others]]
+        else:
+            subs = [[first[i] for i in idx], *[None if o is None else [o[i] for i in idx] for o in others]]
+        dev = key[0]
+        native = (
+            (dev.type == "cuda" or dev.type == "cpu")
+            and all(d == dev for d in key[0::2])
+            and key[1] in NATIVE
+            and all(d in NATIVE or d == torch.bool for d in key[3::2])
+            and all(t.is_contiguous() for s in subs if s is not None for t in s)
+        )
+        yield native, idx, subs
+
+
+def tl_dtype(dtype: torch.dtype):
+    """Triton element type of a list (bool masks are read as bytes)."""
+    return tl.uint8 if dtype == torch.bool else NATIVE[dtype]
+
+
+def scalar(s, dummy: Tensor):
+    """A per-step scalar as kernel arguments ``(ptr, value, IS_PTR)``: never a constexpr.
+
+    A tensor is read inside the kernel (no host sync); a number is passed as a runtime fp32 arg.
+    """
+    if isinstance(s, Tensor):
+        if s.numel() != 1:
+            raise ValueError(f"a scalar tensor must have one element, got shape {tuple(s.shape)}")
+        return s.detach().to(dummy.device).reshape(1), 0.0, True
+    return dummy, float(s), False
+
+
+def device_guard(device: torch.device):
+    """Launch on the tensors' own GPU (Triton launches on the current device)."""
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
+# ---------------------------------------------------------------------------------------- jit helpers
+@triton.jit
+def load_scalar(ptr, value, IS_PTR: tl.constexpr):
+    """A per-step scalar in fp32: loaded from a device tensor, or the runtime value."""
+    if IS_PTR:
+        s = tl.load(ptr).to(tl.float32)
+    else:
+        s = value
+    return s
+
+
+@triton.jit
+def chunk_of(chunk_tensor_ptr, chunk_start_ptr, numels_ptr, BLOCK: tl.constexpr):
+    """(local tensor index, first element, tensor numel) of this program's chunk."""
+    c = tl.program_id(0)
+    t = tl.load(chunk_tensor_ptr + c)
+    start = tl.multiple_of(tl.load(chunk_start_ptr + c), BLOCK)
+    n = tl.load(numels_ptr + t)
+    return t, start, n
+
+
+@triton.jit
+def tensor_ptr(addrs_ptr, row, n_tensors, t, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+    """Pointer to tensor ``t`` of list ``row``; 16-byte aligned hint when every address is."""
+    a = tl.load(addrs_ptr + row * n_tensors + t)
+    if ALIGNED:
+        a = tl.multiple_of(a, 16)
+    return a.to(tl.pointer_type(DTYPE))
+
+
+@triton.jit
+def load(ptr, offs, mask, MASKED: tl.constexpr):
+    """Full blocks load unmasked (vectorizable); the tail of a tensor is masked, zero-filled."""
+    if MASKED:
+        x = tl.load(ptr + offs, mask=mask, other=0)
+    else:
+        x = tl.load(ptr + offs)
+    return x
+
+
+@triton.jit
+def store(ptr, offs, x, mask, MASKED: tl.constexpr):
+    if MASKED:
+        tl.store(ptr + offs, x.to(ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.store(ptr + offs, x.to(ptr.dtype.element_ty))
+
+
+def launch(kernel, tab: Table, *args, **meta) -> None:
+    """Launch ``kernel`` once per piece of ``tab``: grid = the piece's chunks.
+
+    The kernel's first five arguments are the piece's table
+    (addrs, numels, chunk_tensor, chunk_start, n_tensors); ``args``/``meta`` follow.
+    """
+    device = tab.chunk_begin.device
+    with device_guard(device):
+        for pc in tab.pieces:
+            kernel[(pc.n_chunks,)](
+                pc.addrs,
+                pc.numels,
+                pc.chunk_tensor,
+                pc.chunk_start,
+                pc.n_tensors,
+                *args,
+                ALIGNED=tab.aligned,
+                CHUNK=CHUNK,
+                BLOCK=BLOCK,
+                num_warps=NUM_WARPS,
+                **meta,
+            )
