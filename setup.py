@@ -2,28 +2,67 @@
 
 Environment switches:
   SHARPFUSED_SKIP_CUDA=1   never build the extension (sdist, CPU-only CI, pure wheel)
-  SHARPFUSED_FORCE_CUDA=1  build it even without a visible GPU (wheels on a build machine)
+  SHARPFUSED_FORCE_CUDA=1  build it even without a visible GPU (wheels on a build machine);
+                           a missing nvcc or a CPU-only torch is then an error
+  TORCH_CUDA_ARCH_LIST     architectures to compile (default "8.0;8.6;8.9;9.0+PTX")
+  MAX_JOBS                 parallel compile jobs (default: CPUs, bounded by free memory / 4 GiB)
+
+Without SKIP, the extension is built when torch has CUDA and nvcc is found; the build needs
+torch importable, so use ``pip install --no-build-isolation .``. The decision lives in
+sharpfused/_build.py (shared with the run-time ``sharpfused.build_extension()``).
 """
 
+import importlib.util
 import os
 
 from setuptools import setup
 
 PACKAGES = ["sharpfused", "sharpfused.backends", "sharpfused.optim", "sharpfused.kernels"]
 PACKAGE_DIR = {"sharpfused.kernels": "kernels"}
+# csrc/ ships inside the package as data, for the JIT build of an install made without nvcc
+CSRC = {"sharpfused.csrc": "csrc"}
+CSRC_FILES = ["*.cu", "*.cuh", "*.h", "*.cpp"]
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _build_helpers():
+    """sharpfused/_build.py, loaded by path: setup.py must not import the package."""
+    spec = importlib.util.spec_from_file_location("_sharpfused_build", os.path.join(HERE, "sharpfused", "_build.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def ext_modules_and_cmdclass():
-    if os.environ.get("SHARPFUSED_SKIP_CUDA") == "1":
+    helpers = _build_helpers()
+    build, reason = helpers.build_decision()
+    if not build:
+        print(f"sharpfused: building without the CUDA extension: {reason}")
         return [], {}
-    return [], {}  # the CUDA build lands with the CUDA backend
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", helpers.arch_list())
+    os.environ.setdefault("MAX_JOBS", str(helpers.default_max_jobs()))
+    print(
+        f"sharpfused: building sharpfused._C ({reason}) for TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}, "
+        f"MAX_JOBS={os.environ['MAX_JOBS']}"
+    )
+    from torch.utils.cpp_extension import BuildExtension, CUDAExtension
+
+    ext = CUDAExtension(
+        name="sharpfused._C",
+        sources=[f"csrc/{s}" for s in helpers.SOURCES],
+        include_dirs=[os.path.join(HERE, "csrc")],
+        extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": ["-O3", "-std=c++17"]},
+    )
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 
 ext_modules, cmdclass = ext_modules_and_cmdclass()
 
 setup(
-    packages=PACKAGES,
-    package_dir=PACKAGE_DIR,
+    packages=PACKAGES + list(CSRC),
+    package_dir={**PACKAGE_DIR, **CSRC},
+    package_data={"sharpfused.csrc": CSRC_FILES},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

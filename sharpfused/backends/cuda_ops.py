@@ -1,0 +1,170 @@
+"""The ``cuda`` backend: every primitive as one or two multi-tensor CUDA launches per (device, dtype).
+
+Wraps the compiled extension ``sharpfused._C`` (sources in ``csrc/``; built by ``setup.py`` or
+at run time by :func:`sharpfused.build_extension`). One launch covers many tensors through a
+table of addresses passed by value; reductions are two-stage and deterministic (no atomics).
+
+Kernels run on contiguous float32, bfloat16, float16 and float64 tensors of one dtype per list
+group, math in opmath (float32; float64 for float64). A (device, dtype) group that the kernels
+cannot take -- a non-contiguous tensor, companion lists of another dtype (e.g. a bool mask),
+another dtype -- is handed to :mod:`.torch_ops` for that group, with the same results.
+
+Per-step scalars (``scale``, ``lr``, ``c1``, ``c2``) given as tensors are moved to the device in
+opmath and read there by the kernel; Python numbers are passed by value. Nothing calls
+``.item()``, so a step can be captured in a CUDA graph.
+
+Byte models (b = bytes per element): see :mod:`sharpfused.ops`; each kernel file in ``csrc/``
+states its own.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import torch_ops
+from .torch_ops import _groups, opmath
+
+_log = logging.getLogger("sharpfused")
+
+try:
+    from .. import _C  # type: ignore[attr-defined]
+except ImportError as exc:  # a pure-Python install: say why once, at DEBUG, and let ops report it
+    _log.debug(
+        "sharpfused: CUDA extension sharpfused._C is absent (%s); the 'cuda' backend is unavailable. "
+        "Build it with `pip install .` on a machine with nvcc and a CUDA torch, or sharpfused.build_extension().",
+        exc,
+    )
+    raise ImportError(
+        f"the CUDA extension sharpfused._C is not built ({exc}); install with nvcc and a CUDA build of torch, "
+        "or call sharpfused.build_extension()"
+    ) from exc
+
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _check_cuda(xs: Sequence[Tensor]) -> None:
+    if not xs:
+        raise ValueError("primitives take a non-empty list of tensors")
+    if xs[0].device.type != "cuda":
+        raise ValueError(f"the 'cuda' backend runs on CUDA tensors only, got a tensor on {xs[0].device}")
+
+
+def _fits(first: Sequence[Tensor], *others: Optional[Sequence[Tensor]]) -> bool:
+    """True when the kernels can take this group: one supported dtype, one device, contiguous."""
+    dtype, device = first[0].dtype, first[0].device
+    if dtype not in _KERNEL_DTYPES:
+        return False
+    for lst in (first, *others):
+        if lst is None:
+            continue
+        for t in lst:
+            if t.dtype != dtype or t.device != device or not t.is_contiguous():
+                return False
+    return True
+
+
+def _scalar(s, dtype: torch.dtype, device: torch.device) -> tuple[Optional[Tensor], float]:
+    """(device tensor or None, value): a tensor scalar stays on the device, in opmath."""
+    if isinstance(s, Tensor):
+        return s.detach().to(device=device, dtype=opmath(dtype)).reshape(()), 0.0
+    return None, float(s)
+
+
+def _list(xs: Optional[Sequence[Tensor]]) -> Optional[list[Tensor]]:
+    return None if xs is None else list(xs)
+
+
+def sq_norm(xs, weights=None, eta=0.0, per_tensor=False):
+    _check_cuda(xs)
+    parts, order = [], []
+    for _, (x, w) in _groups(xs, weights):
+        if _fits(x, w):
+            total, per = _C.sq_norm(list(x), _list(w), float(eta))
+        else:
+            total, per = torch_ops.sq_norm(x, w, eta, True)
+        parts.append((total, per))
+        order.append(x)
+    if len(parts) == 1:
+        total, per = parts[0]
+        return (total, per) if per_tensor else total
+    # mixed dtypes: per-tensor results back in list order, float64 when any input is float64
+    out_dtype = torch.float64 if any(p.dtype == torch.float64 for _, p in parts) else torch.float32
+    pos = {id(t): i for i, t in enumerate(xs)}
+    per = torch.empty(len(xs), dtype=out_dtype, device=xs[0].device)
+    for (_, p), x in zip(parts, order):
+        per[torch.tensor([pos[id(t)] for t in x], device=per.device)] = p.to(out_dtype)
+    total = per.sum()
+    return (total, per) if per_tensor else total
+
+
+def perturb_(params, grads, backup, scale, eta=None, mask=None):
+    _check_cuda(params)
+    for dtype, (p, g, b, m) in _groups(params, grads, backup, mask):
+        if not _fits(p, g, b, m):
+            torch_ops.perturb_(p, g, b, scale, eta, m)
+            continue
+        st, sv = _scalar(scale, dtype, p[0].device)
+        _C.perturb_(list(p), list(g), _list(b), st, sv, eta is not None, float(eta or 0.0), _list(m))
+
+
+def restore_(params, backup):
+    _check_cuda(params)
+    for _, (p, b) in _groups(params, backup):
+        if _fits(p, b):
+            _C.restore_(list(p), list(b))
+        else:
+            torch_ops.restore_(p, b)
+
+
+def dot_norms(a, b):
+    _check_cuda(a)
+    out = []
+    for _, (x, y) in _groups(a, b):
+        out.append(_C.dot_norms(list(x), list(y)) if _fits(x, y) else torch_ops.dot_norms(x, y))
+    return out[0] if len(out) == 1 else torch.stack([o.double() for o in out]).sum(0)
+
+
+def combine_(g, saved, c1, c2):
+    _check_cuda(g)
+    for dtype, (x, s) in _groups(g, saved):
+        if not _fits(x, s):
+            torch_ops.combine_(x, s, c1, c2)
+            continue
+        t1, v1 = _scalar(c1, dtype, x[0].device)
+        t2, v2 = _scalar(c2, dtype, x[0].device)
+        _C.combine_(list(x), list(s), t1, v1, t2, v2)
+
+
+def restore_sgd_(params, backup, grads, momentum_buffers, lr, momentum, dampening, weight_decay, nesterov, init_momentum):
+    _check_cuda(params)
+    bufs = momentum_buffers if momentum else None
+    for dtype, (p, b, g, buf) in _groups(params, backup, grads, bufs):
+        if not _fits(p, b, g, buf):
+            torch_ops.restore_sgd_(p, b, g, buf, lr, momentum, dampening, weight_decay, nesterov, init_momentum)
+            continue
+        lt, lv = _scalar(lr, dtype, p[0].device)
+        _C.restore_sgd_(
+            list(p), list(b), list(g), _list(buf), lt, lv, float(momentum), float(dampening), float(weight_decay),
+            bool(nesterov), bool(init_momentum),
+        )
+
+
+def restore_adamw_(params, backup, grads, exp_avgs, exp_avg_sqs, step, lr, beta1, beta2, eps, weight_decay):
+    _check_cuda(params)
+    # bias corrections from the host step count, in float64 like torch_ops
+    bc1 = 1.0 - beta1**step
+    bc2_sqrt = (1.0 - beta2**step) ** 0.5
+    for dtype, (p, b, g, m, v) in _groups(params, backup, grads, exp_avgs, exp_avg_sqs):
+        if not _fits(p, b, g, m, v):
+            torch_ops.restore_adamw_(p, b, g, m, v, step, lr, beta1, beta2, eps, weight_decay)
+            continue
+        lt, lv = _scalar(lr, dtype, p[0].device)
+        _C.restore_adamw_(
+            list(p), list(b), list(g), list(m), list(v), lt, lv, float(beta1), float(beta2), float(eps),
+            float(weight_decay), bc1, bc2_sqrt,
+        )
