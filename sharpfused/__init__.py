@@ -1,6 +1,7 @@
 """sharpfused: sharpness-aware optimizers (SAM and successors) as a few fused kernels per step."""
 
 from . import ops
+from ._build import build_extension
 from .bn import disable_running_stats, enable_running_stats, frozen_bn_stats
 from .optim import SAM, SharpnessAware
 
@@ -9,6 +10,7 @@ __version__ = "0.1.0"
 __all__ = [
     "SAM",
     "SharpnessAware",
+    "build_extension",
     "disable_running_stats",
     "enable_running_stats",
     "frozen_bn_stats",
