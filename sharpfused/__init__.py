@@ -1,14 +1,23 @@
 """sharpfused: sharpness-aware optimizers (SAM and successors) as a few fused kernels per step."""
 
-from . import ops
+from . import losses, ops
 from ._build import build_extension
 from .bn import disable_running_stats, enable_running_stats, frozen_bn_stats
-from .optim import SAM, SharpnessAware
+from .optim import BSAM, GSAM, SAM, SSAM, XSAM, BiSAM, FriendlySAM, LookSAM, SAMPa, SharpnessAware
 
 __version__ = "0.1.0"
 
 __all__ = [
     "SAM",
+    "BSAM",
+    "BiSAM",
+    "FriendlySAM",
+    "GSAM",
+    "LookSAM",
+    "SAMPa",
+    "SSAM",
+    "XSAM",
+    "losses",
     "SharpnessAware",
     "build_extension",
     "disable_running_stats",

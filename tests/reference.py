@@ -113,3 +113,140 @@ def sam_step(params, grad_fn: GradFn, base, rho=0.05, adaptive=False, eta=0.0, r
     perturbed = [w + r * ti * ti * gi / (norm + EPS) for w, r, ti, gi in zip(params, rhos, t, g)]
     gs = grad_fn(perturbed)
     return base.step(params, gs)
+
+
+# ------------------------------------------------------------------ successors of SAM (GSAM, BiSAM, XSAM, SAMPa, ...)
+def _norm(xs) -> float:
+    return math.sqrt(sum((x * x).sum().item() for x in xs))
+
+
+def _dot(a, b) -> float:
+    return sum((x * y).sum().item() for x, y in zip(a, b))
+
+
+def _axpy(x, a, y):
+    """x + a*y per tensor."""
+    return [xi + a * yi for xi, yi in zip(x, y)]
+
+
+def gsam_rho(lr, rho_max, rho_min=None, lr_max=None, lr_min=0.0):
+    """GSAM's rho_t following the learning rate."""
+    if rho_min is None:
+        return rho_max
+    return rho_min + (rho_max - rho_min) * (lr - lr_min) / (lr_max - lr_min)
+
+
+def gsam_step(params, grad_fn: GradFn, base, rho=0.05, alpha=0.01):
+    """One GSAM step with radius ``rho`` (= rho_t); returns (new params, surrogate-gap-free)."""
+    g = grad_fn(params)
+    gs = grad_fn(_axpy(params, rho / (_norm(g) + EPS), g))
+    proj = _dot(g, gs) / (_norm(gs) ** 2 + EPS)
+    g_perp = _axpy(g, -proj, gs)
+    return base.step(params, _axpy(gs, -alpha, g_perp))
+
+
+def bisam_lower_bound(logits, targets, variant="log", mu=None, a=0.1):
+    """BiSAM's per-sample lower bound, float64, straight from the formula (loops over samples)."""
+    mu = (1.0 if variant == "log" else 10.0) if mu is None else mu
+    gamma = math.log(math.e - 1.0)
+    out = []
+    for f, y in zip(logits.double(), targets.tolist()):
+        margins = f - f[y]
+        phi = 1.0 - torch.log1p(torch.exp(gamma - margins)) if variant == "log" else torch.tanh(a * margins)
+        out.append(torch.log(torch.exp(mu * phi).sum()) / mu)
+    return torch.stack(out)
+
+
+def bisam_step(params, q_grad_fn: GradFn, grad_fn: GradFn, base, rho=0.05):
+    """BiSAM: perturb along the lower bound's gradient, step with the training loss's."""
+    q = q_grad_fn(params)
+    return base.step(params, grad_fn(_axpy(params, rho / (_norm(q) + EPS), q)))
+
+
+def slerp(v0, v1, alpha):
+    """XSAM's d(alpha) for unit v0, v1 (lists of tensors)."""
+    theta = math.acos(max(-1.0, min(1.0, _dot(v0, v1))))
+    s = math.sin(theta)
+    if s < 1e-8:
+        return [(x + y) / 2 for x, y in zip(v0, v1)]
+    return [(math.sin((1 - alpha) * theta) * x + math.sin(alpha * theta) * y) / s for x, y in zip(v0, v1)]
+
+
+def xsam_step(params, grad_fn: GradFn, base, rho=0.15, alpha=1.0, steps=1):
+    """XSAM: k ascent steps from w0, gradient ||g_k|| d(alpha) applied at w0."""
+    w = params
+    for _ in range(steps):
+        g = grad_fn(w)
+        w = _axpy(w, rho / steps / (_norm(g) + EPS), g)
+    gk = grad_fn(w)
+    diff = [a - b for a, b in zip(w, params)]
+    v0 = [x / _norm(diff) for x in diff]
+    v1 = [x / _norm(gk) for x in gk]
+    return base.step(params, [_norm(gk) * x for x in slerp(v0, v1, alpha)])
+
+
+def sampa_step(x, grad_fn: GradFn, base, state: dict, rho=0.1, lam=0.2, lr=0.1):
+    """SAMPa, sequential; ``state["gy"]`` is grad f(y_t) (y_0 = x_0 on the first call)."""
+    if "gy" not in state:
+        state["gy"] = grad_fn(x)
+    gy = state["gy"]
+    g_tilde = grad_fn(_axpy(x, rho / (_norm(gy) + EPS), gy))
+    state["gy"] = grad_fn(_axpy(x, -lr, gy))
+    return base.step(x, [(1 - lam) * a + lam * b for a, b in zip(g_tilde, state["gy"])])
+
+
+def bsam_step(params, grad_fn: GradFn, base, rho_max=0.05, rho_min=0.05):
+    """Bilateral SAM: d = g_max + g_0 - (||g_max||/||g_min||) g_min."""
+    g0 = grad_fn(params)
+    n0 = _norm(g0) + EPS
+    gmax = grad_fn(_axpy(params, rho_max / n0, g0))
+    gmin = grad_fn(_axpy(params, -rho_min / n0, g0))
+    r = _norm(gmax) / (_norm(gmin) + EPS)
+    return base.step(params, [a + b - r * c for a, b, c in zip(gmax, g0, gmin)])
+
+
+def topk_mask(scores, keep_fraction):
+    """Binary masks keeping the largest ``round(keep_fraction * n)`` entries over the whole list."""
+    flat = torch.cat([s.reshape(-1) for s in scores])
+    keep = round(keep_fraction * flat.numel())
+    m = torch.zeros_like(flat)
+    m[torch.topk(flat, keep).indices] = 1.0
+    return [part.view(s.shape) for part, s in zip(m.split([s.numel() for s in scores]), scores)]
+
+
+def ssam_step(params, grad_fn: GradFn, base, state: dict, rho=0.05, sparsity=0.5, mask_every=1):
+    """SSAM-F with the Fisher score g*g of the refreshing step's gradient."""
+    g = grad_fn(params)
+    t = state.get("t", 0)
+    if t % mask_every == 0:
+        state["mask"] = topk_mask([x * x for x in g], 1.0 - sparsity)
+    state["t"] = t + 1
+    scale = rho / (_norm(g) + EPS)
+    gs = grad_fn([w + scale * m * x for w, m, x in zip(params, state["mask"], g)])
+    return base.step(params, gs)
+
+
+def looksam_step(params, grad_fn: GradFn, base, state: dict, rho=0.05, beta=0.7, k=5):
+    """LookSAM: full SAM every k steps (storing g_v), g + beta ||g||/||g_v|| g_v otherwise."""
+    t = state.get("t", 0)
+    state["t"] = t + 1
+    g = grad_fn(params)
+    if t % k == 0:
+        gs = grad_fn(_axpy(params, rho / (_norm(g) + EPS), g))
+        state["gv"] = _axpy(gs, -_dot(g, gs) / (_norm(g) ** 2 + EPS), g)
+        return base.step(params, gs)
+    gv = state["gv"]
+    return base.step(params, _axpy(g, beta * _norm(g) / (_norm(gv) + EPS), gv))
+
+
+def friendly_sam_step(params, grad_fn: GradFn, base, state: dict, rho=0.05, sigma=1.0, lam=0.9):
+    """Friendly SAM (authors' first step: d = g, m = g)."""
+    g = grad_fn(params)
+    if "m" not in state:
+        d = g
+        state["m"] = g
+    else:
+        d = _axpy(g, -sigma, state["m"])
+        state["m"] = [lam * m + (1 - lam) * x for m, x in zip(state["m"], g)]
+    gs = grad_fn(_axpy(params, rho / (_norm(d) + EPS), d))
+    return base.step(params, gs)

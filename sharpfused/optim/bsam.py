@@ -1,0 +1,116 @@
+"""Bilateral SAM (2024): sharpness measured on both sides of w, three gradients per step."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any, Callable, Optional
+
+import torch
+
+from .. import ops
+from .base import EPS, SharpnessAware, _check_number, check_rho
+
+
+def _check_optional(name: str, value: Any, where: str) -> None:
+    if value is not None:
+        _check_number(name, value, where=where)
+
+
+class BSAM(SharpnessAware):
+    r"""Bilateral SAM ("Bilateral Sharpness-Aware Minimization for Flatter Minima", 2024).
+
+    .. math::
+        g_0 = \nabla L(w),\quad \hat g_0 = g_0 / (\lVert g_0 \rVert + \epsilon),\quad
+        g_{max} = \nabla L(w + \rho_{max} \hat g_0),\quad g_{min} = \nabla L(w - \rho_{min} \hat g_0)
+
+        d = g_{max} + \Big(g_0 - \frac{\lVert g_{max} \rVert}{\lVert g_{min} \rVert + \epsilon} g_{min}\Big),
+        \qquad \text{base step at the restored } w \text{ with } d
+
+    ``rho_min=None`` uses ``rho_max``. Both may differ per group; norms are global. Memory:
+    backup plus two saved gradients (g_0, g_max) in flat buffers.
+
+    How to call it (three forward/backward passes): backward at w; ``first_step()``;
+    forward/backward at :math:`w + \rho_{max}\hat g_0`; ``bilateral_step()``; forward/backward at
+    :math:`w - \rho_{min}\hat g_0`; ``second_step()``. Or ``step(closure)``, which does all three.
+    """
+
+    hyper = {"rho_max": check_rho, "rho_min": _check_optional}
+
+    def __init__(
+        self,
+        params: Iterable,
+        base_optimizer: Any = torch.optim.SGD,
+        rho_max: float = 0.05,
+        rho_min: Optional[float] = None,
+        backend: str = "auto",
+        **base_kwargs: Any,
+    ) -> None:
+        self._phase = 0
+        super().__init__(params, base_optimizer, dict(rho_max=rho_max, rho_min=rho_min), backend, **base_kwargs)
+
+    @torch.no_grad()
+    def first_step(self, zero_grad: bool = False) -> None:
+        """Save g_0 and w, then w <- w + rho_max g_0/||g_0|| (after the backward at w)."""
+        buckets = self._begin_first()
+        if buckets:
+            self.copy(buckets, lambda b: b.buffer("g0").views, lambda b: b.grads())
+            self._inv0 = (self.global_norm(buckets) + EPS).reciprocal()
+            for b in buckets:
+                scale = self._inv0.to(b.device) * b.group["rho_max"]
+                ops.perturb_(b.params, b.grads(), b.backup.views, scale, backend=b.backend)
+        self._perturbed = True
+        self._phase = 1
+        if zero_grad:
+            self.zero_grad()
+
+    @torch.no_grad()
+    def bilateral_step(self, zero_grad: bool = False) -> None:
+        """Save g_max, then move to w - rho_min g_0/||g_0|| (after the backward at w + e)."""
+        if not self._perturbed or self._phase != 1:
+            raise RuntimeError("BSAM.bilateral_step() goes between first_step() and second_step(), once")
+        buckets = self._buckets
+        if buckets:
+            self.copy(buckets, lambda b: b.buffer("gmax").views, lambda b: b.grads())
+            self._norm_max = self.global_norm(buckets)
+            self.restore(buckets)
+            for b in buckets:
+                rho = b.group["rho_min"] if b.group["rho_min"] is not None else b.group["rho_max"]
+                ops.perturb_(b.params, b.buffer("g0").views, None, self._inv0.to(b.device) * -rho, backend=b.backend)
+        self._phase = 2
+        if zero_grad:
+            self.zero_grad()
+
+    @torch.no_grad()
+    def second_step(self, zero_grad: bool = False) -> None:
+        """d = g_max + g_0 - (||g_max||/||g_min||) g_min in ``.grad``; restore w; base step."""
+        buckets = self._begin_second()
+        if self._phase != 2:
+            raise RuntimeError("BSAM.second_step() needs bilateral_step() and the backward at w - rho_min g_0 first")
+        if buckets:
+            ratio = self._norm_max / (self.global_norm(buckets) + EPS)
+            for b in buckets:
+                ops.combine_(b.grads(), b.buffer("gmax").views, -ratio.to(b.device), 1.0, backend=b.backend)
+                ops.combine_(b.grads(), b.buffer("g0").views, 1.0, 1.0, backend=b.backend)
+        self.restore_and_base_step(buckets)
+        self._phase = 0
+        self._end_second(zero_grad)
+
+    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:  # type: ignore[override]
+        """All three passes; returns the loss at w (None if the gradients at w were already there)."""
+        if closure is None:
+            raise RuntimeError(
+                "BSAM.step() needs a closure that runs forward and backward; or call first_step(), "
+                "bilateral_step() and second_step() around the backwards"
+            )
+        closure = torch.enable_grad()(closure)
+        loss = closure() if not self._has_grads() else None
+        self.first_step(zero_grad=True)
+        self.last_perturbed_loss = closure()
+        self.bilateral_step(zero_grad=True)
+        self.last_min_loss = closure()
+        self.second_step(zero_grad=True)
+        return loss
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self._phase = 0

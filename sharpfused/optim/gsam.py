@@ -1,0 +1,130 @@
+"""GSAM (Zhuang et al., ICLR 2022): SAM plus a descent step on the surrogate gap."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any, Callable, Optional
+
+import torch
+from torch import Tensor
+
+from .. import ops
+from .base import EPS, SharpnessAware, _check_number, check_nonneg, check_rho
+
+
+def _check_optional(name: str, value: Any, where: str) -> None:
+    if value is not None:
+        _check_number(name, value, where=where)
+
+
+class GSAM(SharpnessAware):
+    r"""Surrogate Gap Guided SAM (Zhuang et al., "Surrogate Gap Minimization Improves
+    Sharpness-Aware Training", ICLR 2022).
+
+    .. math::
+        \rho_t = \rho_{min} + (\rho_{max} - \rho_{min})
+                 \frac{\eta_t - \eta_{min}}{\eta_{max} - \eta_{min}}, \quad
+        e = \rho_t\, g / (\lVert g \rVert + \epsilon), \quad g_s = \nabla L(w + e)
+
+        g_\perp = g - \frac{\langle g, g_s\rangle}{\lVert g_s\rVert^2 + \epsilon} g_s, \qquad
+        d = g_s - \alpha\, g_\perp \quad\text{(base step with } d \text{ at the restored } w)
+
+    ``rho_min=None`` keeps :math:`\rho_t = \rho_{max}`; otherwise :math:`\rho_t` follows the
+    group's current ``lr`` (so any LR scheduler drives it), with ``lr_max`` defaulting to the
+    group's lr at construction. ``alpha=0`` is SAM. The clean gradient is kept in a flat buffer
+    (+1x parameters); the decomposition is one ``dot_norms`` and one ``combine_`` per bucket.
+
+    The surrogate gap :math:`h = L(w+e) - L(w)` is stored as the 0-d tensor
+    ``surrogate_gap`` after ``step(closure)``, or after ``second_step(loss=..., perturbed_loss=...)``
+    when both losses are passed (it is never read back to the host).
+
+    Protocol: ``first_step()`` after the first backward, a forward/backward at the perturbed
+    weights, ``second_step()``; or ``step(closure)``. ``rho_max``, ``rho_min``, ``alpha``,
+    ``lr_max``, ``lr_min`` may differ per group; the norm and the inner product are global.
+    """
+
+    hyper = {
+        "rho_max": check_rho,
+        "rho_min": _check_optional,
+        "alpha": check_nonneg,
+        "lr_max": _check_optional,
+        "lr_min": check_nonneg,
+    }
+
+    def __init__(
+        self,
+        params: Iterable,
+        base_optimizer: Any = torch.optim.SGD,
+        rho_max: float = 0.05,
+        rho_min: Optional[float] = None,
+        alpha: float = 0.01,
+        lr_max: Optional[float] = None,
+        lr_min: float = 0.0,
+        backend: str = "auto",
+        **base_kwargs: Any,
+    ) -> None:
+        defaults = dict(rho_max=rho_max, rho_min=rho_min, alpha=alpha, lr_max=lr_max, lr_min=lr_min)
+        super().__init__(params, base_optimizer, defaults, backend, **base_kwargs)
+        self.surrogate_gap: Optional[Tensor] = None
+
+    def _check_group(self, group: dict) -> None:
+        super()._check_group(group)
+        if group.get("lr_max") is None and not isinstance(group.get("lr"), Tensor):
+            group["lr_max"] = group.get("lr")
+        rmin, rmax = group["rho_min"], group["rho_max"]
+        if rmin is not None and not isinstance(rmin, Tensor) and not isinstance(rmax, Tensor) and rmin > rmax:
+            raise ValueError(f"rho_min must be <= rho_max, got rho_min={rmin} > rho_max={rmax}")
+        lmax, lmin = group["lr_max"], group["lr_min"]
+        if rmin is not None and isinstance(lmax, (int, float)) and not lmax > lmin:
+            raise ValueError(
+                f"lr_max must be > lr_min when rho_min is set (rho follows the lr between them), "
+                f"got lr_max={lmax}, lr_min={lmin}"
+            )
+
+    @staticmethod
+    def rho_t(group: dict) -> Any:
+        """The group's current radius: rho_max, or interpolated along the lr schedule."""
+        if group["rho_min"] is None:
+            return group["rho_max"]
+        frac = (group["lr"] - group["lr_min"]) / (group["lr_max"] - group["lr_min"])
+        return group["rho_min"] + (group["rho_max"] - group["rho_min"]) * frac
+
+    @torch.no_grad()
+    def first_step(self, zero_grad: bool = False) -> None:
+        """Save the clean gradient g, then w <- w + rho_t g/(||g||+eps) (after the first backward)."""
+        buckets = self._begin_first()
+        if buckets:
+            self.copy(buckets, lambda b: b.buffer("g").views, lambda b: b.grads())
+            inv = (self.global_norm(buckets) + EPS).reciprocal()
+            for b in buckets:
+                scale = inv.to(b.device) * self.rho_t(b.group)
+                ops.perturb_(b.params, b.grads(), b.backup.views, scale, backend=b.backend)
+        self._perturbed = True
+        if zero_grad:
+            self.zero_grad()
+
+    @torch.no_grad()
+    def second_step(
+        self, zero_grad: bool = False, loss: Optional[Tensor] = None, perturbed_loss: Optional[Tensor] = None
+    ) -> None:
+        """d = g_s - alpha g_perp in ``.grad``, then restore w exactly and take the base step."""
+        buckets = self._begin_second()
+        if buckets:
+            dot, _, gs2 = self.global_dot_norms(buckets, lambda b: b.buffer("g").views, lambda b: b.grads())
+            proj = dot / (gs2 + EPS)
+            for b in buckets:
+                a = b.group["alpha"]
+                # d = g_s - a (g - proj g_s) = (1 + a proj) g_s - a g
+                ops.combine_(b.grads(), b.buffer("g").views, 1.0 + a * proj.to(b.device), -a, backend=b.backend)
+        if loss is not None and perturbed_loss is not None:
+            self.surrogate_gap = perturbed_loss.detach() - loss.detach()
+        self.restore_and_base_step(buckets)
+        self._end_second(zero_grad)
+
+    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:  # type: ignore[override]
+        """SAM's ``step(closure)``; also sets ``surrogate_gap`` when the first-pass loss was computed."""
+        loss = super().step(closure)
+        perturbed = getattr(self, "last_perturbed_loss", None)
+        if isinstance(loss, Tensor) and isinstance(perturbed, Tensor):
+            self.surrogate_gap = perturbed.detach() - loss.detach()
+        return loss

@@ -1,0 +1,104 @@
+"""LookSAM (Liu et al., CVPR 2022): full SAM every k steps, its sharpness direction reused in between."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any, Callable, Optional
+
+import torch
+
+from .. import ops
+from .base import EPS, SharpnessAware, check_nonneg, check_rho
+
+
+class LookSAM(SharpnessAware):
+    r"""LookSAM (Liu et al., "Towards Efficient and Scalable Sharpness-Aware Minimization",
+    CVPR 2022).
+
+    Every ``k``-th step (the first included) is a full SAM step that also stores the component
+    of :math:`g_s` orthogonal to :math:`g`:
+
+    .. math::
+        g_v = g_s - \frac{\langle g, g_s \rangle}{\lVert g \rVert^2 + \epsilon}\, g
+
+    The other steps take one forward/backward and reuse it:
+
+    .. math::
+        g \leftarrow g + \beta \frac{\lVert g \rVert}{\lVert g_v \rVert + \epsilon}\, g_v,
+        \qquad \text{base step with } g
+
+    ``k=1`` is SAM. ``rho`` and ``beta`` may differ per group; ``k`` is global. ``g_v`` is a
+    flat buffer (+1x parameters) in ``state_dict`` together with the step counter.
+
+    How to call it: ``first_step()`` after the backward returns True when this is a full
+    step -- then do the second forward/backward and ``second_step()`` -- and False when the
+    step is already done (a reuse step). ``step(closure)`` does this itself.
+    """
+
+    hyper = {"rho": check_rho, "beta": check_nonneg}
+
+    def __init__(
+        self,
+        params: Iterable,
+        base_optimizer: Any = torch.optim.SGD,
+        rho: float = 0.05,
+        k: int = 5,
+        beta: float = 0.7,
+        backend: str = "auto",
+        **base_kwargs: Any,
+    ) -> None:
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"k must be an integer >= 1 (a full SAM step every k steps), got {k!r}")
+        self.k = k
+        super().__init__(params, base_optimizer, dict(rho=rho, beta=beta), backend, **base_kwargs)
+
+    @torch.no_grad()
+    def first_step(self, zero_grad: bool = False) -> bool:
+        """Full step: save g, perturb, return True. Reuse step: add the g_v term, base step, return False."""
+        buckets = self._begin_first()
+        count = self.state["looksam"].get("step", 0)
+        full = count % self.k == 0 or not all([self.state_buffer(b, "g_v")[1] for b in buckets])
+        if full or not buckets:
+            if buckets:
+                self.copy(buckets, lambda b: b.buffer("g").views, lambda b: b.grads())
+                self.perturb(buckets, self.global_norm(buckets))
+            self._perturbed = True
+            if zero_grad:
+                self.zero_grad()
+            return True
+        gnorm = self.global_norm(buckets)
+        gvnorm = self.global_norm(buckets, lambda b: b.extra["g_v"].views)
+        ratio = gnorm / (gvnorm + EPS)
+        for b in buckets:
+            ops.combine_(b.grads(), b.extra["g_v"].views, 1.0, ratio.to(b.device) * b.group["beta"], backend=b.backend)
+        self.copy(buckets, lambda b: b.backup.views, lambda b: b.params)  # no perturbation: restore is a no-op
+        self.restore_and_base_step(buckets)
+        self.state["looksam"]["step"] = count + 1
+        self._end_second(zero_grad)
+        return False
+
+    @torch.no_grad()
+    def second_step(self, zero_grad: bool = False) -> None:
+        """Store g_v, restore w exactly, base step with g_s (full steps only)."""
+        buckets = self._begin_second()
+        if buckets:
+            dot, gg, _ = self.global_dot_norms(buckets, lambda b: b.buffer("g").views, lambda b: b.grads())
+            coef = -dot / (gg + EPS)
+            for b in buckets:
+                g_v = self.state_buffer(b, "g_v")[0].views
+                ops.restore_(g_v, b.grads(), backend=b.backend)
+                ops.combine_(g_v, b.buffer("g").views, 1.0, coef.to(b.device), backend=b.backend)
+        self.restore_and_base_step(buckets)
+        self.state["looksam"]["step"] = self.state["looksam"].get("step", 0) + 1
+        self._end_second(zero_grad)
+
+    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:  # type: ignore[override]
+        """One step: one forward/backward on reuse steps, two on full steps."""
+        if closure is None:
+            raise RuntimeError("LookSAM.step() needs a closure that runs forward and backward")
+        closure = torch.enable_grad()(closure)
+        loss = closure() if not self._has_grads() else None
+        if self.first_step(zero_grad=True):
+            self.last_perturbed_loss = closure()
+            self.second_step(zero_grad=True)
+        return loss

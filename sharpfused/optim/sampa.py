@@ -1,0 +1,132 @@
+"""SAMPa (Xie et al., NeurIPS 2024): SAM whose two gradients are independent, so they can run in parallel."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any, Callable, Optional
+
+import torch
+import torch.distributed as dist
+
+from .. import ops
+from .base import EPS, SharpnessAware, check_rho, check_unit
+
+
+class SAMPa(SharpnessAware):
+    r"""SAM Parallelized (Xie, Pethick & Cevher, "SAMPa: Sharpness-aware Minimization
+    Parallelized", NeurIPS 2024).
+
+    .. math::
+        \tilde x_t = x_t + \rho \frac{\nabla f(y_t)}{\lVert \nabla f(y_t) \rVert + \epsilon},\qquad
+        y_{t+1} = x_t - \eta\, \nabla f(y_t)
+
+        x_{t+1} = \text{base step at } x_t \text{ with }
+                  (1-\lambda) \nabla f(\tilde x_t) + \lambda \nabla f(y_{t+1})
+
+    :math:`\nabla f(\tilde x_t)` and :math:`\nabla f(y_{t+1})` depend only on :math:`x_t` and
+    :math:`\nabla f(y_t)`, so they can be computed at the same time; :math:`\nabla f(y_{t+1})`
+    is the next step's perturbation direction. :math:`\eta` is the group's ``lr``.
+    ``rho`` and ``lam`` may differ per group; the norm is global.
+
+    State (flat buffers, in ``state_dict``): ``grad_y`` = :math:`\nabla f(y_t)`. The point
+    :math:`y_{t+1}` itself is recomputed from :math:`x_t` and ``grad_y`` (no copy kept).
+    On the very first step :math:`y_0 = x_0`, so that step runs one extra pass for
+    :math:`\nabla f(x_0)` (or uses gradients already present at the first ``step``).
+
+    How to call it: ``step(closure)`` only (it places the weights itself before each pass;
+    ``first_step``/``second_step`` are not offered). The closure runs forward and backward on
+    the step's batch; both passes of a step use it.
+
+    * Sequential (one device, ``process_group=None``): the closure runs at :math:`\tilde x_t`
+      then at :math:`y_{t+1}`; ``step`` returns the loss at :math:`\tilde x_t` and keeps the one
+      at :math:`y_{t+1}` in ``last_y_loss``.
+    * Two processes (``process_group`` of exactly 2 ranks, e.g. ``dist.group.WORLD``): every
+      rank holds the same replica and calls ``step(closure)`` with a closure on the SAME batch;
+      group rank 0 computes :math:`\nabla f(\tilde x_t)`, group rank 1 computes
+      :math:`\nabla f(y_{t+1})`, both gradients are broadcast (flat buffers, one broadcast each per
+      bucket) and each rank applies the identical update, so the result equals the sequential
+      form. ``step`` returns the loss of the pass that rank ran.
+    """
+
+    hyper = {"rho": check_rho, "lam": check_unit}
+
+    def __init__(
+        self,
+        params: Iterable,
+        base_optimizer: Any = torch.optim.SGD,
+        rho: float = 0.1,
+        lam: float = 0.2,
+        process_group: Optional[Any] = None,
+        backend: str = "auto",
+        **base_kwargs: Any,
+    ) -> None:
+        if process_group is not None:
+            if not dist.is_available() or not dist.is_initialized():
+                raise ValueError("process_group is set but torch.distributed is not initialized")
+            size = dist.get_world_size(process_group)
+            if size != 2:
+                raise ValueError(f"process_group must have exactly 2 ranks (one per gradient), got {size}")
+        self.process_group = process_group
+        super().__init__(params, base_optimizer, dict(rho=rho, lam=lam), backend, **base_kwargs)
+        self.last_y_loss: Any = None
+
+    def first_step(self, zero_grad: bool = False) -> None:
+        raise RuntimeError("SAMPa places the weights before each of its passes itself: use step(closure)")
+
+    second_step = first_step
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:  # type: ignore[override]
+        """One SAMPa step (see the class docstring); returns this rank's loss at its point."""
+        if closure is None:
+            raise RuntimeError("SAMPa.step() needs a closure that runs forward and backward on the step's batch")
+        closure = torch.enable_grad()(closure)
+        if not self._has_grads():  # grads were cleared after the last step: the buckets need them back
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if p.grad is None and "grad_y" in self.state.get(p, {}):
+                        p.grad = torch.zeros_like(p)
+        if not self._has_grads():
+            closure()  # first step: grad f(y_0) = grad f(x_0)
+        buckets = self.buckets()
+        for b in buckets:
+            gy, valid = self.state_buffer(b, "grad_y")
+            if not valid:
+                ops.restore_(gy.views, b.grads(), backend=b.backend)
+        gy = lambda b: b.extra["grad_y"].views  # noqa: E731
+        gx = lambda b: b.buffer("grad_x").views  # noqa: E731
+        rank = None if self.process_group is None else dist.get_rank(self.process_group)
+
+        inv = (self.global_norm(buckets, gy) + EPS).reciprocal()
+        for b in buckets:  # x~ = x + rho grad_y / ||grad_y||   (x saved for exact restore)
+            ops.perturb_(b.params, gy(b), b.backup.views, inv.to(b.device) * b.group["rho"], backend=b.backend)
+        loss = None
+        if rank in (None, 0):
+            self.zero_grad()
+            loss = closure()
+            self.copy(buckets, gx, lambda b: b.grads())
+        if rank in (None, 1):
+            for b in buckets:  # y = x - lr grad_y
+                ops.restore_(b.params, b.backup.views, backend=b.backend)
+                ops.perturb_(b.params, gy(b), None, -b.group["lr"], backend=b.backend)
+            self.zero_grad()
+            self.last_y_loss = closure()
+            if rank is None:
+                self.copy(buckets, gy, lambda b: b.grads())
+            else:
+                loss = self.last_y_loss
+        if rank is not None:
+            src = [dist.get_global_rank(self.process_group, r) for r in (0, 1)]
+            for b in buckets:
+                if rank == 1:
+                    self.copy([b], gy, lambda b: b.grads())
+                dist.broadcast(b.buffer("grad_x").flat, src=src[0], group=self.process_group)
+                dist.broadcast(b.extra["grad_y"].flat, src=src[1], group=self.process_group)
+            self.copy(buckets, lambda b: b.grads(), gy)
+        for b in buckets:  # .grad = lam grad f(y_{t+1}) + (1 - lam) grad f(x~)
+            lam = b.group["lam"]
+            ops.combine_(b.grads(), gx(b), lam, 1.0 - lam, backend=b.backend)
+        self.restore_and_base_step(buckets)
+        self._opt_called = True
+        self.zero_grad()
+        return loss

@@ -1,0 +1,105 @@
+"""Sparse SAM (Mi et al., NeurIPS 2022): perturb only a masked fraction of the weights."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+from .. import ops
+from .base import EPS, SharpnessAware, check_rho, check_unit
+
+MASKS = ("fisher", "random")
+
+
+class SSAM(SharpnessAware):
+    r"""Sparse SAM (Mi et al., "Make Sharpness-Aware Minimization Stronger: A Sparsified
+    Perturbation Approach", NeurIPS 2022).
+
+    .. math::
+        e = m \odot \rho\, g / (\lVert g \rVert + \epsilon), \qquad
+        g_s = \nabla L(w + e),\qquad w \leftarrow \text{restore};\ \text{base step with } g_s
+
+    The binary mask :math:`m` keeps a fraction ``1 - sparsity`` of each group's weights (a
+    global top-k over the group's parameters) and is one byte per weight in a flat buffer,
+    passed to ``perturb_``'s ``mask``:
+
+    * ``mask="fisher"`` (SSAM-F): the entries with the largest empirical Fisher score
+      :math:`g \odot g`, from the first-pass gradient of the step that refreshes the mask (the
+      authors average :math:`g^2` over a few samples; here: the mini-batch gradient).
+    * ``mask="random"``: a uniformly random subset (``torch.rand``, the global generator).
+
+    The mask is computed at the first step and refreshed every ``mask_every`` steps (the
+    authors refresh every few epochs); the refresh is a top-k over the group, the only
+    non-fused work, outside the other steps. ``sparsity=0`` is SAM. ``rho`` and ``sparsity``
+    may differ per group. The mask and the step counter are in ``state_dict``.
+
+    Protocol: SAM's (``first_step``/``second_step`` or ``step(closure)``).
+    """
+
+    hyper = {"rho": check_rho, "sparsity": check_unit}
+
+    def __init__(
+        self,
+        params: Iterable,
+        base_optimizer: Any = torch.optim.SGD,
+        rho: float = 0.05,
+        sparsity: float = 0.5,
+        mask: str = "fisher",
+        mask_every: int = 1000,
+        backend: str = "auto",
+        **base_kwargs: Any,
+    ) -> None:
+        if mask not in MASKS:
+            raise ValueError(f"mask must be 'fisher' or 'random', got {mask!r}")
+        if isinstance(mask_every, bool) or not isinstance(mask_every, int) or mask_every < 1:
+            raise ValueError(f"mask_every must be an integer >= 1 (steps between mask refreshes), got {mask_every!r}")
+        self.mask_kind, self.mask_every = mask, mask_every
+        super().__init__(params, base_optimizer, dict(rho=rho, sparsity=sparsity), backend, **base_kwargs)
+
+    @torch.no_grad()
+    def refresh_mask(self) -> None:
+        """Recompute the mask now from the gradients in ``.grad`` (called by ``first_step`` on schedule)."""
+        by_group: dict[int, list] = {}
+        for b in self.buckets():
+            by_group.setdefault(b.group_index, []).append(b)
+        for buckets in by_group.values():
+            masks = [self.state_buffer(b, "mask", torch.uint8)[0] for b in buckets]
+            dev = masks[0].flat.device
+            if self.mask_kind == "fisher":
+                score = torch.cat([torch.cat([g.reshape(-1) for g in b.grads()]).float().square().to(dev) for b in buckets])
+            else:
+                score = torch.rand(sum(m.flat.numel() for m in masks), device=dev)
+            keep = round((1.0 - buckets[0].group["sparsity"]) * score.numel())
+            flat = torch.zeros(score.numel(), dtype=torch.uint8, device=dev)
+            flat[torch.topk(score, keep, sorted=False).indices] = 1
+            for m, part in zip(masks, flat.split([m.flat.numel() for m in masks])):
+                m.flat.copy_(part)
+        counter = self.state["ssam"]
+        counter["since_refresh"] = 0
+
+    @torch.no_grad()
+    def first_step(self, zero_grad: bool = False) -> None:
+        """Perturb the masked weights: w <- w + m * rho g/(||g||+eps) (after the first backward)."""
+        buckets = self._begin_first()
+        if buckets:
+            valid = all([self.state_buffer(b, "mask", torch.uint8)[1] for b in buckets])
+            since = self.state["ssam"].get("since_refresh")
+            if not valid or since is None or since >= self.mask_every:
+                self.refresh_mask()
+            inv = (self.global_norm(buckets) + EPS).reciprocal()
+            for b in buckets:
+                scale = inv.to(b.device) * b.group["rho"]
+                mask = b.extra["mask"].views
+                ops.perturb_(b.params, b.grads(), b.backup.views, scale, mask=mask, backend=b.backend)
+            self.state["ssam"]["since_refresh"] += 1
+        self._perturbed = True
+        if zero_grad:
+            self.zero_grad()
+
+    @torch.no_grad()
+    def second_step(self, zero_grad: bool = False) -> None:
+        """Restore w bit-exactly and take the base step with the perturbed-point gradient."""
+        self.restore_and_base_step(self._begin_second())
+        self._end_second(zero_grad)
