@@ -1,6 +1,6 @@
 """sharpfused: sharpness-aware optimizers (SAM and successors) as a few fused kernels per step."""
 
-from . import losses, ops
+from . import losses, metrics, ops
 from ._build import build_extension
 from .bn import disable_running_stats, enable_running_stats, frozen_bn_stats
 from .optim import BSAM, GSAM, SAM, SSAM, XSAM, BiSAM, FriendlySAM, LookSAM, SAMPa, SharpnessAware
@@ -18,6 +18,7 @@ __all__ = [
     "SSAM",
     "XSAM",
     "losses",
+    "metrics",
     "SharpnessAware",
     "build_extension",
     "disable_running_stats",
