@@ -32,6 +32,15 @@ for f in csrc/*.cu; do
   fi
 done
 
+# The table packing is host code: build and run its test (no GPU needed).
+start=$SECONDS
+if "$NVCC" -std=c++17 -O1 -Icsrc csrc/tests/pack_tables_test.cu -o "$tmp/pack_tables_test" 2>"$tmp/log" \
+    && "$tmp/pack_tables_test" >"$tmp/out" 2>&1; then
+  echo "ok    csrc/tests/pack_tables_test.cu  (built and run on the host, $((SECONDS - start)) s)"
+else
+  echo "FAIL  csrc/tests/pack_tables_test.cu"; cat "$tmp/log" "$tmp/out" 2>/dev/null | grep -v ' ok$' | sed 's/^/      /' | head -40; fail=1
+fi
+
 # A CPU wheel of torch lacks the CUDA build's generated config header: a stub in a temp dir
 # stands in for it (only the binding includes torch headers).
 mkdir -p "$tmp/stub/c10/cuda/impl"

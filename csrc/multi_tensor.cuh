@@ -145,18 +145,17 @@ __global__ void __launch_bounds__(kThreads) multi_tensor_kernel(const __grid_con
   op(tab, t, start, rest < kChunk ? rest : kChunk, tab.first_block + blockIdx.x);
 }
 
-// Runs op over every chunk of every non-empty tensor of `lists` (D lists; an unused list has a
-// null host array and gives null addresses). Op: __device__ void operator()(const Table<D>&,
-// int tensor, int64_t chunk_start, int64_t chunk_len, int64_t global_block) const.
-template <int D, typename Op>
-cudaError_t multi_tensor_apply(const Lists& lists, const Op& op, cudaStream_t stream) {
+// Packs the chunks of every non-empty tensor of `lists` (D lists; an unused list has a null host
+// array and gives null addresses) into tables, calling launch(table, nblocks) each time one
+// fills and once at the end. Host-only, so it can be tested without a GPU.
+template <int D, typename Launch>
+cudaError_t pack_tables(const Lists& lists, Launch&& launch) {
   constexpr int kMaxT = Table<D>::kMaxTensors;
   Table<D> tab;
   tab.first_block = 0;
   int nt = 0, nb = 0;
-  auto launch = [&]() -> cudaError_t {
-    multi_tensor_kernel<D, Op><<<nb, kThreads, 0, stream>>>(tab, op);
-    cudaError_t err = cudaGetLastError();
+  auto flush = [&]() -> cudaError_t {
+    cudaError_t err = launch(static_cast<const Table<D>&>(tab), nb);
     tab.first_block += nb;
     nb = 0;
     return err;
@@ -174,7 +173,7 @@ cudaError_t multi_tensor_apply(const Lists& lists, const Op& op, cudaStream_t st
       ++nb;
       const bool last = c == chunks - 1;
       if (nb == kMaxBlocks || (last && nt + 1 == kMaxT)) {
-        cudaError_t err = launch();
+        cudaError_t err = flush();
         if (err != cudaSuccess) return err;
         if (last) {
           nt = 0;
@@ -188,7 +187,18 @@ cudaError_t multi_tensor_apply(const Lists& lists, const Op& op, cudaStream_t st
     }
     if (!flushed_with_tensor) ++nt;
   }
-  return nb > 0 ? launch() : cudaSuccess;
+  return nb > 0 ? flush() : cudaSuccess;
+}
+
+// Runs op over every chunk of every non-empty tensor of `lists`, one launch per table. Op:
+// __device__ void operator()(const Table<D>&, int tensor, int64_t chunk_start, int64_t chunk_len,
+// int64_t global_block) const.
+template <int D, typename Op>
+cudaError_t multi_tensor_apply(const Lists& lists, const Op& op, cudaStream_t stream) {
+  return pack_tables<D>(lists, [&](const Table<D>& tab, int nb) -> cudaError_t {
+    multi_tensor_kernel<D, Op><<<nb, kThreads, 0, stream>>>(tab, op);
+    return cudaGetLastError();
+  });
 }
 
 // ------------------------------------------------------------------ cleanup of reductions
