@@ -84,6 +84,10 @@ _CACHE: OrderedDict[tuple, Table] = OrderedDict()
 
 def _build(lists: Sequence[Sequence[Tensor]], device: torch.device) -> Table:
     numels = [t.numel() for t in lists[0]]
+    for lst in lists[1:]:
+        for i, (t, n) in enumerate(zip(lst, numels)):
+            if t.numel() != n:
+                raise ValueError(f"parallel lists differ at tensor {i}: {n} and {t.numel()} elements")
     n_lists = len(lists)
     ptrs = [[t.data_ptr() for t in lst] for lst in lists]
     chunk, cap_t, cap_c = CHUNK, TABLE_TENSORS, TABLE_CHUNKS
@@ -141,8 +145,7 @@ def table(lists: Sequence[Sequence[Tensor]]) -> Table:
         BLOCK,
         TABLE_TENSORS,
         TABLE_CHUNKS,
-        tuple(t.numel() for t in lists[0]),
-        tuple(tuple(t.data_ptr() for t in lst) for lst in lists),
+        tuple(tuple((t.data_ptr(), t.numel()) for t in lst) for lst in lists),
     )
     tab = _CACHE.get(key)
     if tab is None:
@@ -253,11 +256,29 @@ def load(ptr, offs, mask, MASKED: tl.constexpr):
 
 
 @triton.jit
+def round_bf16(x):
+    """fp32 -> bf16, round to nearest even, NaN kept NaN (the rounding torch uses).
+
+    Written out in integer ops so that the interpreter (which truncates in its own fp32 -> bf16
+    cast) and the GPU give the same bits; a few integer ops are free in a memory-bound kernel.
+    """
+    bits = x.to(tl.uint32, bitcast=True)
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    rounded = tl.where(x != x, 0x7FC0, rounded)
+    return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
 def store(ptr, offs, x, mask, MASKED: tl.constexpr):
-    if MASKED:
-        tl.store(ptr + offs, x.to(ptr.dtype.element_ty), mask=mask)
+    """Store ``x`` rounded once (to nearest even) to the element type of ``ptr``."""
+    if ptr.dtype.element_ty == tl.bfloat16 and x.dtype == tl.float32:
+        y = round_bf16(x)
     else:
-        tl.store(ptr + offs, x.to(ptr.dtype.element_ty))
+        y = x.to(ptr.dtype.element_ty)
+    if MASKED:
+        tl.store(ptr + offs, y, mask=mask)
+    else:
+        tl.store(ptr + offs, y)
 
 
 def launch(kernel, tab: Table, *args, **meta) -> None:

@@ -1,0 +1,483 @@
+"""The Triton backend (``sharpfused.kernels``) against the float64 reference and the torch backend.
+
+On CPU the kernels run under ``TRITON_INTERPRET=1`` (set by conftest.py); the same tests run on
+CUDA tensors when a GPU is present. Error rule: fp32 within 1e-6 relative of float64; bf16/fp16
+at most twice the torch backend's error in the same dtype (plus a 1e-6 relative floor for
+fp32-accumulated reductions, where both errors can be ~0).
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import inspect
+import math
+
+import pytest
+import sharpfused.kernels as K
+import torch
+from sharpfused.kernels import combine as k_combine
+from sharpfused.kernels import perturb as k_perturb
+from sharpfused.kernels import restore as k_restore
+from sharpfused.kernels import restore_step as k_step
+from sharpfused.kernels import table as tb
+from torch import Tensor
+
+import sharpfused
+from sharpfused import ops
+from sharpfused.backends import torch_ops as T
+
+from . import reference as R
+
+# the package exports functions named like these two modules
+k_sq = importlib.import_module("sharpfused.kernels.sq_norm")
+k_dot = importlib.import_module("sharpfused.kernels.dot_norms")
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+SIZES = (1, 7, 0, 1000, 4099)  # odd sizes, an empty tensor inside the list
+FLOOR = 1e-6
+DEFAULTS = {k: getattr(tb, k) for k in ("CHUNK", "BLOCK", "TABLE_TENSORS", "TABLE_CHUNKS")}
+
+
+@pytest.fixture(autouse=True)
+def small_chunks(monkeypatch):
+    """Small chunks so that a 4099-element tensor spans several programs (and the interpreter is quick)."""
+    monkeypatch.setattr(tb, "CHUNK", 512)
+    monkeypatch.setattr(tb, "BLOCK", 128)
+
+
+# ------------------------------------------------------------------------------------ helpers
+def rand(sizes, dtype, device, positive=False) -> list[Tensor]:
+    xs = [torch.randn(n, dtype=dtype, device=device) for n in sizes]
+    return [x.abs() + 0.01 for x in xs] if positive else xs
+
+
+def clone(xs):
+    return None if xs is None else [x.clone() for x in xs]
+
+
+def rel_err(out, ref) -> float:
+    """||out - ref|| / ||ref|| over the whole list (or tensor), in float64; inf when out has NaN/inf."""
+    out = [out] if isinstance(out, Tensor) else out
+    ref = [ref] if isinstance(ref, Tensor) else ref
+    num = den = 0.0
+    for o, r in zip(out, ref):
+        o, r = o.detach().double().cpu(), r.detach().double().cpu()
+        assert o.shape == r.shape
+        if not torch.isfinite(o).all():
+            return math.inf
+        num += ((o - r) ** 2).sum().item()
+        den += (r**2).sum().item()
+    return math.sqrt(num / den) if den else math.sqrt(num)
+
+
+def check(out_triton, out_torch, ref, dtype, what: str, floor: float = 0.0) -> tuple[float, float]:
+    """The error rule of the design: fp32 ~1e-6 relative; low precision <= 2x the torch backend."""
+    e_tri, e_torch = rel_err(out_triton, ref), rel_err(out_torch, ref)
+    if dtype == torch.float32:
+        assert e_tri <= 1e-6, f"{what}: fp32 error {e_tri:.3g} (torch backend {e_torch:.3g})"
+    else:
+        assert e_tri <= 2 * e_torch + floor, f"{what}: {dtype} error {e_tri:.3g} > 2 x torch's {e_torch:.3g}"
+    return e_tri, e_torch
+
+
+def assert_close_backends(a, b, what: str) -> None:
+    """Triton vs torch backend directly: fp32 elementwise; bf16/fp16 norm-wise within one epsilon.
+
+    (Low precision is not compared elementwise: the torch backend rounds intermediates such as the
+    momentum buffer to the parameter dtype before using them, the kernels do not, and an output
+    that cancels to near zero can then differ by a large relative amount in one element.)
+    """
+    a = [a] if isinstance(a, Tensor) else a
+    b = [b] if isinstance(b, Tensor) else b
+    for x, y in zip(a, b):
+        assert x.dtype == y.dtype and x.shape == y.shape and x.device == y.device, what
+    if a[0].dtype in (torch.float32, torch.float64):
+        for x, y in zip(a, b):
+            torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6, msg=lambda m: f"{what}: {m}")
+    else:
+        diff = rel_err(a, b)
+        assert diff <= torch.finfo(a[0].dtype).eps, f"{what}: backends differ by {diff:.3g} (norm-wise)"
+
+
+def f64(xs):
+    return [x.detach().cpu().double() for x in xs]
+
+
+# ------------------------------------------------------------------------------------ sq_norm
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("weighted", [False, True])
+def test_sq_norm(device, dtype, weighted):
+    x = rand(SIZES, dtype, device)
+    w = rand(SIZES, dtype, device) if weighted else None
+    eta = 0.01 if weighted else 0.0
+    total, per = K.sq_norm(x, w, eta, True)
+    t_total, t_per = T.sq_norm(x, w, eta, True)
+    r_total, r_per = R.sq_norm(f64(x), None if w is None else f64(w), eta, True)
+    assert total.dim() == 0 and total.dtype == torch.float32 and total.device.type == device
+    assert per.shape == (len(SIZES),) and per.dtype == torch.float32
+    assert per[SIZES.index(0)].item() == 0.0
+    check(total, t_total, r_total, dtype, "sq_norm total", FLOOR)
+    check(per, t_per, r_per, dtype, "sq_norm per-tensor", FLOOR)
+    torch.testing.assert_close(per, t_per, rtol=1e-5, atol=0)
+    only = K.sq_norm(x, w, eta)
+    assert isinstance(only, Tensor) and torch.equal(only, total)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_sq_norm_deterministic_and_nonfinite(device):
+    x = rand((4099, 1000, 3), torch.float32, device)
+    a, b = K.sq_norm(x, None, 0.0, True), K.sq_norm(x, None, 0.0, True)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    y = [t.flip(0) for t in x]
+    a, b = K.dot_norms(x, y), K.dot_norms(x, y)
+    assert torch.equal(a, b)
+    x[1][17] = float("inf")
+    assert not torch.isfinite(K.sq_norm(x))
+    x[1][17] = float("nan")
+    assert not torch.isfinite(K.sq_norm(x))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_sq_norm_tensor_eta(device):
+    x, w = rand(SIZES, torch.float32, device), rand(SIZES, torch.float32, device)
+    eta = torch.tensor(0.05, device=device)
+    got = K.sq_norm(x, w, eta)
+    ref = R.sq_norm(f64(x), f64(w), 0.05)
+    assert rel_err(got, ref) <= 1e-6
+
+
+# ------------------------------------------------------------------------------------ perturb_
+PERTURB_CASES = {
+    "sam_tensor_scale": dict(eta=None, mask=False, backup=True, tensor_scale=True),
+    "asam_float_scale": dict(eta=0.01, mask=False, backup=True, tensor_scale=False),
+    "asam_masked": dict(eta=0.0, mask=True, backup=True, tensor_scale=True),
+    "masked_no_backup": dict(eta=None, mask=True, backup=False, tensor_scale=False),
+}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", list(PERTURB_CASES))
+def test_perturb(device, dtype, case):
+    c = PERTURB_CASES[case]
+    w = rand(SIZES, dtype, device)
+    g = rand(SIZES, dtype, device)
+    mask = [torch.rand(n, device=device) > 0.5 for n in SIZES] if c["mask"] else None
+    scale_f = 0.37
+    scale = torch.tensor(scale_f, device=device) if c["tensor_scale"] else scale_f
+    w_tri, w_torch = clone(w), clone(w)
+    b_tri = [torch.full_like(x, float("nan")) for x in w] if c["backup"] else None  # poisoned
+    b_torch = [torch.empty_like(x) for x in w] if c["backup"] else None
+    K.perturb_(w_tri, g, b_tri, scale, c["eta"], mask)
+    T.perturb_(w_torch, g, b_torch, scale, c["eta"], mask)
+    ref = R.perturb(f64(w), f64(g), scale_f, c["eta"], None if mask is None else f64(mask))
+    check(w_tri, w_torch, ref, dtype, f"perturb_ {case}")
+    assert_close_backends(w_tri, w_torch, f"perturb_ {case}")
+    if c["backup"]:
+        assert all(torch.equal(b, x) for b, x in zip(b_tri, w)), "backup is not bit-exact"
+    if mask is not None:  # masked-out entries keep their bits
+        assert all(torch.equal(a[~m], x[~m]) for a, x, m in zip(w_tri, w, mask))
+
+
+# ------------------------------------------------------------------------------------ restore_
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_restore_bit_exact(device, dtype):
+    backup = rand(SIZES, dtype, device)
+    specials = torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0, 1e-40], dtype=dtype)
+    backup[-1][:5] = specials.to(device)
+    params = [torch.full_like(b, 7.0) for b in backup]  # poisoned
+    K.restore_(params, backup)
+    bits = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}[dtype]
+    for p, b in zip(params, backup):
+        assert torch.equal(p.view(bits), b.view(bits))
+
+
+# ------------------------------------------------------------------------------------ dot_norms
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dot_norms(device, dtype):
+    a = rand(SIZES, dtype, device)
+    b = [x + 0.3 * y for x, y in zip(a, rand(SIZES, dtype, device))]  # correlated: a sizeable dot
+    got, want = K.dot_norms(a, b), T.dot_norms(a, b)
+    assert got.shape == (3,) and got.dtype == torch.float32 and got.device.type == device
+    ref = R.dot_norms(a, b)
+    for i, name in enumerate(("dot", "|a|^2", "|b|^2")):
+        check(got[i], want[i], ref[i], dtype, f"dot_norms {name}", FLOOR)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=0)
+
+
+# ------------------------------------------------------------------------------------ combine_
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tensor_coefs", [False, True])
+def test_combine(device, dtype, tensor_coefs):
+    g, saved = rand(SIZES, dtype, device), rand(SIZES, dtype, device)
+    c1f, c2f = 0.8125, -1.37
+    c1, c2 = (torch.tensor(c1f, device=device), torch.tensor(c2f, device=device)) if tensor_coefs else (c1f, c2f)
+    g_tri, g_torch = clone(g), clone(g)
+    K.combine_(g_tri, saved, c1, c2)
+    T.combine_(g_torch, saved, c1, c2)
+    check(g_tri, g_torch, R.combine(f64(g), f64(saved), c1f, c2f), dtype, "combine_")
+    assert_close_backends(g_tri, g_torch, "combine_")
+
+
+# ------------------------------------------------------------------------------------ restore_sgd_
+SGD_CASES = {
+    "plain_wd": dict(momentum=0.0, dampening=0.0, weight_decay=0.01, nesterov=False, init=False),
+    "momentum_first_step": dict(momentum=0.9, dampening=0.1, weight_decay=0.0, nesterov=False, init=True),
+    "momentum_dampening": dict(momentum=0.9, dampening=0.1, weight_decay=0.01, nesterov=False, init=False),
+    "nesterov_wd": dict(momentum=0.9, dampening=0.0, weight_decay=5e-4, nesterov=True, init=False),
+}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", list(SGD_CASES))
+def test_restore_sgd(device, dtype, case):
+    c = SGD_CASES[case]
+    backup, g = rand(SIZES, dtype, device), rand(SIZES, dtype, device)
+    has_m = bool(c["momentum"])
+    if has_m and c["init"]:
+        bufs = [torch.full_like(x, float("nan")) for x in backup]  # must be overwritten, never read
+    else:
+        bufs = rand(SIZES, dtype, device) if has_m else None
+    lr_f = 0.1
+    lr = torch.tensor(lr_f, device=device) if case == "nesterov_wd" else lr_f  # both scalar kinds
+    p_tri = [torch.full_like(x, float("nan")) for x in backup]  # poisoned: every element is written
+    p_torch = [torch.empty_like(x) for x in backup]
+    buf_tri, buf_torch = clone(bufs), clone(bufs)
+    args = (lr, c["momentum"], c["dampening"], c["weight_decay"], c["nesterov"], c["init"])
+    K.restore_sgd_(p_tri, backup, g, buf_tri, *args)
+    T.restore_sgd_(p_torch, backup, g, buf_torch, *args)
+    ref = R.SGDRef(lr_f, c["momentum"], c["dampening"], c["weight_decay"], c["nesterov"])
+    if has_m and not c["init"]:
+        ref.bufs = f64(bufs)
+    want = ref.step(f64(backup), f64(g))
+    check(p_tri, p_torch, want, dtype, f"restore_sgd_ {case} w")
+    assert_close_backends(p_tri, p_torch, f"restore_sgd_ {case} w")
+    if has_m:
+        check(buf_tri, buf_torch, ref.bufs, dtype, f"restore_sgd_ {case} momentum buffer")
+        assert_close_backends(buf_tri, buf_torch, f"restore_sgd_ {case} momentum buffer")
+
+
+# ------------------------------------------------------------------------------------ restore_adamw_
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tensor_lr", [False, True])
+def test_restore_adamw(device, dtype, tensor_lr):
+    backup, g = rand(SIZES, dtype, device), rand(SIZES, dtype, device)
+    m, v = rand(SIZES, dtype, device), rand(SIZES, dtype, device, positive=True)
+    step, lr_f, b1, b2, eps, wd = 3, 1e-2, 0.9, 0.999, 1e-8, 0.05
+    lr = torch.tensor(lr_f, device=device) if tensor_lr else lr_f
+    p_tri = [torch.full_like(x, float("nan")) for x in backup]
+    p_torch = [torch.empty_like(x) for x in backup]
+    m_tri, v_tri, m_torch, v_torch = clone(m), clone(v), clone(m), clone(v)
+    K.restore_adamw_(p_tri, backup, g, m_tri, v_tri, step, lr, b1, b2, eps, wd)
+    T.restore_adamw_(p_torch, backup, g, m_torch, v_torch, step, lr, b1, b2, eps, wd)
+    ref = R.AdamWRef(lr_f, (b1, b2), eps, wd)
+    ref.m, ref.v, ref.t = f64(m), f64(v), step - 1
+    want = ref.step(f64(backup), f64(g))
+    check(p_tri, p_torch, want, dtype, "restore_adamw_ w")
+    check(m_tri, m_torch, ref.m, dtype, "restore_adamw_ exp_avg")
+    check(v_tri, v_torch, ref.v, dtype, "restore_adamw_ exp_avg_sq")
+    for a, b, what in ((p_tri, p_torch, "w"), (m_tri, m_torch, "exp_avg"), (v_tri, v_torch, "exp_avg_sq")):
+        assert_close_backends(a, b, f"restore_adamw_ {what}")
+
+
+# ------------------------------------------------------------------------------------ tables
+def _count_launches(monkeypatch, kernels) -> dict:
+    counts = {k: 0 for k in kernels}
+
+    def wrap(k):
+        run = k.run
+
+        def counted(*args, **kwargs):
+            counts[k] += 1
+            return run(*args, **kwargs)
+
+        return counted
+
+    for k in kernels:
+        monkeypatch.setattr(k, "run", wrap(k))
+    return counts
+
+
+ELEMENTWISE = {
+    "perturb_": k_perturb._perturb_kernel,
+    "restore_": k_restore._restore_kernel,
+    "combine_": k_combine._combine_kernel,
+    "restore_sgd_": k_step._restore_sgd_kernel,
+    "restore_adamw_": k_step._restore_adamw_kernel,
+    "sq_norm": k_sq._sq_norm_kernel,
+    "dot_norms": k_dot._dot_norms_kernel,
+}
+
+
+def _run_all(backend, w, g, b, m, v, bufs):
+    """Every primitive once on the given lists (mutating them); returns the reductions."""
+    out = [backend.sq_norm(g, w, 0.01, True), backend.dot_norms(w, g)]
+    backend.perturb_(w, g, b, torch.tensor(0.5, device=w[0].device), 0.01, None)
+    backend.combine_(g, b, 0.5, -0.25)
+    backend.restore_sgd_(w, b, g, bufs, 0.1, 0.9, 0.0, 0.01, True, False)
+    backend.restore_adamw_(w, b, g, m, v, 2, 1e-2, 0.9, 0.999, 1e-8, 0.01)
+    backend.perturb_(w, g, None, 0.3, None, None)
+    backend.restore_(w, b)
+    return out
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_one_launch_per_group(device, monkeypatch):
+    """Default constants: 12 tensors, each primitive is a single launch (plus sq_norm's second stage)."""
+    for k, v in DEFAULTS.items():
+        monkeypatch.setattr(tb, k, v)
+    sizes = [(i * 37) % 300 for i in range(12)]
+    w, g, b, m = (rand(sizes, torch.float32, device) for _ in range(4))
+    v, bufs = rand(sizes, torch.float32, device, positive=True), rand(sizes, torch.float32, device)
+    counts = _count_launches(monkeypatch, ELEMENTWISE.values())
+    _run_all(K, w, g, b, m, v, bufs)
+    assert counts[k_perturb._perturb_kernel] == 2
+    for name in ("restore_", "combine_", "restore_sgd_", "restore_adamw_", "sq_norm", "dot_norms"):
+        assert counts[ELEMENTWISE[name]] == 1, name
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_more_tensors_than_one_table(device, monkeypatch):
+    """A table of 3 tensors / 4 chunks: the list takes several launches and still matches torch."""
+    monkeypatch.setattr(tb, "TABLE_TENSORS", 3)
+    monkeypatch.setattr(tb, "TABLE_CHUNKS", 4)
+    sizes = [5, 0, 700, 1, 3000, 129, 0, 513, 64, 2, 1100]  # 3000 elements = 6 chunks > 4
+    w, g, b, m = (rand(sizes, torch.float32, device) for _ in range(4))
+    v, bufs = rand(sizes, torch.float32, device, positive=True), rand(sizes, torch.float32, device)
+    tab = tb.table([w])
+    assert len(tab.pieces) >= 4 and tab.n_chunks == sum(-(-n // tb.CHUNK) for n in sizes)
+    assert all(p.n_tensors <= 3 and p.n_chunks <= 4 for p in tab.pieces)
+    state = [clone(x) for x in (w, g, b, m, v, bufs)]
+    counts = _count_launches(monkeypatch, ELEMENTWISE.values())
+    got = _run_all(K, w, g, b, m, v, bufs)
+    assert counts[k_restore._restore_kernel] == len(tb.table([w, b]).pieces) >= 4
+    ref_sq = R.sq_norm(f64(state[1]), f64(state[0]), 0.01, True)
+    ref_dot = R.dot_norms(state[0], state[1])
+    want = _run_all(T, *state)
+    for tri, tor, ref in (
+        (got[0][0], want[0][0], ref_sq[0]),
+        (got[0][1], want[0][1], ref_sq[1]),
+        (got[1], want[1], ref_dot),
+    ):
+        assert rel_err(tri, ref) <= 1e-6 and rel_err(tri, tor) <= 1e-6
+    for a, b_, name in zip((w, g, b, m, v, bufs), state, ("w", "g", "backup", "m", "v", "bufs")):
+        for x, y in zip(a, b_):
+            torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6, msg=lambda s, name=name: f"{name}: {s}")
+
+
+def test_table_cache_rebuilt_on_address_change():
+    xs = rand((10, 20, 0), torch.float32, "cpu")
+    t1 = tb.table([xs])
+    assert tb.table([list(xs)]) is t1  # same addresses and numels: cached
+    ys = [xs[0], xs[1].clone(), xs[2]]
+    t2 = tb.table([ys])
+    assert t2 is not t1 and tb.table([ys]) is t2
+    addrs = t2.pieces[0].addrs.cpu().tolist()
+    assert addrs == [ys[0].data_ptr(), ys[1].data_ptr()]  # the empty tensor has no chunk, no entry
+
+
+def test_scalars_are_not_constexpr():
+    """Per-step scalars are runtime args or tensors: only block sizes, dtypes and flags are constexpr."""
+    allowed_suffix = ("_DT", "_PTR")
+    allowed = {"CHUNK", "BLOCK", "ALIGNED", "MASKED", "HAS_BACKUP", "HAS_MASK", "ADAPTIVE", "WEIGHTED"}
+    allowed |= {"HAS_WD", "HAS_MOMENTUM", "NESTEROV", "INIT"}
+    kernels = [*ELEMENTWISE.values(), k_sq._sq_norm_per_tensor_kernel]
+    for k in kernels:
+        sig = inspect.signature(k.fn)
+        const = {n for n, p in sig.parameters.items() if p.annotation is not inspect.Parameter.empty}
+        assert const, k.fn.__name__
+        bad = {n for n in const if n not in allowed and not n.endswith(allowed_suffix)}
+        assert not bad, f"{k.fn.__name__}: constexpr {bad}"
+        runtime = set(sig.parameters) - const
+        assert not any(n.isupper() for n in runtime)
+        assert k.fn.__doc__ is None or "ytes" in k.fn.__doc__  # byte model in every kernel docstring
+
+
+# ------------------------------------------------------------------------------------ mixed dtypes
+@pytest.mark.parametrize("device", DEVICES)
+def test_mixed_dtypes(device):
+    dts = [torch.float32, torch.bfloat16, torch.float64, torch.float16, torch.float32, torch.bfloat16]
+    sizes = [7, 1000, 33, 0, 4099, 5]
+    x = [torch.randn(n, dtype=d, device=device) for n, d in zip(sizes, dts)]
+    y = [torch.randn(n, dtype=d, device=device) for n, d in zip(sizes, dts)]
+    total, per = K.sq_norm(x, y, 0.1, True)
+    t_total, t_per = T.sq_norm(x, y, 0.1, True)
+    assert per.dtype == t_per.dtype == torch.float64 and total.dtype == torch.float64
+    torch.testing.assert_close(per, t_per, rtol=1e-5, atol=0)
+    torch.testing.assert_close(total, t_total, rtol=1e-5, atol=0)
+    got, want = K.dot_norms(x, y), T.dot_norms(x, y)
+    assert got.dtype == want.dtype == torch.float64
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=0)
+    w_tri, w_torch = clone(x), clone(x)
+    b_tri = [torch.full_like(t, float("nan")) for t in x]
+    K.perturb_(w_tri, y, b_tri, torch.tensor(0.2, device=device), 0.0, None)
+    T.perturb_(w_torch, y, None, torch.tensor(0.2, device=device), 0.0, None)
+    assert_close_backends(w_tri, w_torch, "mixed perturb_")
+    assert all(torch.equal(a, b) for a, b in zip(b_tri, x))
+    K.combine_(w_tri, y, 0.5, 2.0)
+    T.combine_(w_torch, y, 0.5, 2.0)
+    assert_close_backends(w_tri, w_torch, "mixed combine_")
+    K.restore_(w_tri, x)
+    assert all(torch.equal(a, b) for a, b in zip(w_tri, x))
+
+
+# ------------------------------------------------------------------------------------ optimizer parity
+def _mlp(device):
+    return torch.nn.Sequential(
+        torch.nn.Linear(6, 17), torch.nn.Tanh(), torch.nn.Linear(17, 9), torch.nn.Tanh(), torch.nn.Linear(9, 3)
+    ).to(device)
+
+
+BASES = {
+    "sgd_nesterov_wd": (torch.optim.SGD, dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-2)),
+    "sgd_dampening": (torch.optim.SGD, dict(lr=0.05, momentum=0.8, dampening=0.1, weight_decay=5e-4)),
+    "adamw": (torch.optim.AdamW, dict(lr=1e-2, weight_decay=1e-2)),
+}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("base", list(BASES))
+@pytest.mark.parametrize("adaptive", [False, True], ids=["sam", "asam"])
+def test_optimizer_parity(device, base, adaptive):
+    base_cls, kw = BASES[base]
+    torch.manual_seed(3)
+    model0 = _mlp(device)
+    x, y = torch.randn(32, 6, device=device), torch.randn(32, 3, device=device)
+    runs = {}
+    for backend in ("triton", "torch"):
+        model = copy.deepcopy(model0)
+        opt = sharpfused.SAM(model.parameters(), base_cls, rho=0.5 if adaptive else 0.05, adaptive=adaptive,
+                             eta=0.01, backend=backend, **kw)  # fmt: skip
+        for _ in range(7):
+
+            def closure(model=model):
+                loss = torch.nn.functional.mse_loss(model(x), y)
+                loss.backward()
+                return loss
+
+            opt.step(closure)
+        assert all(b.backend == backend for b in opt.buckets())
+        runs[backend] = (model, opt)
+    (m_tri, o_tri), (m_torch, o_torch) = runs["triton"], runs["torch"]
+    moved = max((a - b).abs().max().item() for a, b in zip(m_tri.parameters(), model0.parameters()))
+    assert moved > 1e-3  # the steps did something
+    for a, b in zip(m_tri.parameters(), m_torch.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for a, b in zip(m_tri.parameters(), m_torch.parameters()):
+        sa, sb = o_tri.base_optimizer.state[a], o_torch.base_optimizer.state[b]
+        assert set(sa) == set(sb) and sa
+        for key in sa:
+            torch.testing.assert_close(sa[key], sb[key], rtol=1e-5, atol=1e-6, msg=lambda s, key=key: f"{key}: {s}")
+
+
+def test_resolve_triton_on_cpu_under_interpreter():
+    assert ops.resolve("triton", torch.device("cpu")) == "triton"
+    assert ops.backend_module("triton") is K
