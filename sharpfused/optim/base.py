@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import sys
 from collections.abc import Iterable
 from typing import Any, Callable, Optional
 
@@ -21,19 +22,55 @@ from ..buffers import FlatBuffer
 EPS = 1e-12  # added to norms before dividing, as in the papers
 
 
+def local_tensor(t: Tensor) -> Tensor:
+    """The tensor a kernel reads: a DTensor's local shard (shares its storage), else ``t`` itself."""
+    mod = sys.modules.get("torch.distributed.tensor")  # no DTensor can exist before it is imported
+    if mod is not None and isinstance(t, mod.DTensor):
+        return t._local_tensor
+    return t
+
+
+def reduction_key(p: Tensor) -> Optional[tuple]:
+    """``(mesh, mesh dims p is sharded over)`` for a sharded DTensor, else None (nothing to reduce).
+
+    Partial sums over a local shard are summed across the Shard dims of the mesh only: a
+    Replicate dim holds the same values on every rank and must not be counted twice.
+    """
+    mod = sys.modules.get("torch.distributed.tensor")
+    if mod is None or not isinstance(p, mod.DTensor):
+        return None
+    if any(pl.is_partial() for pl in p.placements):
+        raise ValueError(f"parameter of shape {tuple(p.shape)} has a Partial placement; sharded or replicated only")
+    dims = tuple(i for i, pl in enumerate(p.placements) if pl.is_shard())
+    return (p.device_mesh, dims) if dims else None
+
+
 class Bucket:
     """The parameters of one param group on one (device, dtype) that have gradients this step.
 
     ``backup`` is a flat buffer in the parameter dtype (exact restore); algorithms may hang
     more flat buffers on ``extra`` (saved gradients, masks).
+
+    ``params`` are the tensors kernels read and write: the parameters themselves, or for
+    DTensor parameters (FSDP2) their local shards. ``sources`` are the parameters (state keys,
+    ``.grad``). ``reduce`` is None, or the (mesh, shard dims) whose partial sums are all-reduced.
     """
 
-    __slots__ = ("group", "group_index", "params", "backend", "backup", "extra", "base_state")
+    __slots__ = ("group", "group_index", "params", "sources", "reduce", "backend", "backup", "extra", "base_state")
 
-    def __init__(self, group: dict, group_index: int, params: list[Tensor], backend: str) -> None:
+    def __init__(
+        self,
+        group: dict,
+        group_index: int,
+        params: list[Tensor],
+        backend: str,
+        reduce: Optional[tuple] = None,
+    ) -> None:
         self.group = group
         self.group_index = group_index
-        self.params = params
+        self.sources = params
+        self.params = [local_tensor(p) for p in params]
+        self.reduce = reduce
         self.backend = backend
         self.backup = FlatBuffer(params)
         self.extra: dict[str, Any] = {}
@@ -48,7 +85,7 @@ class Bucket:
         return self.params[0].dtype
 
     def grads(self) -> list[Tensor]:
-        return [p.grad for p in self.params]
+        return [local_tensor(p.grad) for p in self.sources]
 
     def buffer(self, name: str, dtype: Optional[torch.dtype] = None, zero: bool = False) -> FlatBuffer:
         """A flat buffer shaped like the bucket's params, allocated on first use and kept."""
@@ -69,6 +106,11 @@ def _check_number(name: str, value: Any, low: float = 0.0, *, strict: bool = Fal
     if not ok:
         rng = f"> {low}" if strict else f">= {low}"
         raise ValueError(f"{name}{where} must be a finite number {rng}, got {value}")
+
+
+def _like_param(p: Tensor, local: Tensor) -> Tensor:
+    """``local`` (a shard-shaped tensor) as a DTensor laid out like parameter ``p``, sharing storage."""
+    return type(p).from_local(local, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())
 
 
 class SharpnessAware(Optimizer):
@@ -167,7 +209,7 @@ class SharpnessAware(Optimizer):
                         f"{type(self).__name__} does not support sparse gradients (a parameter of shape "
                         f"{tuple(p.shape)} has one); use a dense embedding or a dense optimizer"
                     )
-                key.append((id(p), p.data_ptr()))
+                key.append((id(p), local_tensor(p).data_ptr()))
         return tuple(key)
 
     def buckets(self) -> list[Bucket]:
@@ -178,10 +220,10 @@ class SharpnessAware(Optimizer):
             for gi, group in enumerate(self.param_groups):
                 for p in group["params"]:
                     if p.grad is not None:
-                        by.setdefault((gi, p.device, p.dtype), []).append(p)
+                        by.setdefault((gi, p.device, p.dtype, reduction_key(p)), []).append(p)
             self._buckets = [
-                Bucket(self.param_groups[gi], gi, ps, ops.resolve(self.backend, dev))
-                for (gi, dev, _), ps in by.items()
+                Bucket(self.param_groups[gi], gi, ps, ops.resolve(self.backend, dev), red)
+                for (gi, dev, _, red), ps in by.items()
             ]
             self._bucket_key = key
         return self._buckets
@@ -192,16 +234,40 @@ class SharpnessAware(Optimizer):
 
         ``xs`` picks the tensors of a bucket (its gradients by default).
         """
-        total: Optional[Tensor] = None
+        parts = []
         for b in buckets:
             g = b.group
             adaptive = g.get("adaptive", False)
-            part = ops.sq_norm(
-                xs(b) if xs else b.grads(), b.params if adaptive else None, g.get("eta", 0.0), backend=b.backend
+            parts.append(
+                ops.sq_norm(xs(b) if xs else b.grads(), b.params if adaptive else None, g.get("eta", 0.0), backend=b.backend)
             )
-            total = part if total is None else total + part.to(total.device)
+        return self.all_reduce_partials(buckets, parts).sqrt()
+
+    def all_reduce_partials(self, buckets: list[Bucket], parts: list[Tensor]) -> Tensor:
+        """Sum per-bucket partial sums (``parts[i]`` from ``buckets[i]``, equal shapes) into the global sum.
+
+        Buckets of sharded DTensor parameters (FSDP2) hold local shards: their partials are
+        summed locally, then all-reduced across the mesh's Shard dims in ONE collective per
+        mesh (per sharded mesh dim), so the result equals the unsharded sum. Buckets of plain
+        tensors (single process, DDP: replicated weights, gradients already averaged) are
+        summed as they are. Any algorithm that sums over buckets must go through here.
+        """
+        total: Optional[Tensor] = None
+        sharded: dict[tuple, Tensor] = {}
+        for b, part in zip(buckets, parts):
+            if b.reduce is None:
+                total = part if total is None else total + part.to(total.device)
+            else:
+                acc = sharded.get(b.reduce)
+                sharded[b.reduce] = part if acc is None else acc + part.to(acc.device)
+        for (mesh, dims), acc in sharded.items():
+            import torch.distributed as dist
+
+            for d in dims:
+                dist.all_reduce(acc, op=dist.ReduceOp.SUM, group=mesh.get_group(d))
+            total = acc if total is None else total + acc.to(total.device)
         assert total is not None
-        return total.sqrt()
+        return total
 
     def perturb(self, buckets: list[Bucket], norm: Tensor, rho_key: str = "rho", save: bool = True) -> None:
         """w <- w + rho * T^2 g / (||T g|| + eps) per bucket, saving w for exact restore."""
@@ -221,12 +287,7 @@ class SharpnessAware(Optimizer):
         self, buckets: list[Bucket], a: Callable[[Bucket], list[Tensor]], b: Callable[[Bucket], list[Tensor]]
     ) -> Tensor:
         """(<a,b>, ||a||^2, ||b||^2) summed over every bucket: one ``dot_norms`` per bucket."""
-        total: Optional[Tensor] = None
-        for bk in buckets:
-            part = ops.dot_norms(a(bk), b(bk), backend=bk.backend)
-            total = part if total is None else total + part.to(total.device)
-        assert total is not None
-        return total
+        return self.all_reduce_partials(buckets, [ops.dot_norms(a(bk), b(bk), backend=bk.backend) for bk in buckets])
 
     def copy(self, buckets: list[Bucket], dst: Callable[[Bucket], list[Tensor]], src: Callable[[Bucket], list[Tensor]]) -> None:
         """dst <- src, bit-exact, per bucket (``restore_`` is a copy)."""
@@ -245,13 +306,13 @@ class SharpnessAware(Optimizer):
             return buf, True
         buf = b.buffer(name, dtype=dtype, zero=True)
         valid = True
-        for p, view in zip(b.params, buf.views):
+        for p, view in zip(b.sources, buf.views):
             old = self.state[p].get(name) if p in self.state else None
             if old is None:
                 valid = False
             else:
-                view.copy_(old)
-            self.state[p][name] = view
+                view.copy_(local_tensor(old))
+            self.state[p][name] = view if local_tensor(p) is p else _like_param(p, view)
         return buf, valid
 
     # ---------------------------------------------------------------- base step
@@ -276,20 +337,20 @@ class SharpnessAware(Optimizer):
             if not g["momentum"]:
                 b.base_state = {"bufs": None, "init": False}
                 return True
-            bufs = [st[p].get("momentum_buffer") for p in b.params]
+            bufs = [st[p].get("momentum_buffer") for p in b.sources]
             init = bufs[0] is None
             if any((x is None) != init for x in bufs):
                 return False
             if init:
-                bufs = [torch.empty_like(p, memory_format=torch.preserve_format) for p in b.params]
-            b.base_state = {"bufs": bufs, "init": init}
+                bufs = [torch.empty_like(p, memory_format=torch.preserve_format) for p in b.sources]
+            b.base_state = {"bufs": [local_tensor(x) for x in bufs], "init": init, "state_bufs": bufs}
             return True
-        states = [st[p] for p in b.params]
+        states = [st[p] for p in b.sources]
         fresh = [not s for s in states]
         if any(fresh) and not all(fresh):
             return False
         if all(fresh):
-            for p, s in zip(b.params, states):
+            for p, s in zip(b.sources, states):
                 s["step"] = torch.tensor(0.0, dtype=torch.float32)
                 s["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 s["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
@@ -302,8 +363,8 @@ class SharpnessAware(Optimizer):
         b.base_state = {
             "steps": steps,
             "count": int(counts.pop()),
-            "m": [s["exp_avg"] for s in states],
-            "v": [s["exp_avg_sq"] for s in states],
+            "m": [local_tensor(s["exp_avg"]) for s in states],
+            "v": [local_tensor(s["exp_avg_sq"]) for s in states],
         }
         return True
 
@@ -332,7 +393,7 @@ class SharpnessAware(Optimizer):
                     init_momentum=s["init"], backend=b.backend,
                 )
                 if s["init"]:
-                    for p, buf in zip(b.params, s["bufs"]):
+                    for p, buf in zip(b.sources, s["state_bufs"]):
                         self.base_optimizer.state[p]["momentum_buffer"] = buf
                     s["init"] = False
             else:
@@ -408,6 +469,10 @@ class SharpnessAware(Optimizer):
         if base is not None:
             self.base_optimizer.load_state_dict(base)
         self.base_optimizer.param_groups = self.param_groups
+        self.reset_buckets()
+
+    def reset_buckets(self) -> None:
+        """Forget buckets and cached views of state (after state tensors were replaced, e.g. by a load)."""
         self._bucket_key = None
         self._buckets = []
         self._perturbed = False
