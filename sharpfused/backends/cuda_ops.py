@@ -140,7 +140,9 @@ def combine_(g, saved, c1, c2):
         _C.combine_(list(x), list(s), t1, v1, t2, v2)
 
 
-def restore_sgd_(params, backup, grads, momentum_buffers, lr, momentum, dampening, weight_decay, nesterov, init_momentum):
+def restore_sgd_(
+    params, backup, grads, momentum_buffers, lr, momentum, dampening, weight_decay, nesterov, init_momentum
+):
     _check_cuda(params)
     bufs = momentum_buffers if momentum else None
     for dtype, (p, b, g, buf) in _groups(params, backup, grads, bufs):
@@ -149,8 +151,17 @@ def restore_sgd_(params, backup, grads, momentum_buffers, lr, momentum, dampenin
             continue
         lt, lv = _scalar(lr, dtype, p[0].device)
         _C.restore_sgd_(
-            list(p), list(b), list(g), _list(buf), lt, lv, float(momentum), float(dampening), float(weight_decay),
-            bool(nesterov), bool(init_momentum),
+            list(p),
+            list(b),
+            list(g),
+            _list(buf),
+            lt,
+            lv,
+            float(momentum),
+            float(dampening),
+            float(weight_decay),
+            bool(nesterov),
+            bool(init_momentum),
         )
 
 
@@ -165,6 +176,17 @@ def restore_adamw_(params, backup, grads, exp_avgs, exp_avg_sqs, step, lr, beta1
             continue
         lt, lv = _scalar(lr, dtype, p[0].device)
         _C.restore_adamw_(
-            list(p), list(b), list(g), list(m), list(v), lt, lv, float(beta1), float(beta2), float(eps),
-            float(weight_decay), bc1, bc2_sqrt,
+            list(p),
+            list(b),
+            list(g),
+            list(m),
+            list(v),
+            lt,
+            lv,
+            float(beta1),
+            float(beta2),
+            float(eps),
+            float(weight_decay),
+            bc1,
+            bc2_sqrt,
         )

@@ -1,0 +1,366 @@
+"""The CUDA backend (``sharpfused._C`` through ``sharpfused.backends.cuda_ops``) and its build.
+
+On CUDA (a GPU and the built extension) every primitive is checked against the float64
+reference and the torch backend: fp32 within 1e-6 relative (fp64 within 1e-12), bf16/fp16 at
+most twice the torch backend's error in the same dtype (plus a small floor where both are ~0).
+On CPU the build decision, the arch list, the JIT build's error and the backend's refusal of
+CPU tensors are checked.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import sharpfused
+from sharpfused import _build, ops
+from sharpfused.backends import torch_ops as T
+
+from . import reference as R
+
+ROOT = Path(__file__).resolve().parent.parent
+HAS_CUDA = torch.cuda.is_available()
+WHY_NOT = "no CUDA device" if not HAS_CUDA else ops.unavailable_reason("cuda", torch.device("cuda"))
+gpu = pytest.mark.skipif(WHY_NOT is not None, reason=f"cuda backend cannot run here: {WHY_NOT}")
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+CHUNK = 65536
+SIZES = (1, 7, 0, 1000, 4099, 2 * CHUNK + 3)  # odd sizes, an empty tensor, one crossing chunks
+
+
+# ====================================================================== CPU: build and refusal
+def test_skip_flag_wins():
+    assert _build.build_decision({"SHARPFUSED_SKIP_CUDA": "1"}, torch_cuda="12.4", nvcc="/x/nvcc") == (
+        False,
+        "SHARPFUSED_SKIP_CUDA=1",
+    )
+    assert (
+        _build.build_decision({"SHARPFUSED_SKIP_CUDA": "1", "SHARPFUSED_FORCE_CUDA": "1"}, torch_cuda=None, nvcc=None)[
+            0
+        ]
+        is False
+    )
+
+
+def test_build_needs_cuda_torch_and_nvcc():
+    assert _build.build_decision({}, torch_cuda="12.4", nvcc="/usr/local/cuda/bin/nvcc")[0] is True
+    build, why = _build.build_decision({}, torch_cuda=None, nvcc="/usr/local/cuda/bin/nvcc")
+    assert not build and "no CUDA" in why
+    build, why = _build.build_decision({}, torch_cuda="12.4", nvcc=None)
+    assert not build and "nvcc" in why
+
+
+def test_force_flag():
+    assert _build.build_decision({"SHARPFUSED_FORCE_CUDA": "1"}, torch_cuda="12.4", nvcc="/n/nvcc") == (
+        True,
+        "SHARPFUSED_FORCE_CUDA=1",
+    )
+    with pytest.raises(RuntimeError, match="SHARPFUSED_FORCE_CUDA=1 but .*no CUDA"):
+        _build.build_decision({"SHARPFUSED_FORCE_CUDA": "1"}, torch_cuda=None, nvcc="/n/nvcc")
+
+
+def test_decision_probes_this_machine(monkeypatch):
+    monkeypatch.delenv("SHARPFUSED_SKIP_CUDA", raising=False)
+    monkeypatch.delenv("SHARPFUSED_FORCE_CUDA", raising=False)
+    build, _ = _build.build_decision()
+    assert build == bool(torch.version.cuda and _build.find_nvcc())
+    monkeypatch.setenv("SHARPFUSED_SKIP_CUDA", "1")
+    assert _build.build_decision() == (False, "SHARPFUSED_SKIP_CUDA=1")
+
+
+def test_arch_list(monkeypatch):
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    assert _build.arch_list() == "8.0;8.6;8.9;9.0+PTX"
+    assert _build.arch_list({"TORCH_CUDA_ARCH_LIST": ""}) == "8.0;8.6;8.9;9.0+PTX"
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0")
+    assert _build.arch_list() == "9.0"
+
+
+def test_max_jobs_bounded():
+    jobs = _build.default_max_jobs()
+    assert 1 <= jobs <= (os.cpu_count() or 1)
+
+
+def test_sources_are_found():
+    src = _build.csrc_dir()
+    for name in (*_build.SOURCES, "multi_tensor.cuh", "sharpfused.h"):
+        assert (src / name).is_file(), name
+
+
+def test_setup_py_honours_skip(tmp_path):
+    env = dict(os.environ, SHARPFUSED_SKIP_CUDA="1")
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "setup.py"), "--name"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "building without the CUDA extension: SHARPFUSED_SKIP_CUDA=1" in out.stdout
+    assert "sharpfused" in out.stdout.splitlines()[-1]
+
+
+@pytest.mark.skipif(torch.version.cuda is not None, reason="this torch has CUDA: build_extension would compile")
+def test_build_extension_needs_cuda_torch():
+    with pytest.raises(RuntimeError, match="cannot build sharpfused._C: this torch .* without CUDA"):
+        sharpfused.build_extension()
+
+
+def test_cuda_backend_refuses_cpu_tensors():
+    with pytest.raises(ValueError, match="backend='cuda' cannot run on cpu: .*CUDA tensors only"):
+        ops.resolve("cuda", torch.device("cpu"))
+    w = torch.nn.Parameter(torch.randn(3))
+    with pytest.raises(ValueError, match="cuda"):
+        sharpfused.SAM([w], torch.optim.SGD, lr=0.1, backend="cuda")
+
+
+@pytest.mark.skipif(WHY_NOT is None, reason="the cuda backend is available here")
+def test_unavailable_reason_is_given():
+    why = ops.unavailable_reason("cuda", torch.device("cuda"))
+    assert why and "cuda" in why
+
+
+# ====================================================================== GPU: primitives
+def rand(sizes, dtype, positive=False):
+    xs = [torch.randn(n, dtype=dtype, device="cuda") for n in sizes]
+    return [x.abs() + 0.01 for x in xs] if positive else xs
+
+
+def clone(xs):
+    return None if xs is None else [x.clone() for x in xs]
+
+
+def rel_err(out, ref) -> float:
+    out = torch.cat([o.double().flatten().cpu() for o in out]) if isinstance(out, (list, tuple)) else out.double().cpu()
+    ref = torch.cat([r.double().flatten().cpu() for r in ref]) if isinstance(ref, (list, tuple)) else ref.double().cpu()
+    assert torch.isfinite(out).all(), "non-finite output"
+    return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+def check(out_cuda, out_torch, ref, dtype, what, floor=1e-6):
+    e_cuda, e_torch = rel_err(out_cuda, ref), rel_err(out_torch, ref)
+    if dtype == torch.float64:
+        assert e_cuda < 1e-12, f"{what}: fp64 error {e_cuda}"
+    elif dtype == torch.float32:
+        assert e_cuda < 1e-6, f"{what}: fp32 error {e_cuda}"
+    else:
+        assert e_cuda <= 2 * e_torch + floor, f"{what}: {dtype} error {e_cuda} vs torch {e_torch}"
+
+
+def cu(name):
+    return getattr(importlib.import_module("sharpfused.backends.cuda_ops"), name)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("weighted", [False, True])
+def test_sq_norm(dtype, weighted):
+    x = rand(SIZES, dtype)
+    w = rand(SIZES, dtype) if weighted else None
+    total, per = cu("sq_norm")(x, w, 0.01, True)
+    t_total, t_per = T.sq_norm(x, w, 0.01, True)
+    r_total, r_per = R.sq_norm(x, w, 0.01, True)
+    assert total.shape == () and per.shape == (len(SIZES),) and total.device.type == "cuda"
+    assert per[SIZES.index(0)].item() == 0.0
+    check(total, t_total, r_total, dtype, "sq_norm total")
+    check(per, t_per, r_per, dtype, "sq_norm per tensor")
+    again = cu("sq_norm")(x, w, 0.01, False)
+    assert torch.equal(again, total), "sq_norm is not deterministic"
+
+
+@gpu
+def test_sq_norm_nonfinite():
+    x = rand((5, 3000), torch.float32)
+    x[1][17] = float("inf")
+    assert not torch.isfinite(cu("sq_norm")(x, None, 0.0, False))
+    x[1][17] = float("nan")
+    assert torch.isnan(cu("sq_norm")(x, None, 0.0, False))
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", ["plain", "asam", "mask", "tensor_scale", "no_backup"])
+def test_perturb(dtype, case):
+    w, g = rand(SIZES, dtype), rand(SIZES, dtype)
+    w0 = clone(w)
+    eta = 0.01 if case == "asam" else None
+    mask = [(torch.rand_like(x.float()) > 0.5).to(dtype) for x in w] if case == "mask" else None
+    scale = torch.tensor(0.37, device="cuda") if case == "tensor_scale" else 0.37
+    backup = None if case == "no_backup" else [torch.full_like(x, 123.0) for x in w]
+    wt = clone(w)
+    cu("perturb_")(w, g, backup, scale, eta, mask)
+    T.perturb_(wt, g, None, scale, eta, mask)
+    check(w, wt, R.perturb(w0, g, 0.37, eta, mask), dtype, f"perturb {case}")
+    if backup is not None:
+        assert all(torch.equal(b, x) for b, x in zip(backup, w0)), "backup is not the incoming w"
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_restore_bit_exact(dtype):
+    w, b = rand(SIZES, dtype), rand(SIZES, dtype)
+    b[1][3] = float("nan")
+    cu("restore_")(w, b)
+    assert all(torch.equal(x.view(torch.uint8), y.view(torch.uint8)) for x, y in zip(w, b))
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_unaligned_views_take_the_scalar_path(dtype):
+    flat_w, flat_g = torch.randn(20011, dtype=dtype, device="cuda"), torch.randn(20011, dtype=dtype, device="cuda")
+    cuts = [(1, 4097), (4099, 9000), (9001, 20011)]  # odd offsets: not 16-byte aligned
+    w = [flat_w[a:b] for a, b in cuts]
+    g = [flat_g[a:b] for a, b in cuts]
+    w0, wt, head = clone(w), clone(w), flat_w[0].clone()
+    backup = [torch.empty_like(x) for x in w]
+    cu("perturb_")(w, g, backup, 0.5, None, None)
+    T.perturb_(wt, g, None, 0.5, None, None)
+    check(w, wt, R.perturb(w0, g, 0.5), dtype, "perturb unaligned")
+    assert torch.equal(flat_w[0], head), "an element outside the views was written"
+    assert torch.equal(torch.cat(backup), torch.cat(w0))
+    check(cu("sq_norm")(g, None, 0.0, False), T.sq_norm(g), R.sq_norm(g), dtype, "sq_norm unaligned")
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dot_norms(dtype):
+    a, b = rand(SIZES, dtype), rand(SIZES, dtype)
+    out = cu("dot_norms")(a, b)
+    assert out.shape == (3,)
+    check(out, T.dot_norms(a, b), R.dot_norms(a, b), dtype, "dot_norms")
+    assert torch.equal(out, cu("dot_norms")(a, b)), "dot_norms is not deterministic"
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tensor_coefs", [False, True])
+def test_combine(dtype, tensor_coefs):
+    g, s = rand(SIZES, dtype), rand(SIZES, dtype)
+    c1, c2 = (0.7, -0.3) if not tensor_coefs else (torch.tensor(0.7, device="cuda"), torch.tensor(-0.3, device="cuda"))
+    ref = R.combine(g, s, 0.7, -0.3)
+    gt = clone(g)
+    cu("combine_")(g, s, c1, c2)
+    T.combine_(gt, s, c1, c2)
+    check(g, gt, ref, dtype, "combine")
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", ["plain", "momentum", "nesterov", "tensor_lr"])
+def test_restore_sgd(dtype, case):
+    mom = 0.0 if case == "plain" else 0.9
+    nesterov, lr = case == "nesterov", (torch.tensor(0.1, device="cuda") if case == "tensor_lr" else 0.1)
+    b, g = rand(SIZES, dtype), [rand(SIZES, dtype), rand(SIZES, dtype)]
+    ref = R.SGDRef(lr=0.1, momentum=mom, dampening=0.1 if mom else 0.0, weight_decay=0.01, nesterov=nesterov)
+    p, pt = rand(SIZES, dtype), rand(SIZES, dtype)
+    bufs = [torch.empty_like(x) for x in b] if mom else None
+    bufs_t = [torch.empty_like(x) for x in b] if mom else None
+    for step in range(2):  # first step initializes the buffers, the second uses them
+        kw = dict(lr=lr, momentum=mom, dampening=0.1 if mom else 0.0, weight_decay=0.01, nesterov=nesterov)
+        cu("restore_sgd_")(p, b, g[step], bufs, *kw.values(), step == 0)
+        T.restore_sgd_(pt, b, g[step], bufs_t, *kw.values(), step == 0)
+        expect = ref.step(R.f64(b), R.f64(g[step]))
+        check(p, pt, expect, dtype, f"restore_sgd {case} step {step}")
+        if mom:
+            check(bufs, bufs_t, ref.bufs, dtype, f"momentum buffer {case} step {step}")
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tensor_lr", [False, True])
+def test_restore_adamw(dtype, tensor_lr):
+    b = rand(SIZES, dtype)
+    lr = torch.tensor(1e-2, device="cuda") if tensor_lr else 1e-2
+    ref = R.AdamWRef(lr=1e-2, weight_decay=0.1)
+    p, pt = rand(SIZES, dtype), rand(SIZES, dtype)
+    m, v = [torch.zeros_like(x) for x in b], [torch.zeros_like(x) for x in b]
+    mt, vt = clone(m), clone(v)
+    for step in (1, 2, 3):
+        g = rand(SIZES, dtype)
+        cu("restore_adamw_")(p, b, g, m, v, step, lr, 0.9, 0.999, 1e-8, 0.1)
+        T.restore_adamw_(pt, b, g, mt, vt, step, lr, 0.9, 0.999, 1e-8, 0.1)
+        expect = ref.step(R.f64(b), R.f64(g))
+        check(p, pt, expect, dtype, f"restore_adamw step {step}")
+        check(m, mt, ref.m, dtype, f"exp_avg step {step}")
+        check(v, vt, ref.v, dtype, f"exp_avg_sq step {step}")
+
+
+@gpu
+def test_more_tensors_than_one_table():
+    # 300 tensors > the 110/64/30 tensors a table holds, and one tensor of more chunks (330)
+    # than a table's 320 blocks: several launches, a tensor continued across two of them
+    sizes = [1 + (i * 37) % 1001 for i in range(300)] + [330 * CHUNK + 5, 0, 3]
+    x, w = rand(sizes, torch.float32), rand(sizes, torch.float32)
+    total, per = cu("sq_norm")(x, w, 0.0, True)
+    r_total, r_per = R.sq_norm(x, w, 0.0, True)
+    assert rel_err(per, r_per) < 1e-6 and rel_err(total, r_total) < 1e-6
+    b = rand(sizes, torch.float32)
+    cu("restore_")(x, b)
+    assert all(torch.equal(p, q) for p, q in zip(x, b))
+    m, v, g = [torch.zeros_like(t) for t in x], [torch.zeros_like(t) for t in x], rand(sizes, torch.float32)
+    pt, mt, vt = clone(x), clone(m), clone(v)
+    cu("restore_adamw_")(x, b, g, m, v, 1, 1e-3, 0.9, 0.999, 1e-8, 0.01)
+    T.restore_adamw_(pt, b, g, mt, vt, 1, 1e-3, 0.9, 0.999, 1e-8, 0.01)
+    assert rel_err(x, pt) < 1e-6 and rel_err(m, mt) < 1e-6
+
+
+@gpu
+def test_mixed_dtypes_and_noncontiguous_fall_back_per_group():
+    x = [
+        torch.randn(100, device="cuda"),
+        torch.randn(50, device="cuda", dtype=torch.bfloat16),
+        torch.randn(30, 20, device="cuda").t(),
+    ]  # the last is not contiguous
+    total, per = cu("sq_norm")(x, None, 0.0, True)
+    r_total, r_per = R.sq_norm(x, None, 0.0, True)
+    assert per.shape == (3,) and rel_err(per, r_per) < 1e-5 and rel_err(total, r_total) < 1e-5
+
+
+# ====================================================================== GPU: optimizers
+def _train(backend, base, adaptive, dtype, steps=7):
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(torch.nn.Linear(13, 33), torch.nn.Tanh(), torch.nn.Linear(33, 3)).to("cuda", dtype)
+    kw = dict(lr=0.05, momentum=0.9, weight_decay=1e-3) if base is torch.optim.SGD else dict(lr=1e-2, weight_decay=0.1)
+    opt = sharpfused.SAM(model.parameters(), base, rho=0.05, adaptive=adaptive, backend=backend, **kw)
+    data = torch.randn(64, 13, device="cuda", dtype=dtype)
+    target = torch.randint(0, 3, (64,), device="cuda")
+
+    def closure():
+        loss = torch.nn.functional.cross_entropy(model(data).float(), target)
+        loss.backward()
+        return loss
+
+    for _ in range(steps):
+        opt.zero_grad()
+        opt.step(closure)
+    return [p.detach().double() for p in model.parameters()]
+
+
+@gpu
+@pytest.mark.parametrize("base", [torch.optim.SGD, torch.optim.AdamW])
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_sam_cuda_matches_torch_backend(base, adaptive):
+    a = _train("cuda", base, adaptive, torch.float32)
+    b = _train("torch", base, adaptive, torch.float32)
+    assert rel_err(a, b) < 1e-4
+
+
+@gpu
+def test_exact_restore_through_the_optimizer():
+    torch.manual_seed(2)
+    model = torch.nn.Linear(17, 5).to("cuda")
+    opt = sharpfused.SAM(model.parameters(), torch.optim.SGD, lr=0.1, backend="cuda")
+    before = [p.detach().clone() for p in model.parameters()]
+    model(torch.randn(8, 17, device="cuda")).square().sum().backward()
+    opt.first_step()
+    assert not all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    opt.restore(opt._buckets)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
