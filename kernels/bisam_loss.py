@@ -61,6 +61,7 @@ def _bisam_lower_bound_kernel(
     grad_scale,
     VARIANT: tl.constexpr,
     WRITE_GRAD: tl.constexpr,
+    OUT_BF16: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -94,7 +95,16 @@ def _bisam_lower_bound_kernel(
             phi, dphi = _phi(f, fy, a, gamma, VARIANT)
             d = tl.exp(mu * phi - lse) * dphi
             d = tl.where(offs == y, d - label_term, d)
-            tl.store(dx_row + offs, (d * grad_scale).to(DX.dtype.element_ty), mask=valid)
+            d = d * grad_scale
+            if OUT_BF16:
+                # round to nearest even by hand: the interpreter's fp32 -> bf16 cast truncates
+                bits = d.to(tl.uint32, bitcast=True)
+                bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+                out = bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+                out = tl.where(d != d, d.to(tl.bfloat16), out)  # keep NaN a NaN
+            else:
+                out = d.to(DX.dtype.element_ty)
+            tl.store(dx_row + offs, out, mask=valid)
 
 
 def bisam_lower_bound_fwd(
@@ -134,6 +144,7 @@ def bisam_lower_bound_fwd(
         float(grad_scale),
         VARIANT=VARIANTS[variant],
         WRITE_GRAD=with_grad,
+        OUT_BF16=logits.dtype == torch.bfloat16,
         BLOCK=block,
     )
     return loss, dx
