@@ -1,6 +1,6 @@
 """sharpfused: sharpness-aware optimizers (SAM and successors) as a few fused kernels per step."""
 
-from . import losses, metrics, ops
+from . import distributed, losses, metrics, ops
 from ._build import build_extension
 from .bn import disable_running_stats, enable_running_stats, frozen_bn_stats
 from .optim import BSAM, GSAM, SAM, SSAM, XSAM, BiSAM, FriendlySAM, LookSAM, SAMPa, SharpnessAware
@@ -20,6 +20,7 @@ __all__ = [
     "losses",
     "metrics",
     "SharpnessAware",
+    "distributed",
     "build_extension",
     "disable_running_stats",
     "enable_running_stats",
