@@ -72,7 +72,7 @@ class Bucket:
         self.params = [local_tensor(p) for p in params]
         self.reduce = reduce
         self.backend = backend
-        self.backup = FlatBuffer(params)
+        self.backup = FlatBuffer(self.params)
         self.extra: dict[str, Any] = {}
         self.base_state: Optional[dict[str, Any]] = None  # fused base step's view of base state
 
