@@ -481,3 +481,26 @@ def test_optimizer_parity(device, base, adaptive):
 def test_resolve_triton_on_cpu_under_interpreter():
     assert ops.resolve("triton", torch.device("cpu")) == "triton"
     assert ops.backend_module("triton") is K
+
+
+# ------------------------------------------------------------------------------------ rounding, errors
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_stores_round_like_torch(device, dtype):
+    """An fp32 result stored to bf16/fp16 is rounded to nearest even, bit for bit as torch's cast."""
+    bits = torch.randint(-(2**31), 2**31 - 1, (4099,), dtype=torch.int32)
+    x = bits.view(torch.float32).to(device)  # every class: subnormals, huge values, inf, NaN
+    x[:4] = torch.tensor([float("nan"), float("inf"), 1e-40, 1.0 + 2.0**-8], device=device)  # not -0: 0 + -0 = +0
+    g = [torch.zeros(x.numel(), dtype=dtype, device=device)]
+    K.combine_(g, [x], 0.0, 1.0)  # g <- 0*g + 1*x: one fp32 result, one rounding on the store
+    want = x.to(dtype)
+    same = (g[0].view(torch.int16) == want.view(torch.int16)) | (g[0].isnan() & want.isnan())
+    assert same.all(), f"{(~same).sum().item()} elements rounded differently"
+
+
+def test_bad_lists_raise():
+    x = rand((3, 5), torch.float32, "cpu")
+    with pytest.raises(ValueError, match="non-empty"):
+        K.restore_([], [])
+    with pytest.raises(ValueError, match="differ"):
+        K.restore_(x, x[::-1])
