@@ -91,24 +91,26 @@ void check(cudaError_t err, const char* op) {
 
 cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
-std::vector<at::Tensor> sq_norm(const TensorList& xs, const OptList& weights, double eta) {
+std::vector<at::Tensor> sq_norm(const TensorList& xs, const OptList& weights, const OptTensor& eta,
+                                double eta_value) {
   Packed p("sq_norm", {&xs, weights ? &*weights : nullptr});
   const c10::cuda::CUDAGuard guard(p.device);
   at::Tensor partials = at::empty({std::max<int64_t>(1, sharpfused::num_chunks(p.lists.numel, p.lists.n))},
                                   p.acc_options());
   at::Tensor per = at::empty({p.lists.n}, p.acc_options());
   at::Tensor total = at::empty({}, p.acc_options());
-  check(sharpfused::sq_norm(to_dtype(p.dtype), p.lists, eta, partials.data_ptr(), per.data_ptr(), total.data_ptr(),
+  check(sharpfused::sq_norm(to_dtype(p.dtype), p.lists, p.scalar("sq_norm", eta, eta_value), partials.data_ptr(), per.data_ptr(), total.data_ptr(),
                             stream()),
         "sq_norm");
   return {total, per};
 }
 
 void perturb_(const TensorList& params, const TensorList& grads, const OptList& backup, const OptTensor& scale,
-              double scale_value, bool has_eta, double eta, const OptList& mask) {
+              double scale_value, bool has_eta, const OptTensor& eta, double eta_value, const OptList& mask) {
   Packed p("perturb_", {&params, &grads, backup ? &*backup : nullptr, mask ? &*mask : nullptr});
   const c10::cuda::CUDAGuard guard(p.device);
-  check(sharpfused::perturb(to_dtype(p.dtype), p.lists, p.scalar("perturb_", scale, scale_value), has_eta, eta,
+  check(sharpfused::perturb(to_dtype(p.dtype), p.lists, p.scalar("perturb_", scale, scale_value), has_eta,
+                            p.scalar("perturb_", eta, eta_value),
                             stream()),
         "perturb_");
 }
@@ -166,10 +168,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "sharpfused CUDA kernels (multi-tensor apply); use through sharpfused.ops with backend='cuda'";
   m.attr("CHUNK") = sharpfused::kChunk;
   m.def("sq_norm", &sq_norm, "(total, per_tensor) squared norms of (|w|+eta)*x or x", py::arg("xs"),
-        py::arg("weights"), py::arg("eta"));
+        py::arg("weights"), py::arg("eta"), py::arg("eta_value"));
   m.def("perturb_", &perturb_, "backup <- w; w <- w + scale*T^2*g[*mask]", py::arg("params"), py::arg("grads"),
         py::arg("backup"), py::arg("scale"), py::arg("scale_value"), py::arg("has_eta"), py::arg("eta"),
-        py::arg("mask"));
+        py::arg("eta_value"), py::arg("mask"));
   m.def("restore_", &restore_, "w <- backup, bit-exact", py::arg("params"), py::arg("backup"));
   m.def("dot_norms", &dot_norms, "(<a,b>, |a|^2, |b|^2)", py::arg("a"), py::arg("b"));
   m.def("combine_", &combine_, "g <- c1*g + c2*saved", py::arg("g"), py::arg("saved"), py::arg("c1"),

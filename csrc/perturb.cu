@@ -10,7 +10,7 @@ template <typename T>
 struct PerturbOp {
   DevScalar<acc_t<T>> scale;
   bool has_eta;
-  acc_t<T> eta;
+  DevScalar<acc_t<T>> eta;
 
   __device__ void operator()(const Table<4>& tab, int t, int64_t start, int64_t len, int64_t) const {
     using A = acc_t<T>;
@@ -19,7 +19,7 @@ struct PerturbOp {
     T* backup = tab.ptr[2][t] ? static_cast<T*>(tab.ptr[2][t]) + start : nullptr;
     const T* mask = tab.ptr[3][t] ? static_cast<const T*>(tab.ptr[3][t]) + start : nullptr;
     const bool vec = aligned16(w) && aligned16(g) && (!backup || aligned16(backup)) && (!mask || aligned16(mask));
-    const A s = scale.get();
+    const A s = scale.get(), et = has_eta ? eta.get() : A(0);
     for_chunk<T>(len, vec, [&](auto width, int64_t i) {
       constexpr int K = decltype(width)::value;
       // the backup is the raw bits of w: exact restore
@@ -32,7 +32,7 @@ struct PerturbOp {
       if (has_eta) {
 #pragma unroll
         for (int k = 0; k < K; ++k) {
-          const A tk = fabs(wv[k]) + eta;
+          const A tk = fabs(wv[k]) + et;
           e[k] *= tk * tk;
         }
       }
@@ -51,11 +51,11 @@ struct PerturbOp {
 
 }  // namespace
 
-cudaError_t perturb(DType dt, const Lists& lists, Scalar scale, bool has_eta, double eta, cudaStream_t stream) {
+cudaError_t perturb(DType dt, const Lists& lists, Scalar scale, bool has_eta, Scalar eta, cudaStream_t stream) {
   return dispatch(dt, [&](auto tag) -> cudaError_t {
     using T = decltype(tag);
     using A = acc_t<T>;
-    return multi_tensor_apply<4>(lists, PerturbOp<T>{dev_scalar<A>(scale), has_eta, static_cast<A>(eta)}, stream);
+    return multi_tensor_apply<4>(lists, PerturbOp<T>{dev_scalar<A>(scale), has_eta, dev_scalar<A>(eta)}, stream);
   });
 }
 

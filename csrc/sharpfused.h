@@ -44,12 +44,12 @@ inline int64_t num_chunks(const int64_t* numel, int64_t n) {
 
 // sum_i sum((T_i * x_i)^2), T = |w| + eta when lists.ptr[1] (weights) is set, else 1.
 // partials: acc[num_chunks]; per_tensor: acc[n]; total: acc[1]. lists: x, w (optional).
-cudaError_t sq_norm(DType dt, const Lists& lists, double eta, void* partials, void* per_tensor, void* total,
+cudaError_t sq_norm(DType dt, const Lists& lists, Scalar eta, void* partials, void* per_tensor, void* total,
                     cudaStream_t stream);
 
 // backup <- w (lists.ptr[2], optional); w <- w + scale * T^2 * g [* mask (lists.ptr[3], optional)],
 // T = |w| + eta when has_eta, else 1. lists: w, g, backup, mask.
-cudaError_t perturb(DType dt, const Lists& lists, Scalar scale, bool has_eta, double eta, cudaStream_t stream);
+cudaError_t perturb(DType dt, const Lists& lists, Scalar scale, bool has_eta, Scalar eta, cudaStream_t stream);
 
 // w <- backup, bit-exact. lists: w, backup.
 cudaError_t restore(DType dt, const Lists& lists, cudaStream_t stream);

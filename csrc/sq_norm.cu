@@ -8,7 +8,7 @@ namespace {
 
 template <typename T>
 struct SqNormOp {
-  acc_t<T> eta;
+  DevScalar<acc_t<T>> eta;
   acc_t<T>* partials;
 
   __device__ void operator()(const Table<2>& tab, int t, int64_t start, int64_t len, int64_t block) const {
@@ -16,6 +16,7 @@ struct SqNormOp {
     const T* x = static_cast<const T*>(tab.ptr[0][t]) + start;
     const T* w = tab.ptr[1][t] ? static_cast<const T*>(tab.ptr[1][t]) + start : nullptr;
     const bool vec = aligned16(x) && (w == nullptr || aligned16(w));
+    const A e = w ? eta.get() : A(0);
     A s[1] = {A(0)};
     for_chunk<T>(len, vec, [&](auto width, int64_t i) {
       constexpr int K = decltype(width)::value;
@@ -25,7 +26,7 @@ struct SqNormOp {
         A wv[K];
         load<K>(wv, w + i);
 #pragma unroll
-        for (int k = 0; k < K; ++k) xv[k] *= fabs(wv[k]) + eta;
+        for (int k = 0; k < K; ++k) xv[k] *= fabs(wv[k]) + e;
       }
 #pragma unroll
       for (int k = 0; k < K; ++k) s[0] += xv[k] * xv[k];
@@ -37,13 +38,13 @@ struct SqNormOp {
 
 }  // namespace
 
-cudaError_t sq_norm(DType dt, const Lists& lists, double eta, void* partials, void* per_tensor, void* total,
+cudaError_t sq_norm(DType dt, const Lists& lists, Scalar eta, void* partials, void* per_tensor, void* total,
                     cudaStream_t stream) {
   return dispatch(dt, [&](auto tag) -> cudaError_t {
     using T = decltype(tag);
     using A = acc_t<T>;
     A* part = static_cast<A*>(partials);
-    cudaError_t err = multi_tensor_apply<2>(lists, SqNormOp<T>{static_cast<A>(eta), part}, stream);
+    cudaError_t err = multi_tensor_apply<2>(lists, SqNormOp<T>{dev_scalar<A>(eta), part}, stream);
     if (err != cudaSuccess) return err;
     std::vector<int64_t> begin(lists.n + 1, 0);
     for (int64_t i = 0; i < lists.n; ++i) begin[i + 1] = begin[i] + (lists.numel[i] + kChunk - 1) / kChunk;

@@ -177,6 +177,16 @@ def test_sq_norm(dtype, weighted):
 
 
 @gpu
+def test_tensor_eta_is_read_on_the_device():
+    x, w = rand(SIZES, torch.float32), rand(SIZES, torch.float32)
+    eta = torch.tensor(0.05, device="cuda")
+    assert rel_err(cu("sq_norm")(x, w, eta, False), R.sq_norm(x, w, 0.05)) < 1e-6
+    g, w0 = rand(SIZES, torch.float32), clone(w)
+    cu("perturb_")(w, g, None, 0.3, eta, None)
+    assert rel_err(w, R.perturb(w0, g, 0.3, 0.05)) < 1e-6
+
+
+@gpu
 def test_sq_norm_nonfinite():
     x = rand((5, 3000), torch.float32)
     x[1][17] = float("inf")

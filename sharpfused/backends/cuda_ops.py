@@ -9,7 +9,7 @@ group, math in opmath (float32; float64 for float64). A (device, dtype) group th
 cannot take -- a non-contiguous tensor, companion lists of another dtype (e.g. a bool mask),
 another dtype -- is handed to :mod:`.torch_ops` for that group, with the same results.
 
-Per-step scalars (``scale``, ``lr``, ``c1``, ``c2``) given as tensors are moved to the device in
+Per-step scalars (``scale``, ``lr``, ``c1``, ``c2``, and ``eta``) given as tensors are moved to the device in
 opmath and read there by the kernel; Python numbers are passed by value. Nothing calls
 ``.item()``, so a step can be captured in a CUDA graph.
 
@@ -84,7 +84,8 @@ def sq_norm(xs, weights=None, eta=0.0, per_tensor=False):
     parts, order = [], []
     for _, (x, w) in _groups(xs, weights):
         if _fits(x, w):
-            total, per = _C.sq_norm(list(x), _list(w), float(eta))
+            et, ev = _scalar(eta, x[0].dtype, x[0].device)
+            total, per = _C.sq_norm(list(x), _list(w), et, ev)
         else:
             total, per = torch_ops.sq_norm(x, w, eta, True)
         parts.append((total, per))
@@ -109,7 +110,8 @@ def perturb_(params, grads, backup, scale, eta=None, mask=None):
             torch_ops.perturb_(p, g, b, scale, eta, m)
             continue
         st, sv = _scalar(scale, dtype, p[0].device)
-        _C.perturb_(list(p), list(g), _list(b), st, sv, eta is not None, float(eta or 0.0), _list(m))
+        et, ev = _scalar(0.0 if eta is None else eta, dtype, p[0].device)
+        _C.perturb_(list(p), list(g), _list(b), st, sv, eta is not None, et, ev, _list(m))
 
 
 def restore_(params, backup):
