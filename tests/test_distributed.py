@@ -34,8 +34,10 @@ CONFIGS = {
     "ASAM-adamw": ("SAM", dict(rho=0.5, adaptive=True, eta=0.01), torch.optim.AdamW, dict(lr=1e-2, weight_decay=0.05), 1),
     "GSAM": ("GSAM", dict(rho_max=0.05, alpha=0.3), torch.optim.SGD, SGD, 2),
     "XSAM": ("XSAM", dict(rho=0.15, rho_max=0.3, alpha=0.7, steps=2), torch.optim.SGD, SGD, 3),
+    "FriendlySAM": ("FriendlySAM", dict(rho=0.05, sigma=1.0, lam=0.6), torch.optim.SGD, SGD, 1),  # state_buffer
 }
 CONFIGS = {k: v for k, v in CONFIGS.items() if hasattr(sharpfused, v[0])}
+CKPT = ["SAM", "ASAM-adamw", "GSAM", "FriendlySAM"]  # FriendlySAM: algorithm-owned state in the checkpoint
 
 
 def make_model(seed: int = 0) -> torch.nn.Module:
@@ -179,7 +181,7 @@ def _fsdp_scenarios(rank, out, ckpt_dir):
     out["hsdp_calls"] = c.calls
 
     # sharded checkpoint at step 3, resumed in a fresh model and optimizer, run to step 6
-    for name in [n for n in ("SAM", "ASAM-adamw", "GSAM") if n in CONFIGS]:
+    for name in [n for n in CKPT if n in CONFIGS]:
         model = _fsdp(make_model(), mesh)
         opt = make_opt(model, name)
         run_steps(model, opt, 6, rank)
@@ -312,7 +314,7 @@ def test_m_sharpness_equals_per_half_perturbation(runs):
     assert rel_err(runs["msharp"], list(full.parameters())) > 1e-6  # m-sharpness is a different method
 
 
-@pytest.mark.parametrize("name", ["SAM", "ASAM-adamw", "GSAM"])
+@pytest.mark.parametrize("name", CKPT)
 def test_sharded_checkpoint_resume_equals_uninterrupted(runs, name):
     if name not in CONFIGS:
         pytest.skip(f"{name} not in sharpfused")
