@@ -1,18 +1,29 @@
-"""Benchmark a whole optimizer step (first_step + second_step, no forward/backward).
+"""Benchmark the seven primitives and whole optimizer steps against eager PyTorch.
 
-Providers: the eager per-parameter loop of the popular SAM port and an eager foreach version
-(both from tests/baselines.py, the baselines the tests trust), against sharpfused on every
-backend available on the machine. Prints a markdown table and appends rows to
-bench/results/<device>.csv.
+Two kinds of rows, on parameter lists shaped like real models (bench/shapes.py):
 
-    python bench/run.py            # full-size lists (ResNet-50, GPT-2 small; 1B on GPU)
-    python bench/run.py --quick    # small lists, CPU, under 2 minutes
+* ``primitive``: each of ops.sq_norm, perturb_, restore_, dot_norms, combine_, restore_sgd_,
+  restore_adamw_ on every backend available on the machine, against the eager per-tensor loop
+  equivalent (``tests/baselines.py: LOOP_PRIMITIVES``).
+* ``step``: a whole optimizer step (first_step + second_step, SGD momentum base, no
+  forward/backward) of SAM, ASAM and GSAM (GSAM when sharpfused has it), against the eager
+  per-parameter loop port and an eager foreach version (``tests/baselines.py``: the baselines
+  the tests check against the float64 reference).
+
+Prints a markdown table (median ms and p20/p80, speedup vs each baseline, GB/s from the byte
+model and its fraction of the device-to-device copy bandwidth measured in the same run), appends
+rows to ``bench/results/<device>.csv`` and (``--plot``, on by default) redraws the PNGs with
+bench/plot.py.
+
+    python bench/run.py            # full-size lists (ResNet-50, GPT-2 small; a 1.1B decoder on GPU)
+    python bench/run.py --quick    # every dimension / 8, few repeats: under 2 minutes on CPU
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import gc
 import os
 import platform
 import statistics
@@ -20,6 +31,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable, Optional
 
 import torch
 
@@ -31,22 +43,77 @@ import shapes as shape_sets  # noqa: E402
 
 import sharpfused  # noqa: E402
 from sharpfused import ops  # noqa: E402
-from tests.baselines import EagerForeachSAM, EagerLoopSAM  # noqa: E402
+from tests.baselines import (  # noqa: E402
+    LOOP_PRIMITIVES,
+    EagerForeachASAM,
+    EagerForeachGSAM,
+    EagerForeachSAM,
+    EagerLoopGSAM,
+    EagerLoopSAM,
+)
+
+FIELDS = [
+    "device", "version", "commit", "torch", "kind", "op", "set", "dtype", "tensors", "params", "provider",
+    "median_ms", "p20_ms", "p80_ms", "gbps", "copy_gbps", "frac_copy",
+]  # fmt: skip
+
+# Bytes moved per parameter element, in units of b = bytes per element (all tensors in the
+# parameter dtype). Primitives: each input read once, each output written once (ops.py).
+PRIMITIVE_BYTES = {
+    "sq_norm": 1,  # read x
+    "perturb_": 4,  # read w, g; write backup, w
+    "restore_": 2,  # read backup; write w
+    "dot_norms": 2,  # read a, b
+    "combine_": 3,  # read g, saved; write g
+    "restore_sgd_": 5,  # read backup, g, buf; write w, buf (momentum on)
+    "restore_adamw_": 7,  # read backup, g, m, v; write w, m, v
+}
+# A step is the sequence of primitives the algorithm is written in (SGD momentum base):
+STEP_BYTES = {
+    "SAM": 1 + 4 + 5,  # sq_norm(g) + perturb_ + restore_sgd_
+    "ASAM": 2 + 4 + 5,  # sq_norm(g weighted by w) + perturb_ + restore_sgd_
+    "GSAM": 2 + 1 + 4 + 2 + 3 + 5,  # copy g -> saved, sq_norm, perturb_, dot_norms, combine_, restore_sgd_
+}
 
 
+# ----------------------------------------------------------------------------- machine facts
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return platform.processor() or platform.machine() or "cpu"
+    name = platform.processor() or ""
+    if not name or name in ("x86_64", "aarch64"):
+        try:
+            with open("/proc/cpuinfo") as f:
+                for line in f:
+                    if line.startswith("model name"):
+                        name = line.split(":", 1)[1].strip()
+                        break
+        except OSError:
+            pass
+    return name or platform.machine() or "cpu"
 
 
-def timer(fn, device, warmup: int, repeat: int) -> list[float]:
-    """Milliseconds per call: CUDA events on GPU, perf_counter on CPU."""
+def git_commit() -> str:
+    try:
+        return subprocess.check_output(
+            ["git", "describe", "--always", "--dirty", "--abbrev=8"], cwd=HERE, text=True, stderr=subprocess.DEVNULL
+        ).strip()
+    except Exception:
+        return "unknown"
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timer(fn: Callable[[], object], device: torch.device, warmup: int, repeat: int) -> list[float]:
+    """Milliseconds per call: CUDA events around each call on GPU, perf_counter on CPU."""
     for _ in range(warmup):
         fn()
+    sync(device)
     out = []
     if device.type == "cuda":
-        torch.cuda.synchronize()
         for _ in range(repeat):
             s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             s.record()
@@ -62,95 +129,299 @@ def timer(fn, device, warmup: int, repeat: int) -> list[float]:
     return out
 
 
-def make_params(shape_list, dtype, device):
-    g = torch.Generator(device="cpu").manual_seed(0)
+def summarize(ms: list[float]) -> tuple[float, float, float]:
+    """(median, p20, p80)."""
+    if len(ms) >= 5:
+        q = statistics.quantiles(ms, n=5)
+        return statistics.median(ms), q[0], q[3]
+    return statistics.median(ms), min(ms), max(ms)
+
+
+def copy_bandwidth(device: torch.device, quick: bool = False) -> float:
+    """GB/s of a large tensor copy (bytes read + bytes written): the memory ceiling of this run."""
+    n = (32 << 20) if device.type == "cpu" else (256 << 20)  # 128 MiB on CPU, 1 GiB on GPU (fp32)
+    if quick:
+        n //= 2
+    src = torch.randn(n, device=device)
+    dst = torch.empty_like(src)
+    ms = timer(lambda: dst.copy_(src), device, warmup=2, repeat=5 if device.type == "cpu" else 20)
+    del src, dst
+    return 2 * n * 4 / statistics.median(ms) / 1e6
+
+
+# ----------------------------------------------------------------------------- inputs
+def make_tensors(shape_list, dtype, device, k: int, seed: int = 0) -> list[list[torch.Tensor]]:
+    """``k`` parallel lists of random tensors (never zeros: they can time faster than real data)."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    out = []
+    for _ in range(k):
+        out.append([torch.randn(s, generator=g).to(device=device, dtype=dtype) for s in shape_list])
+    return out
+
+
+def make_params(shape_list, dtype, device) -> list[torch.nn.Parameter]:
+    w, gr = make_tensors(shape_list, dtype, device, 2)
     ps = []
-    for s in shape_list:
-        p = torch.nn.Parameter(torch.randn(s, generator=g, dtype=torch.float32).to(device=device, dtype=dtype))
-        p.grad = torch.randn(s, generator=g, dtype=torch.float32).to(device=device, dtype=dtype)
+    for x, y in zip(w, gr):
+        p = torch.nn.Parameter(x)
+        p.grad = y
         ps.append(p)
     return ps
 
 
-def providers(device):
-    out = [("eager-loop", EagerLoopSAM, {}), ("eager-foreach", EagerForeachSAM, {})]
+def backends(device: torch.device) -> list[str]:
+    """sharpfused backends that run natively here (the Triton interpreter on CPU is not timed)."""
+    out = []
     for b in ops.BACKENDS:
-        if ops.unavailable_reason(b, device) is None and not (b == "triton" and device.type == "cpu"):
-            out.append((f"sharpfused-{b}", sharpfused.SAM, {"backend": b}))
+        if ops.unavailable_reason(b, device) is None and not (b != "torch" and device.type == "cpu"):
+            out.append(b)
     return out
 
 
-def sam_step_bytes(n: int, elt: int, momentum: bool) -> int:
-    """Fewest bytes a SAM+SGD step moves: norm (read g), perturb (read w,g; write w,backup),
-    restore+SGD (read backup,g,[buf]; write w,[buf])."""
-    return n * elt * (1 + 4 + 3 + (2 if momentum else 0))
+# ----------------------------------------------------------------------------- primitives
+def primitive_calls(name: str, shape_list, dtype, device, impl) -> Callable[[], object]:
+    """A zero-argument call of primitive ``name`` through ``impl`` (a module or dict of functions)."""
+    fn = impl[name] if isinstance(impl, dict) else getattr(impl, name)
+    if name == "sq_norm":
+        (x,) = make_tensors(shape_list, dtype, device, 1)
+        return lambda: fn(x)
+    if name == "perturb_":
+        w, g, b = make_tensors(shape_list, dtype, device, 3)
+        scale = torch.tensor(1e-4, device=device, dtype=torch.float32)
+        return lambda: fn(w, g, b, scale)
+    if name == "restore_":
+        w, b = make_tensors(shape_list, dtype, device, 2)
+        return lambda: fn(w, b)
+    if name == "dot_norms":
+        a, b = make_tensors(shape_list, dtype, device, 2)
+        return lambda: fn(a, b)
+    if name == "combine_":
+        g, s = make_tensors(shape_list, dtype, device, 2)
+        c1 = torch.tensor(1.0, device=device, dtype=torch.float32)
+        return lambda: fn(g, s, c1, -1e-3)
+    if name == "restore_sgd_":
+        w, b, g, buf = make_tensors(shape_list, dtype, device, 4)
+        return lambda: fn(w, b, g, buf, lr=1e-3, momentum=0.9, dampening=0.0, weight_decay=5e-4,
+                          nesterov=False, init_momentum=False)  # fmt: skip
+    if name == "restore_adamw_":
+        w, b, g, m, v = make_tensors(shape_list, dtype, device, 5)
+        for x in v:
+            x.abs_()  # a second moment is non-negative
+        return lambda: fn(w, b, g, m, v, step=10, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=1e-2)
+    raise ValueError(name)
 
 
-def git_commit() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, text=True).strip()
-    except Exception:
-        return "unknown"
+class _Backend:
+    """ops.<name>(..., backend=b) as an object with the primitives as attributes."""
+
+    def __init__(self, backend: str):
+        self.backend = backend
+
+    def __getattr__(self, name: str):
+        f = getattr(ops, name)
+        return lambda *a, **k: f(*a, backend=self.backend, **k)
 
 
-def main() -> None:
+def primitive_providers(device: torch.device) -> list[tuple[str, object]]:
+    return [("eager-loop", LOOP_PRIMITIVES)] + [(f"sharpfused-{b}", _Backend(b)) for b in backends(device)]
+
+
+# ----------------------------------------------------------------------------- whole steps
+def step_providers(algo: str, device: torch.device) -> list[tuple[str, Callable, dict]]:
+    """(provider, class, keyword arguments) for one algorithm; baselines first."""
+    if algo == "SAM":
+        base = [("eager-loop", EagerLoopSAM, {}), ("eager-foreach", EagerForeachSAM, {})]
+        return base + [(f"sharpfused-{b}", sharpfused.SAM, {"backend": b}) for b in backends(device)]
+    if algo == "ASAM":
+        kw = {"adaptive": True, "rho": 0.5}
+        base = [("eager-loop", EagerLoopSAM, kw), ("eager-foreach", EagerForeachASAM, kw)]
+        return base + [(f"sharpfused-{b}", sharpfused.SAM, {**kw, "backend": b}) for b in backends(device)]
+    if algo == "GSAM":
+        base = [("eager-loop", EagerLoopGSAM, {"alpha": 0.01}), ("eager-foreach", EagerForeachGSAM, {"alpha": 0.01})]
+        return base + [
+            (f"sharpfused-{b}", sharpfused.GSAM, {"rho_max": 0.05, "alpha": 0.01, "backend": b}) for b in backends(device)
+        ]
+    raise ValueError(algo)
+
+
+def algorithms() -> list[str]:
+    return ["SAM", "ASAM"] + (["GSAM"] if hasattr(sharpfused, "GSAM") else [])
+
+
+def step_call(cls, kw: dict, shape_list, dtype, device) -> tuple[Callable[[], object], object]:
+    params = make_params(shape_list, dtype, device)
+    kw = dict(kw)
+    if "rho" not in kw and "rho_max" not in kw:
+        kw["rho"] = 0.05
+    opt = cls(params, torch.optim.SGD, lr=1e-3, momentum=0.9, **kw)
+
+    def step() -> None:
+        opt.first_step()
+        opt.second_step()
+
+    return step, opt
+
+
+# ----------------------------------------------------------------------------- the run
+def measure(
+    shape_list,
+    set_name: str,
+    dtype: torch.dtype,
+    device: torch.device,
+    repeat: int,
+    warmup: int,
+    copy_gbps: float,
+    prims: Optional[list[str]] = None,
+    algos: Optional[list[str]] = None,
+    on_row: Optional[Callable[[dict], None]] = None,
+) -> list[dict]:
+    """Time every (primitive or algorithm, provider) on one list; returns rows with speedups."""
+    prims = list(ops.PRIMITIVES) if prims is None else prims
+    algos = algorithms() if algos is None else algos
+    n = shape_sets.numel(shape_list)
+    elt = torch.empty((), dtype=dtype).element_size()
+    dt_name = str(dtype).replace("torch.", "")
+    rows = []
+
+    def record(kind, op, provider, ms, bytes_per_elt):
+        med, p20, p80 = summarize(ms)
+        gbps = n * elt * bytes_per_elt / med / 1e6
+        row = dict(kind=kind, op=op, set=set_name, dtype=dt_name, tensors=len(shape_list), params=n, provider=provider,
+                   median_ms=med, p20_ms=p20, p80_ms=p80, gbps=gbps, copy_gbps=copy_gbps,
+                   frac_copy=gbps / copy_gbps if copy_gbps else float("nan"))  # fmt: skip
+        group = [r for r in rows if r["kind"] == kind and r["op"] == op]
+        for base in ("eager-loop", "eager-foreach"):
+            b = next((r for r in group if r["provider"] == base), None)
+            row[f"vs_{base}"] = b["median_ms"] / med if b else float("nan")
+        rows.append(row)
+        if on_row:
+            on_row(row)
+
+    for name in prims:
+        for pname, impl in primitive_providers(device):
+            fn = primitive_calls(name, shape_list, dtype, device, impl)
+            record("primitive", name, pname, timer(fn, device, warmup, repeat), PRIMITIVE_BYTES[name])
+            del fn
+            _free(device)
+    for algo in algos:
+        for pname, cls, kw in step_providers(algo, device):
+            fn, opt = step_call(cls, kw, shape_list, dtype, device)
+            record("step", algo, pname, timer(fn, device, warmup, repeat), STEP_BYTES[algo])
+            del fn, opt
+            _free(device)
+    return rows
+
+
+def _free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+HEADER = (
+    "| kind | op | set | dtype | tensors | params | provider | median ms | p20 | p80 "
+    "| vs eager-loop | vs eager-foreach | GB/s | of copy BW |"
+)
+
+
+def format_row(r: dict) -> str:
+    def x(v):
+        return "-" if v != v else f"{v:.2f}x"  # NaN: no such baseline
+
+    return (
+        f"| {r['kind']} | {r['op']} | {r['set']} | {r['dtype']} | {r['tensors']} | {r['params'] / 1e6:.2f}M "
+        f"| {r['provider']} | {r['median_ms']:.3f} | {r['p20_ms']:.3f} | {r['p80_ms']:.3f} "
+        f"| {x(r['vs_eager-loop'])} | {x(r['vs_eager-foreach'])} | {r['gbps']:.1f} | {r['frac_copy']:.0%} |"
+    )
+
+
+HEADER_RULE = "|" + "---|" * (HEADER.count("|") - 1)
+
+
+def format_table(rows: list[dict]) -> str:
+    """The markdown table of ``rows`` (as printed by the run)."""
+    return "\n".join([HEADER, HEADER_RULE] + [format_row(r) for r in rows])
+
+
+def append_csv(rows: list[dict], path: Path, dev_name: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.exists() or path.stat().st_size == 0
+    if not new:
+        with open(path) as f:
+            if f.readline().strip().split(",") != FIELDS:  # an older layout: keep it aside, start afresh
+                path.rename(path.with_suffix(".old.csv"))
+                new = True
+    meta = dict(device=dev_name, version=sharpfused.__version__, commit=git_commit(), torch=torch.__version__)
+    with open(path, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
+        if new:
+            w.writeheader()
+        for r in rows:
+            w.writerow({**meta, **r})
+
+
+def csv_path(dev_name: str) -> Path:
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in dev_name)
+    return HERE / "results" / f"{safe}.csv"
+
+
+def main(argv: Optional[list[str]] = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="small lists on CPU, under 2 minutes")
+    ap.add_argument("--quick", action="store_true", help="every dimension / 8 (GPU: / 2), few repeats (CPU: under 2 minutes)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--sets", default=None, help="comma-separated shape sets")
+    ap.add_argument("--sets", default=None, help="comma-separated shape sets (resnet50, gpt2-small, llm-1b)")
     ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--ops", default=None, help="comma-separated primitives and/or algorithms (default: all)")
     ap.add_argument("--repeat", type=int, default=None)
-    args = ap.parse_args()
+    ap.add_argument("--no-csv", action="store_true", help="print only")
+    ap.add_argument("--no-plot", action="store_true")
+    args = ap.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cpu":
         torch.set_num_threads(min(2, torch.get_num_threads()))
-    sets = args.sets.split(",") if args.sets else (["resnet50", "gpt2-small"] + (["llm-1b"] if device.type == "cuda" else []))
-    factor = 4 if args.quick else 1
-    repeat = args.repeat or (5 if device.type == "cpu" else 50)
+    sets = args.sets.split(",") if args.sets else ["resnet50", "gpt2-small"] + (["llm-1b"] if device.type == "cuda" else [])
+    prims = algos = None
+    if args.ops:
+        chosen = args.ops.split(",")
+        prims = [o for o in chosen if o in ops.PRIMITIVES]
+        algos = [o for o in chosen if o in algorithms()]
+    factor = (8 if device.type == "cpu" else 2) if args.quick else 1
+    on_cpu = device.type == "cpu"
+    repeat = args.repeat or ((3 if args.quick else 7) if on_cpu else (10 if args.quick else 50))
+    warmup = 1 if on_cpu else 5
     dev_name = device_name(device)
-    rows = []
-    print(f"# SAM step (first_step + second_step, SGD momentum base), {dev_name}, torch {torch.__version__}\n")
-    print("| set | dtype | tensors | params | provider | median ms | p20 | p80 | vs eager-loop | vs eager-foreach | GB/s |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    copy_gbps = copy_bandwidth(device, args.quick)
+    print(
+        f"# sharpfused {sharpfused.__version__} ({git_commit()}), {dev_name}, torch {torch.__version__}"
+        + (f", {torch.get_num_threads()} threads" if on_cpu else "")
+        + f"; copy bandwidth {copy_gbps:.1f} GB/s (read + write of a {'64' if args.quick else '128'} MiB"
+        + ("" if on_cpu else " x8") + " fp32 copy)\n"
+    )
+    print("Steps: first_step + second_step, SGD momentum base, no forward/backward. GB/s = byte model / median.\n")
+    print(HEADER)
+    print(HEADER_RULE, flush=True)
+    rows: list[dict] = []
     for set_name in sets:
         shape_list = shape_sets.SETS[set_name]()
         if factor > 1:
             shape_list = shape_sets.scaled(shape_list, factor)
-        n = shape_sets.numel(shape_list)
+        label = set_name + (f"/{factor}" if factor > 1 else "")
         for dt_name in args.dtypes.split(","):
-            dtype = getattr(torch, dt_name)
-            results = {}
-            for pname, cls, extra in providers(device):
-                params = make_params(shape_list, dtype, device)
-                opt = cls(params, torch.optim.SGD, rho=0.05, lr=1e-3, momentum=0.9, **extra)
+            rows += measure(shape_list, label, getattr(torch, dt_name), device, repeat, warmup, copy_gbps, prims, algos,
+                            on_row=lambda r: print(format_row(r), flush=True))  # fmt: skip
+    if not args.no_csv and rows:
+        path = csv_path(dev_name)
+        append_csv(rows, path, dev_name)
+        print(f"\nrows appended to {os.path.relpath(path)}")
+        if not args.no_plot:
+            try:
+                import plot
 
-                def step(opt=opt):
-                    opt.first_step()
-                    opt.second_step()
-
-                ms = timer(step, device, warmup=2 if device.type == "cpu" else 10, repeat=repeat)
-                q = statistics.quantiles(ms, n=5) if len(ms) >= 5 else [min(ms)] * 4
-                med = statistics.median(ms)
-                results[pname] = med
-                del opt, params
-                gbs = sam_step_bytes(n, torch.empty((), dtype=dtype).element_size(), True) / med / 1e6
-                rows.append(dict(set=set_name + ("/4" if factor > 1 else ""), dtype=dt_name, tensors=len(shape_list),
-                                 params=n, provider=pname, median_ms=med, p20_ms=q[0], p80_ms=q[3], gbps=gbs))
-                loop, fe = results.get("eager-loop"), results.get("eager-foreach")
-                print(f"| {rows[-1]['set']} | {dt_name} | {len(shape_list)} | {n / 1e6:.1f}M | {pname} | {med:.2f} | "
-                      f"{q[0]:.2f} | {q[3]:.2f} | {loop / med:.2f}x | {(fe / med) if fe else float('nan'):.2f}x | {gbs:.1f} |",
-                      flush=True)
-    out_dir = HERE / "results"
-    out_dir.mkdir(exist_ok=True)
-    path = out_dir / f"{dev_name.replace(' ', '_').replace('/', '_')}.csv"
-    new = not path.exists()
-    with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["device", "version", "commit", "op", *rows[0].keys()])
-        if new:
-            w.writeheader()
-        for r in rows:
-            w.writerow({"device": dev_name, "version": sharpfused.__version__, "commit": git_commit(), "op": "sam_step", **r})
-    print(f"\nrows appended to {os.path.relpath(path)}")
+                for png in plot.plot_csv(path):
+                    print(f"plot: {os.path.relpath(png)}")
+            except Exception as exc:  # plotting is a convenience; the CSV is the record
+                print(f"plot skipped: {type(exc).__name__}: {exc}")
+    return rows
 
 
 if __name__ == "__main__":
