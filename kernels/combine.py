@@ -47,7 +47,7 @@ def _combine_kernel(
     c1 = load_scalar(c1_ptr, c1_val, C1_PTR)
     c2 = load_scalar(c2_ptr, c2_val, C2_PTR)
     for i in range(0, CHUNK, BLOCK):
-        base = start + i
+        base = tl.multiple_of(start + i, BLOCK)  # chunk starts are multiples of CHUNK
         offs = base + tl.arange(0, BLOCK)
         mask = offs < n
         if base + BLOCK <= n:

@@ -39,7 +39,7 @@ def _dot_norms_kernel(
     aa = tl.zeros([BLOCK], dtype=tl.float32)
     bb = tl.zeros([BLOCK], dtype=tl.float32)
     for i in range(0, CHUNK, BLOCK):
-        base = start + i
+        base = tl.multiple_of(start + i, BLOCK)  # chunk starts are multiples of CHUNK
         offs = base + tl.arange(0, BLOCK)
         mask = offs < n
         if base + BLOCK <= n:

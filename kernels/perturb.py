@@ -83,7 +83,7 @@ def _perturb_kernel(
     scale = load_scalar(scale_ptr, scale_val, SCALE_PTR)
     eta = load_scalar(eta_ptr, eta_val, ETA_PTR)
     for i in range(0, CHUNK, BLOCK):
-        base = start + i
+        base = tl.multiple_of(start + i, BLOCK)  # chunk starts are multiples of CHUNK
         offs = base + tl.arange(0, BLOCK)
         mask = offs < n
         if base + BLOCK <= n:

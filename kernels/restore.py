@@ -33,7 +33,7 @@ def _restore_kernel(
     p_ptr = tensor_ptr(addrs_ptr, 0, n_tensors, t, P_DT, ALIGNED)
     b_ptr = tensor_ptr(addrs_ptr, 1, n_tensors, t, B_DT, ALIGNED)
     for i in range(0, CHUNK, BLOCK):
-        base = start + i
+        base = tl.multiple_of(start + i, BLOCK)  # chunk starts are multiples of CHUNK
         offs = base + tl.arange(0, BLOCK)
         mask = offs < n
         if base + BLOCK <= n:

@@ -94,7 +94,7 @@ def _restore_sgd_kernel(
         buf_ptr = tensor_ptr(addrs_ptr, 3, n_tensors, t, BUF_DT, ALIGNED)
     lr = load_scalar(lr_ptr, lr_val, LR_PTR)
     for i in range(0, CHUNK, BLOCK):
-        base = start + i
+        base = tl.multiple_of(start + i, BLOCK)  # chunk starts are multiples of CHUNK
         offs = base + tl.arange(0, BLOCK)
         mask = offs < n
         if base + BLOCK <= n:
@@ -218,7 +218,7 @@ def _restore_adamw_kernel(
     decay = 1.0 - lr * weight_decay
     neg_step = -(lr * inv_bc1)
     for i in range(0, CHUNK, BLOCK):
-        base = start + i
+        base = tl.multiple_of(start + i, BLOCK)  # chunk starts are multiples of CHUNK
         offs = base + tl.arange(0, BLOCK)
         mask = offs < n
         if base + BLOCK <= n:

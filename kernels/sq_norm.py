@@ -57,7 +57,7 @@ def _sq_norm_kernel(
     eta = load_scalar(eta_ptr, eta_val, ETA_PTR)
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     for i in range(0, CHUNK, BLOCK):
-        base = start + i
+        base = tl.multiple_of(start + i, BLOCK)  # chunk starts are multiples of CHUNK
         offs = base + tl.arange(0, BLOCK)
         mask = offs < n
         if base + BLOCK <= n:

@@ -504,3 +504,83 @@ def test_bad_lists_raise():
         K.restore_([], [])
     with pytest.raises(ValueError, match="differ"):
         K.restore_(x, x[::-1])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_unaligned_views_take_the_unhinted_path(device):
+    """Views at odd offsets of one flat buffer (as FlatBuffer makes them) are not 16-byte aligned:
+    the table says so (no vectorization hint) and the results are the same."""
+    sizes = (7, 1000, 0, 4099)
+    flat = torch.randn(sum(sizes) + 1, device=device)
+    views, off = [], 1  # offset 1: every view is misaligned by 4 bytes
+    for n in sizes:
+        views.append(flat[off : off + n])
+        off += n
+    g = rand(sizes, torch.float32, device)
+    assert not tb.table([views, g]).aligned and tb.table([g, clone(g)]).aligned
+    w_tri, w_torch = clone(views), clone(views)
+    b_tri = views  # backup written through the misaligned views
+    K.perturb_(w_tri, g, b_tri, 0.25, 0.01, None)
+    T.perturb_(w_torch, g, None, 0.25, 0.01, None)
+    assert_close_backends(w_tri, w_torch, "perturb_ unaligned")
+    assert all(torch.equal(a, b) for a, b in zip(b_tri, clone(views)))
+
+
+def test_kernels_compile_for_sm90_with_16_byte_accesses(tmp_path):
+    """Compile each kernel ahead of time for sm_90 (no GPU needed) in a process without the
+    interpreter: the GPU path builds, and with aligned tables full blocks use 16-byte ld/st."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "aot.py"
+    script.write_text(AOT_SCRIPT)
+    env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("kernel ")]
+    assert len(lines) == 8, out.stdout
+    for ln in lines:
+        name, v4 = ln.split()[1], int(ln.split()[2])
+        assert v4 > 0 or name == "_sq_norm_per_tensor_kernel", f"no 16-byte loads in {name}"
+
+
+AOT_SCRIPT = r"""
+import importlib, re
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+m = lambda name: importlib.import_module("sharpfused.kernels." + name)
+G = dict(CHUNK=16384, BLOCK=2048, ALIGNED=True)
+F = tl.float32
+cases = [
+    (m("perturb")._perturb_kernel, dict(P_DT=F, G_DT=F, B_DT=F, M_DT=tl.uint8, SCALE_PTR=True, ETA_PTR=False,
+                                        HAS_BACKUP=True, HAS_MASK=True, ADAPTIVE=True, **G)),
+    (m("restore")._restore_kernel, dict(P_DT=tl.int16, B_DT=tl.int16, **G)),
+    (m("combine")._combine_kernel, dict(G_DT=tl.bfloat16, S_DT=tl.bfloat16, C1_PTR=True, C2_PTR=False, **G)),
+    (m("sq_norm")._sq_norm_kernel, dict(X_DT=tl.float16, W_DT=tl.float16, ETA_PTR=False, WEIGHTED=True, **G)),
+    (m("dot_norms")._dot_norms_kernel, dict(A_DT=F, B_DT=F, **G)),
+    (m("restore_step")._restore_sgd_kernel, dict(P_DT=tl.bfloat16, B_DT=tl.bfloat16, G_DT=tl.bfloat16,
+        BUF_DT=tl.bfloat16, LR_PTR=False, HAS_WD=True, HAS_MOMENTUM=True, NESTEROV=True, INIT=False, **G)),
+    (m("restore_step")._restore_adamw_kernel, dict(P_DT=F, B_DT=F, G_DT=F, M_DT=F, V_DT=F, LR_PTR=True, **G)),
+    (m("sq_norm")._sq_norm_per_tensor_kernel, dict(BLOCK=1024)),
+]
+FLOATS = {"momentum", "one_minus_dampening", "weight_decay", "inv_bc1", "one_minus_beta1", "beta2",
+          "one_minus_beta2", "eps", "bc2_sqrt"}
+for fn, consts in cases:
+    sig = {}
+    for name in fn.arg_names:
+        if name in consts:
+            sig[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            sig[name] = "*i64" if name in ("addrs_ptr", "numels_ptr", "chunk_tensor_ptr", "chunk_start_ptr",
+                                           "chunk_begin_ptr") else "*fp32"
+        elif name.endswith("_val") or name in FLOATS:
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
+    k = triton.compile(ASTSource(fn, sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
+                       options={"num_warps": 8})
+    print("kernel", fn.__name__, len(re.findall(r"ld\.global(?:\.\w+)*\.v4", k.asm["ptx"])))
+"""
