@@ -9,7 +9,11 @@ PYTHON=${PYTHON:-python3}
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 
-SHARPFUSED_SKIP_CUDA=1 "$PYTHON" -m pip wheel -q --no-deps --no-build-isolation -w "$tmp/dist" . >"$tmp/build.log" 2>&1 \
+# Without setuptools in $PYTHON's environment (a fresh Python 3.12 venv has none), let pip
+# build in isolation: with SKIP the build needs no torch.
+isolation=--no-build-isolation
+"$PYTHON" -c 'import setuptools' 2>/dev/null || isolation=
+SHARPFUSED_SKIP_CUDA=1 "$PYTHON" -m pip wheel -q --no-deps $isolation -w "$tmp/dist" . >"$tmp/build.log" 2>&1 \
   || { cat "$tmp/build.log"; echo "wheel_check: FAIL building the wheel"; exit 1; }
 wheel=$(ls "$tmp"/dist/sharpfused-*.whl)
 echo "wheel_check: built $(basename "$wheel")"
