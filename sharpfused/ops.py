@@ -24,7 +24,7 @@ primitive           does                                                   traff
 ``restore_``        w <- backup, bit-exact                                 read 1b, write 1b
 ``dot_norms``       (<a,b>, |a|^2, |b|^2) in one pass                      read 2b
 ``combine_``        g <- c1*g + c2*saved                                   read 2b, write 1b
-``restore_sgd_``    w <- backup - lr*SGD(g) (momentum, nesterov, wd)       read 3b (+1b), write 1b (+1b)
+``restore_sgd_``    w <- backup - lr*SGD(g) (momentum, nesterov, wd)       read 2b (+1b), write 1b (+1b)
 ``restore_adamw_``  w <- AdamW(backup, g); moments updated                 read 4b, write 3b
 ==================  =====================================================  =====================
 """
