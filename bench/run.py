@@ -289,7 +289,7 @@ def measure(
         row = dict(kind=kind, op=op, set=set_name, dtype=dt_name, tensors=len(shape_list), params=n, provider=provider,
                    median_ms=med, p20_ms=p20, p80_ms=p80, gbps=gbps, copy_gbps=copy_gbps,
                    frac_copy=gbps / copy_gbps if copy_gbps else float("nan"))  # fmt: skip
-        group = [r for r in rows if r["kind"] == kind and r["op"] == op]
+        group = [r for r in rows if r["kind"] == kind and r["op"] == op] + [row]
         for base in ("eager-loop", "eager-foreach"):
             b = next((r for r in group if r["provider"] == base), None)
             row[f"vs_{base}"] = b["median_ms"] / med if b else float("nan")
