@@ -88,7 +88,9 @@ class SmallResNet(nn.Module):
         return self.fc(self.blocks(self.stem(x)).mean((2, 3)))
 
 
-def workloads(device: torch.device, quick: bool) -> dict[str, tuple[Callable[[], nn.Module], Callable[[nn.Module], torch.Tensor], str]]:
+def workloads(
+    device: torch.device, quick: bool
+) -> dict[str, tuple[Callable[[], nn.Module], Callable[[nn.Module], torch.Tensor], str]]:
     """name -> (model factory, loss of a fixed random batch, description)."""
     gpu = device.type == "cuda"
     if gpu and not quick:

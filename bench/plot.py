@@ -46,7 +46,14 @@ def plot_csv(path: Path) -> list[Path]:
             for j, prov in enumerate(providers):
                 xs, ys, labels = [], [], []
                 for i, op in enumerate(ops):
-                    r = next((r for r in sel if (r["set"], r["dtype"], r["op"], r["provider"]) == (set_name, dtype, op, prov)), None)
+                    r = next(
+                        (
+                            r
+                            for r in sel
+                            if (r["set"], r["dtype"], r["op"], r["provider"]) == (set_name, dtype, op, prov)
+                        ),
+                        None,
+                    )
                     if r is None:
                         continue
                     xs.append(i + (j - (len(providers) - 1) / 2) * width)
@@ -57,8 +64,17 @@ def plot_csv(path: Path) -> list[Path]:
                 if prov.startswith("sharpfused"):
                     loop = {r["op"]: float(r["median_ms"]) for r in sel
                             if (r["set"], r["dtype"], r["provider"]) == (set_name, dtype, "eager-loop")}  # fmt: skip
-                    for b, op in zip(bars, [op for op in ops if any((r["set"], r["dtype"], r["op"], r["provider"]) ==
-                                                                   (set_name, dtype, op, prov) for r in sel)]):
+                    for b, op in zip(
+                        bars,
+                        [
+                            op
+                            for op in ops
+                            if any(
+                                (r["set"], r["dtype"], r["op"], r["provider"]) == (set_name, dtype, op, prov)
+                                for r in sel
+                            )
+                        ],
+                    ):
                         me = next(float(r["median_ms"]) for r in sel
                                   if (r["set"], r["dtype"], r["op"], r["provider"]) == (set_name, dtype, op, prov))  # fmt: skip
                         if op in loop:
@@ -80,6 +96,8 @@ def plot_csv(path: Path) -> list[Path]:
 
 
 if __name__ == "__main__":
-    for p in sys.argv[1:] or sorted(str(p) for p in (Path(__file__).parent / "results").glob("*.csv") if ".old" not in p.name):
+    for p in sys.argv[1:] or sorted(
+        str(p) for p in (Path(__file__).parent / "results").glob("*.csv") if ".old" not in p.name
+    ):
         for png in plot_csv(Path(p)):
             print(png)

@@ -145,17 +145,17 @@ def copy_bandwidth(device: torch.device, quick: bool = False) -> float:
     src = torch.randn(n, device=device)
     dst = torch.empty_like(src)
     ms = timer(lambda: dst.copy_(src), device, warmup=2, repeat=5 if device.type == "cpu" else 20)
-    del src, dst
     return 2 * n * 4 / statistics.median(ms) / 1e6
 
 
 # ----------------------------------------------------------------------------- inputs
 def make_tensors(shape_list, dtype, device, k: int, seed: int = 0) -> list[list[torch.Tensor]]:
     """``k`` parallel lists of random tensors (never zeros: they can time faster than real data)."""
-    g = torch.Generator(device="cpu").manual_seed(seed)
+    # drawn on the device itself: a 1B-element list drawn on the host would dominate a GPU run
+    g = torch.Generator(device=device).manual_seed(seed)
     out = []
     for _ in range(k):
-        out.append([torch.randn(s, generator=g).to(device=device, dtype=dtype) for s in shape_list])
+        out.append([torch.randn(s, generator=g, device=device, dtype=torch.float32).to(dtype) for s in shape_list])
     return out
 
 
@@ -239,7 +239,8 @@ def step_providers(algo: str, device: torch.device) -> list[tuple[str, Callable,
     if algo == "GSAM":
         base = [("eager-loop", EagerLoopGSAM, {"alpha": 0.01}), ("eager-foreach", EagerForeachGSAM, {"alpha": 0.01})]
         return base + [
-            (f"sharpfused-{b}", sharpfused.GSAM, {"rho_max": 0.05, "alpha": 0.01, "backend": b}) for b in backends(device)
+            (f"sharpfused-{b}", sharpfused.GSAM, {"rho_max": 0.05, "alpha": 0.01, "backend": b})
+            for b in backends(device)
         ]
     raise ValueError(algo)
 
@@ -367,7 +368,9 @@ def csv_path(dev_name: str) -> Path:
 
 def main(argv: Optional[list[str]] = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="every dimension / 8 (GPU: / 2), few repeats (CPU: under 2 minutes)")
+    ap.add_argument(
+        "--quick", action="store_true", help="every dimension / 8 (GPU: / 2), few repeats (CPU: under 2 minutes)"
+    )
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--sets", default=None, help="comma-separated shape sets (resnet50, gpt2-small, llm-1b)")
     ap.add_argument("--dtypes", default="float32,bfloat16")
@@ -379,7 +382,11 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
     device = torch.device(args.device)
     if device.type == "cpu":
         torch.set_num_threads(min(2, torch.get_num_threads()))
-    sets = args.sets.split(",") if args.sets else ["resnet50", "gpt2-small"] + (["llm-1b"] if device.type == "cuda" else [])
+    sets = (
+        args.sets.split(",")
+        if args.sets
+        else ["resnet50", "gpt2-small"] + (["llm-1b"] if device.type == "cuda" else [])
+    )
     prims = algos = None
     if args.ops:
         chosen = args.ops.split(",")
@@ -395,7 +402,8 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
         f"# sharpfused {sharpfused.__version__} ({git_commit()}), {dev_name}, torch {torch.__version__}"
         + (f", {torch.get_num_threads()} threads" if on_cpu else "")
         + f"; copy bandwidth {copy_gbps:.1f} GB/s (read + write of a {'64' if args.quick else '128'} MiB"
-        + ("" if on_cpu else " x8") + " fp32 copy)\n"
+        + ("" if on_cpu else " x8")
+        + " fp32 copy)\n"
     )
     print("Steps: first_step + second_step, SGD momentum base, no forward/backward. GB/s = byte model / median.\n")
     print(HEADER)

@@ -29,8 +29,9 @@ from tqdm import tqdm
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-import sharpfused  # noqa: E402
 from digits import load, make_model  # noqa: E402
+
+import sharpfused  # noqa: E402
 from sharpfused import metrics  # noqa: E402
 
 RESULTS = HERE / "results"
@@ -151,7 +152,13 @@ def plot_curves(results: dict[str, list[dict]], prefix: str, title: str) -> list
             for k in keys:
                 ys = [mean(v) for v in zip(*[r[k] for r in rs])]
                 ls = "--" if k == "train_loss" else "-"
-                ax.plot(range(1, len(ys) + 1), ys, ls, color=color, label=f"{n}" + (f" ({k.split('_')[0]})" if not key else ""))
+                ax.plot(
+                    range(1, len(ys) + 1),
+                    ys,
+                    ls,
+                    color=color,
+                    label=f"{n}" + (f" ({k.split('_')[0]})" if not key else ""),
+                )
         ax.set_xlabel("epoch")
         ax.set_ylabel(ylabel)
         if key:

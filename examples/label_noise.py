@@ -75,13 +75,19 @@ def main() -> None:
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
     for i, n in enumerate(names):
-        ax1.plot([100 * x for x in levels], [mean([r["acc"] for r in res[(x, n)]]) for x in levels], "o-", color=f"C{i}", label=n)
+        ax1.plot(
+            [100 * x for x in levels],
+            [mean([r["acc"] for r in res[(x, n)]]) for x in levels],
+            "o-",
+            color=f"C{i}",
+            label=n,
+        )
     ax1.set_xlabel("training labels replaced at random (%)")
     ax1.set_ylabel("clean test accuracy (final epoch)")
     ax1.grid(alpha=0.3)
     ax1.legend()
     for j, noise in enumerate(levels):
-        for i, n in enumerate(names):
+        for n in names:
             ys = [mean(v) for v in zip(*[r["test_acc"] for r in res[(noise, n)]])]
             ax2.plot(range(1, len(ys) + 1), ys, "-" if n == "SAM" else "--", color=f"C{j + 2}",
                      label=f"{n}, {noise:.0%} noise")  # fmt: skip

@@ -147,7 +147,9 @@ def surrogate_gap(
     return perturbed - float(loss.detach())
 
 
-def filter_normalized_direction(params: Sequence[Tensor], generator: torch.Generator, ignore_1d: bool = True) -> list[Tensor]:
+def filter_normalized_direction(
+    params: Sequence[Tensor], generator: torch.Generator, ignore_1d: bool = True
+) -> list[Tensor]:
     """A Gaussian direction rescaled filter by filter to the weights' norms (Li et al., 2018).
 
     For a tensor with ``dim() > 1`` each slice along dim 0 (a conv filter, a linear layer's row)
@@ -221,7 +223,9 @@ def loss_landscape(
     return {"coords": [coords] * len(dirs), "losses": losses, "center": center, "directions": dirs}
 
 
-def plot_landscape(result: dict[str, Any], ax: Optional[Any] = None, label: Optional[str] = None, levels: int = 20) -> Any:
+def plot_landscape(
+    result: dict[str, Any], ax: Optional[Any] = None, label: Optional[str] = None, levels: int = 20
+) -> Any:
     """Draw a :func:`loss_landscape` result: a curve (1-D) or filled contours (2-D). Returns the axes."""
     import matplotlib
 

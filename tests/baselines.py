@@ -238,7 +238,9 @@ def loop_combine_(g, saved, c1, c2):
 
 
 @torch.no_grad()
-def loop_restore_sgd_(params, backup, grads, momentum_buffers, *, lr, momentum, dampening, weight_decay, nesterov, init_momentum):
+def loop_restore_sgd_(
+    params, backup, grads, momentum_buffers, *, lr, momentum, dampening, weight_decay, nesterov, init_momentum
+):
     for i, (w, b, g) in enumerate(zip(params, backup, grads)):
         w0, d = b.to(_opmath(b)), g.to(_opmath(b))
         if weight_decay:

@@ -38,7 +38,11 @@ def _train(model, opt, x, y, steps):
         (EagerLoopSAM, dict(rho=0.05), lambda p, gf, b: ref.sam_step(p, gf, b, rho=0.05)),
         (EagerForeachSAM, dict(rho=0.05), lambda p, gf, b: ref.sam_step(p, gf, b, rho=0.05)),
         (EagerLoopSAM, dict(rho=0.5, adaptive=True), lambda p, gf, b: ref.sam_step(p, gf, b, rho=0.5, adaptive=True)),
-        (EagerForeachASAM, dict(rho=0.5, adaptive=True), lambda p, gf, b: ref.sam_step(p, gf, b, rho=0.5, adaptive=True)),
+        (
+            EagerForeachASAM,
+            dict(rho=0.5, adaptive=True),
+            lambda p, gf, b: ref.sam_step(p, gf, b, rho=0.5, adaptive=True),
+        ),
         (EagerForeachASAM, dict(rho=0.05, adaptive=False), lambda p, gf, b: ref.sam_step(p, gf, b, rho=0.05)),
         (EagerLoopGSAM, dict(rho=0.05, alpha=0.3), lambda p, gf, b: ref.gsam_step(p, gf, b, rho=0.05, alpha=0.3)),
         (EagerForeachGSAM, dict(rho=0.05, alpha=0.3), lambda p, gf, b: ref.gsam_step(p, gf, b, rho=0.05, alpha=0.3)),
@@ -113,7 +117,9 @@ def test_loop_restore_adamw_matches_reference(dtype, tol):
     m, v = [torch.zeros_like(x) for x in backup], [torch.zeros_like(x) for x in backup]
     for t in range(1, 4):
         g = rand_list(shapes, dtype)
-        LOOP_PRIMITIVES["restore_adamw_"](w, backup, g, m, v, step=t, lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.05)
+        LOOP_PRIMITIVES["restore_adamw_"](
+            w, backup, g, m, v, step=t, lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.05
+        )
         expected = adam.step(ref.f64(backup), ref.f64(g))
         assert rel_err(w, expected) < tol
         assert rel_err(m, adam.m) < tol and rel_err(v, adam.v) < tol

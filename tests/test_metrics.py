@@ -114,7 +114,9 @@ def test_surrogate_gap_adaptive_and_restore_fp32():
     g = h.double() @ (w - c.double())
     t = w.abs() + eta
     e = rho * t * t * g / (t * g).norm()
-    expected = 0.5 * (w + e - c.double()) @ h.double() @ (w + e - c.double()) - 0.5 * (w - c.double()) @ h.double() @ (w - c.double())
+    expected = 0.5 * (w + e - c.double()) @ h.double() @ (w + e - c.double()) - 0.5 * (w - c.double()) @ h.double() @ (
+        w - c.double()
+    )
     gap = metrics.surrogate_gap(model, loss_fn, None, rho=rho, adaptive=True, eta=eta)
     assert gap == pytest.approx(float(expected), rel=1e-4)
     assert_bit_identical(model, before)
