@@ -137,11 +137,15 @@ def summarize(ms: list[float]) -> tuple[float, float, float]:
     return statistics.median(ms), min(ms), max(ms)
 
 
+def copy_elements(device: torch.device, quick: bool) -> int:
+    """fp32 elements of the copy: 128 MiB on CPU, 1 GiB on GPU (far past any cache); half with --quick."""
+    n = (32 << 20) if device.type == "cpu" else (256 << 20)
+    return n // 2 if quick else n
+
+
 def copy_bandwidth(device: torch.device, quick: bool = False) -> float:
     """GB/s of a large tensor copy (bytes read + bytes written): the memory ceiling of this run."""
-    n = (32 << 20) if device.type == "cpu" else (256 << 20)  # 128 MiB on CPU, 1 GiB on GPU (fp32)
-    if quick:
-        n //= 2
+    n = copy_elements(device, quick)
     src = torch.randn(n, device=device)
     dst = torch.empty_like(src)
     ms = timer(lambda: dst.copy_(src), device, warmup=2, repeat=5 if device.type == "cpu" else 20)
@@ -398,12 +402,11 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
     warmup = 1 if on_cpu else 5
     dev_name = device_name(device)
     copy_gbps = copy_bandwidth(device, args.quick)
+    copy_mib = copy_elements(device, args.quick) * 4 >> 20
     print(
         f"# sharpfused {sharpfused.__version__} ({git_commit()}), {dev_name}, torch {torch.__version__}"
         + (f", {torch.get_num_threads()} threads" if on_cpu else "")
-        + f"; copy bandwidth {copy_gbps:.1f} GB/s (read + write of a {'64' if args.quick else '128'} MiB"
-        + ("" if on_cpu else " x8")
-        + " fp32 copy)\n"
+        + f"; copy bandwidth {copy_gbps:.1f} GB/s (bytes read + written by a {copy_mib} MiB fp32 copy)\n"
     )
     print("Steps: first_step + second_step, SGD momentum base, no forward/backward. GB/s = byte model / median.\n")
     print(HEADER)
