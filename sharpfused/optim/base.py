@@ -429,6 +429,13 @@ class SharpnessAware(Optimizer):
         if zero_grad:
             self.zero_grad()
 
+    @torch.no_grad()
+    def second_step(self, zero_grad: bool = False) -> None:
+        """Restore w bit-exactly and take the base step with the gradient now in ``.grad``
+        (the perturbed-point gradient, for SAM and every algorithm that does not override this)."""
+        self.restore_and_base_step(self._begin_second())
+        self._end_second(zero_grad)
+
     def _has_grads(self) -> bool:
         return any(p.grad is not None for g in self.param_groups for p in g["params"])
 

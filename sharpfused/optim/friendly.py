@@ -60,9 +60,3 @@ class FriendlySAM(SharpnessAware):
         self._perturbed = True
         if zero_grad:
             self.zero_grad()
-
-    @torch.no_grad()
-    def second_step(self, zero_grad: bool = False) -> None:
-        """Restore w bit-exactly and take the base step with the perturbed-point gradient."""
-        self.restore_and_base_step(self._begin_second())
-        self._end_second(zero_grad)
