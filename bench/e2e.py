@@ -230,10 +230,11 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--models", default=None, help="transformer,resnet")
+    ap.add_argument("--threads", type=int, default=min(2, torch.get_num_threads()), help="CPU threads")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cpu":
-        torch.set_num_threads(min(2, torch.get_num_threads()))
+        torch.set_num_threads(args.threads)
     steps = args.steps or (5 if args.quick else (20 if device.type == "cpu" else 50))
     warmup = 2 if device.type == "cpu" else 5
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"

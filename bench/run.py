@@ -380,12 +380,15 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--ops", default=None, help="comma-separated primitives and/or algorithms (default: all)")
     ap.add_argument("--repeat", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=1, help="CPU threads (default 1)")
     ap.add_argument("--no-csv", action="store_true", help="print only")
     ap.add_argument("--no-plot", action="store_true")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cpu":
-        torch.set_num_threads(min(2, torch.get_num_threads()))
+        # one thread by default: on a shared machine an OpenMP barrier waiting for a descheduled
+        # second thread costs a scheduler quantum (seen: ~200 ms steps of a 0.4 ms copy)
+        torch.set_num_threads(args.threads)
     sets = (
         args.sets.split(",")
         if args.sets
