@@ -100,7 +100,7 @@ def workloads(
         t = dict(vocab=8000, d=256, layers=2, heads=4, seq=128, batch=8)
         r = dict(width=16, n=1, batch=64, res=32)
     elif not quick:
-        t = dict(vocab=4000, d=128, layers=2, heads=4, seq=64, batch=8)
+        t = dict(vocab=2000, d=128, layers=2, heads=4, seq=64, batch=8)
         r = dict(width=16, n=2, batch=32, res=32)
     else:
         t = dict(vocab=1000, d=64, layers=2, heads=4, seq=32, batch=4)
@@ -161,7 +161,7 @@ class Clock:
 
 
 def measure(make: Callable[[], nn.Module], loss_fn, mode: str, device: torch.device, steps: int, warmup: int) -> dict:
-    """ms per step (median over ``steps`` single-step windows) and the split into fwd+bwd and optimizer."""
+    """ms per step and its split into fwd+bwd and optimizer work: medians over ``steps`` steps."""
     model = make()
     model.train()
     kw = dict(lr=0.01, momentum=0.9, weight_decay=5e-4)
@@ -188,7 +188,7 @@ def measure(make: Callable[[], nn.Module], loss_fn, mode: str, device: torch.dev
     for _ in range(warmup):
         one_step()
     clock.read()
-    per = []
+    per, fbs, ops_ = [], [], []
     for _ in range(steps):
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -197,8 +197,11 @@ def measure(make: Callable[[], nn.Module], loss_fn, mode: str, device: torch.dev
         if device.type == "cuda":
             torch.cuda.synchronize()
         per.append((time.perf_counter() - t0) * 1e3)
-    parts = clock.read()
-    fb, op = parts["fwdbwd"] / steps, parts["opt"] / steps
+        parts = clock.read()
+        fbs.append(parts["fwdbwd"])
+        ops_.append(parts["opt"])
+    # medians of each part over the same steps: robust to a step slowed by another job
+    fb, op = statistics.median(fbs), statistics.median(ops_)
     n = sum(p.numel() for p in model.parameters())
     return dict(mode=mode, step_ms=statistics.median(per), fwdbwd_ms=fb, opt_ms=op, frac=op / fb, params=n)
 
@@ -230,12 +233,12 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--models", default=None, help="transformer,resnet")
-    ap.add_argument("--threads", type=int, default=min(2, torch.get_num_threads()), help="CPU threads")
+    ap.add_argument("--threads", type=int, default=1, help="CPU threads (default 1, as bench/run.py)")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
-    steps = args.steps or (5 if args.quick else (20 if device.type == "cpu" else 50))
+    steps = args.steps or (5 if args.quick else (10 if device.type == "cpu" else 50))
     warmup = 2 if device.type == "cpu" else 5
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"# end to end, {name}, torch {torch.__version__}, sharpfused {sharpfused.__version__}, "
