@@ -83,6 +83,15 @@ struct Packed {
                 t->numel(), " of ", t->scalar_type(), " on ", t->device());
     return {t->data_ptr(), value};
   }
+
+  // A flag or count read by the kernel: one float32 on the tensors' device, or nullptr.
+  const float* device_f32(const char* op, const char* what, const OptTensor& t) const {
+    if (!t.has_value()) return nullptr;
+    TORCH_CHECK(t->numel() == 1 && t->device() == device && t->scalar_type() == at::kFloat, op, ": ", what,
+                " must be 1 float32 element on ", device, ", got ", t->numel(), " of ", t->scalar_type(), " on ",
+                t->device());
+    return t->data_ptr<float>();
+  }
 };
 
 void check(cudaError_t err, const char* op) {
@@ -143,22 +152,28 @@ void combine_(const TensorList& g, const TensorList& saved, const OptTensor& c1,
 
 void restore_sgd_(const TensorList& params, const TensorList& backup, const TensorList& grads,
                   const OptList& momentum_buffers, const OptTensor& lr, double lr_value, double momentum,
-                  double dampening, double weight_decay, bool nesterov, bool init_momentum) {
+                  double dampening, double weight_decay, bool nesterov, bool init_momentum, const OptTensor& grad_coef,
+                  double grad_coef_value, const OptTensor& found_inf) {
   TORCH_CHECK(momentum == 0.0 || momentum_buffers.has_value(), "restore_sgd_: momentum needs momentum_buffers");
   Packed p("restore_sgd_", {&params, &backup, &grads, momentum != 0.0 ? &*momentum_buffers : nullptr});
   const c10::cuda::CUDAGuard guard(p.device);
   check(sharpfused::restore_sgd(to_dtype(p.dtype), p.lists, p.scalar("restore_sgd_", lr, lr_value), momentum,
-                                dampening, weight_decay, nesterov, init_momentum, stream()),
+                                dampening, weight_decay, nesterov, init_momentum,
+                                p.scalar("restore_sgd_", grad_coef, grad_coef_value),
+                                p.device_f32("restore_sgd_", "found_inf", found_inf), stream()),
         "restore_sgd_");
 }
 
 void restore_adamw_(const TensorList& params, const TensorList& backup, const TensorList& grads,
                     const TensorList& exp_avgs, const TensorList& exp_avg_sqs, const OptTensor& lr, double lr_value,
-                    double beta1, double beta2, double eps, double weight_decay, double bc1, double bc2_sqrt) {
+                    double beta1, double beta2, double eps, double weight_decay, const OptTensor& step, double bc1,
+                    double bc2_sqrt, const OptTensor& grad_coef, double grad_coef_value, const OptTensor& found_inf) {
   Packed p("restore_adamw_", {&params, &backup, &grads, &exp_avgs, &exp_avg_sqs});
   const c10::cuda::CUDAGuard guard(p.device);
   check(sharpfused::restore_adamw(to_dtype(p.dtype), p.lists, p.scalar("restore_adamw_", lr, lr_value), beta1,
-                                  beta2, eps, weight_decay, bc1, bc2_sqrt, stream()),
+                                  beta2, eps, weight_decay, p.device_f32("restore_adamw_", "step", step), bc1,
+                                  bc2_sqrt, p.scalar("restore_adamw_", grad_coef, grad_coef_value),
+                                  p.device_f32("restore_adamw_", "found_inf", found_inf), stream()),
         "restore_adamw_");
 }
 
@@ -176,11 +191,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dot_norms", &dot_norms, "(<a,b>, |a|^2, |b|^2)", py::arg("a"), py::arg("b"));
   m.def("combine_", &combine_, "g <- c1*g + c2*saved", py::arg("g"), py::arg("saved"), py::arg("c1"),
         py::arg("c1_value"), py::arg("c2"), py::arg("c2_value"));
-  m.def("restore_sgd_", &restore_sgd_, "w <- backup - lr*SGD(g)", py::arg("params"), py::arg("backup"),
-        py::arg("grads"), py::arg("momentum_buffers"), py::arg("lr"), py::arg("lr_value"), py::arg("momentum"),
-        py::arg("dampening"), py::arg("weight_decay"), py::arg("nesterov"), py::arg("init_momentum"));
-  m.def("restore_adamw_", &restore_adamw_, "w <- AdamW(backup, g); moments updated", py::arg("params"),
-        py::arg("backup"), py::arg("grads"), py::arg("exp_avgs"), py::arg("exp_avg_sqs"), py::arg("lr"),
+  m.def("restore_sgd_", &restore_sgd_,
+        "w <- backup - lr*SGD(grad_coef*g); w <- backup bit-exactly when found_inf != 0", py::arg("params"),
+        py::arg("backup"), py::arg("grads"), py::arg("momentum_buffers"), py::arg("lr"), py::arg("lr_value"), py::arg("momentum"),
+        py::arg("dampening"), py::arg("weight_decay"), py::arg("nesterov"), py::arg("init_momentum"),
+        py::arg("grad_coef"), py::arg("grad_coef_value"), py::arg("found_inf"));
+  m.def("restore_adamw_", &restore_adamw_,
+        "w <- AdamW(backup, grad_coef*g), moments updated; w <- backup bit-exactly when found_inf != 0",
+        py::arg("params"), py::arg("backup"), py::arg("grads"), py::arg("exp_avgs"), py::arg("exp_avg_sqs"), py::arg("lr"),
         py::arg("lr_value"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"), py::arg("weight_decay"),
-        py::arg("bc1"), py::arg("bc2_sqrt"));
+        py::arg("step"), py::arg("bc1"), py::arg("bc2_sqrt"), py::arg("grad_coef"), py::arg("grad_coef_value"),
+        py::arg("found_inf"));
 }

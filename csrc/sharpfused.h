@@ -60,13 +60,22 @@ cudaError_t dot_norms(DType dt, const Lists& lists, void* partials, void* out, c
 // g <- c1 * g + c2 * saved. lists: g, saved.
 cudaError_t combine(DType dt, const Lists& lists, Scalar c1, Scalar c2, cudaStream_t stream);
 
+// Fused base steps: the gradient is multiplied by grad_coef first (unscale, clipping; value 1
+// when not given). found_inf is nullptr or the device address of one float32: nonzero skips the
+// step on the device -- w <- backup bit for bit, nothing else read or written (except SGD's
+// momentum buffer on an init step, which becomes zeros).
+
 // torch.optim.SGD's step at the restored weights; lists: w, backup, g, momentum_buffer (optional).
 cudaError_t restore_sgd(DType dt, const Lists& lists, Scalar lr, double momentum, double dampening,
-                        double weight_decay, bool nesterov, bool init_momentum, cudaStream_t stream);
+                        double weight_decay, bool nesterov, bool init_momentum, Scalar grad_coef,
+                        const float* found_inf, cudaStream_t stream);
 
 // torch.optim.AdamW's step at the restored weights; lists: w, backup, g, exp_avg, exp_avg_sq.
-// bc1 = 1 - beta1^t, bc2_sqrt = sqrt(1 - beta2^t), computed by the caller from the host step count.
+// step: nullptr, and bc1 = 1 - beta1^t, bc2_sqrt = sqrt(1 - beta2^t) computed by the caller from
+// the host step count; or the device address of one float32 step count t (this step included),
+// and the kernel computes bc1, bc2_sqrt from it in double (bc1, bc2_sqrt unused).
 cudaError_t restore_adamw(DType dt, const Lists& lists, Scalar lr, double beta1, double beta2, double eps,
-                          double weight_decay, double bc1, double bc2_sqrt, cudaStream_t stream);
+                          double weight_decay, const float* step, double bc1, double bc2_sqrt, Scalar grad_coef,
+                          const float* found_inf, cudaStream_t stream);
 
 }  // namespace sharpfused

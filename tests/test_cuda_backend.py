@@ -334,6 +334,185 @@ def test_mixed_dtypes_and_noncontiguous_fall_back_per_group():
     assert per.shape == (3,) and rel_err(per, r_per) < 1e-5 and rel_err(total, r_total) < 1e-5
 
 
+# ====================================================================== GPU: skipped steps, grad_coef, device step
+# tests/test_primitives.py checks the skip semantics for every backend on plain lists; these add
+# what is particular to the kernels: NaN payloads, unaligned views, several tables, found_inf
+# of any dtype, grad_coef/step as device values over several steps, the per-group fallback and
+# CUDA-graph capture with per-replay found_inf.
+def _bits(xs):
+    return [x.contiguous().view(-1).view(torch.uint8) for x in xs]
+
+
+def _same_bits(a, b) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(_bits(a), _bits(b)))
+
+
+def _skip_call(kind, w, b, g, st, found, init=False, step=3, coef=None):
+    if kind == "adamw":
+        cu("restore_adamw_")(w, b, g, st[0], st[1], step, 1e-2, 0.9, 0.999, 1e-8, 0.1, coef, found)
+    else:
+        bufs = st[0] if kind == "sgd-m" else None
+        mom = 0.9 if kind == "sgd-m" else 0.0
+        cu("restore_sgd_")(w, b, g, bufs, 0.1, mom, 0.1, 0.01, False, init, coef, found)
+
+
+SKIP_KINDS = ["sgd", "sgd-m", "adamw"]
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", SKIP_KINDS)
+@pytest.mark.parametrize("init", [False, True])
+def test_skip_copies_bits_and_reads_no_gradient(dtype, kind, init):
+    if init and kind != "sgd-m":
+        pytest.skip("init_momentum matters with momentum buffers only")
+    sizes = [1 + (i * 37) % 1001 for i in range(70)] + [330 * CHUNK + 5, 0, 3]  # several tables
+    b = rand(sizes, dtype)
+    b[0][0] = -0.0
+    nan = torch.tensor([0x7FC0_1234], dtype=torch.int32).view(torch.float32).to(dtype)  # a NaN with a payload
+    b[1][0] = nan.to("cuda")[0]
+    w = rand(sizes, dtype)
+    g = [torch.full_like(x, float("nan")) for x in b]  # a skipped step must not read these
+    st = [rand(sizes, dtype, positive=True) for _ in range(2)]
+    st0 = [clone(s) for s in st]
+    _skip_call(kind, w, b, g, st, torch.tensor(1.0, device="cuda"), init=init)
+    assert _same_bits(w, b), "w must be the backup, bit for bit (signed zeros, NaN payloads)"
+    if init:
+        assert all(
+            torch.equal(x.view(-1).view(torch.uint8), torch.zeros_like(x.view(-1).view(torch.uint8))) for x in st[0]
+        ), "an init step's buffers become +0"
+    else:
+        for s, s0 in zip(st, st0):
+            assert _same_bits(s, s0), "optimizer state must not change"
+
+
+@gpu
+@pytest.mark.parametrize("kind", SKIP_KINDS)
+def test_skip_on_unaligned_views(kind):
+    n = 20011
+    flats = [torch.randn(n, device="cuda") for _ in range(5)]
+    cuts = [(1, 4097), (4099, 9000), (9001, n)]  # odd offsets: the scalar path
+    w, b, g, m, v = ([f[a:c] for a, c in cuts] for f in flats)
+    for x in g:
+        x.fill_(float("inf"))
+    heads = [f[0].clone() for f in flats]
+    m0, v0 = clone(m), clone(v)
+    _skip_call(kind, w, b, g, [m, v], torch.tensor(2.0, device="cuda"))
+    assert _same_bits(w, b)
+    assert _same_bits(m, m0) and _same_bits(v, v0)
+    assert all(torch.equal(f[0], h) for f, h in zip(flats, heads)), "an element outside the views was written"
+
+
+@gpu
+@pytest.mark.parametrize(
+    "found",
+    [
+        (torch.tensor(True), True),
+        (torch.tensor(False), False),
+        (torch.tensor(3, dtype=torch.int64), True),
+        (torch.tensor(0, dtype=torch.int32), False),
+        (torch.tensor(float("nan"), dtype=torch.float16), True),
+        (torch.tensor(float("inf"), dtype=torch.float64), True),
+        (torch.tensor(-0.0, dtype=torch.bfloat16), False),
+        (torch.tensor([1.0]), True),  # one element, not 0-d
+    ],
+    ids=["bool1", "bool0", "int64", "int32-0", "fp16-nan", "fp64-inf", "bf16-negzero", "shape1"],
+)
+def test_found_inf_of_any_dtype(found):
+    flag, skips = found
+    b, g = rand(SIZES, torch.float32), rand(SIZES, torch.float32)
+    w = rand(SIZES, torch.float32)
+    m, v = [torch.zeros_like(x) for x in b], [torch.zeros_like(x) for x in b]
+    wt, mt, vt = clone(w), clone(m), clone(v)
+    cu("restore_adamw_")(w, b, g, m, v, 1, 1e-2, 0.9, 0.999, 1e-8, 0.1, None, flag.to("cuda"))
+    if skips:
+        assert _same_bits(w, b) and all(torch.equal(x, torch.zeros_like(x)) for x in m + v)
+    else:
+        T.restore_adamw_(wt, b, g, mt, vt, 1, 1e-2, 0.9, 0.999, 1e-8, 0.1)
+        assert rel_err(w, wt) < 1e-6 and rel_err(m, mt) < 1e-6 and rel_err(v, vt) < 1e-6
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", SKIP_KINDS)
+def test_grad_coef_and_device_step_match_torch_backend(dtype, kind):
+    """grad_coef as a number and as a device tensor, a float32 device step; several steps, one
+    of them skipped with inf gradients: the cuda and torch backends follow the same path."""
+    b = rand(SIZES, dtype)
+    st = [[torch.zeros_like(x) for x in b] for _ in range(2)]
+    st_t = [clone(s) for s in st]
+    w, wt = clone(b), clone(b)
+    for i, coef in enumerate([0.5, torch.tensor(0.25, device="cuda"), 0.5, torch.tensor(2.0, device="cuda")]):
+        g = rand(SIZES, dtype)
+        skip = i == 2
+        if skip:
+            g[-1][5] = float("inf")
+        found = torch.tensor(float(skip), device="cuda")
+        step = torch.tensor(float(i + 1), device="cuda")
+        _skip_call(kind, w, b, g, st, found, init=i == 0, step=step, coef=coef)
+        if kind == "adamw":
+            T.restore_adamw_(wt, b, g, st_t[0], st_t[1], step, 1e-2, 0.9, 0.999, 1e-8, 0.1, coef, found)
+        else:
+            mom = 0.9 if kind == "sgd-m" else 0.0
+            T.restore_sgd_(wt, b, g, st_t[0] if mom else None, 0.1, mom, 0.1, 0.01, False, i == 0, coef, found)
+        if skip:
+            assert _same_bits(w, b) and _same_bits(wt, b)
+        else:
+            tol = 1e-12 if dtype == torch.float64 else 1e-6 if dtype == torch.float32 else 2e-2
+            assert rel_err(w, wt) < tol, f"step {i}: weights"
+            if kind != "sgd":
+                assert rel_err(st[0], st_t[0]) < tol, f"step {i}: first state"
+
+
+@gpu
+def test_fallback_group_passes_skip_through():
+    # a non-contiguous tensor sends its group to torch_ops: the skip must hold there too
+    b = [torch.randn(100, device="cuda"), torch.randn(30, 20, device="cuda").t()]
+    w = [torch.randn(100, device="cuda"), torch.randn(30, 20, device="cuda").t()]
+    g = [torch.full_like(x, float("nan")) for x in b]
+    m, v = [torch.ones_like(x) for x in b], [torch.ones_like(x) for x in b]
+    step = torch.tensor(4.0, device="cuda")
+    cu("restore_adamw_")(w, b, g, m, v, step, 1e-2, 0.9, 0.999, 1e-8, 0.1, 0.5, torch.tensor(1.0, device="cuda"))
+    assert all(torch.equal(x, y) for x, y in zip(w, b))
+    assert all(torch.equal(x, torch.ones_like(x)) for x in m + v)
+    bufs = [torch.ones_like(x) for x in b]
+    cu("restore_sgd_")(w, b, g, bufs, 0.1, 0.9, 0.0, 0.0, True, True, None, torch.tensor(True, device="cuda"))
+    assert all(torch.equal(x, y) for x, y in zip(w, b))
+    assert all(torch.equal(x, torch.zeros_like(x)) for x in bufs)
+
+
+@gpu
+def test_graph_capture_with_device_found_inf_and_step():
+    b, w = rand(SIZES, torch.float32), rand(SIZES, torch.float32)
+    g = rand(SIZES, torch.float32)
+    m, v = [torch.zeros_like(x) for x in b], [torch.zeros_like(x) for x in b]
+    found = torch.zeros((), device="cuda")
+    step = torch.ones((), device="cuda")
+    coef = torch.full((), 0.5, device="cuda")
+    lr = torch.full((), 1e-2, device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside the graph
+        cu("restore_adamw_")(w, b, g, m, v, step, lr, 0.9, 0.999, 1e-8, 0.1, coef, found)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        cu("restore_adamw_")(w, b, g, m, v, step, lr, 0.9, 0.999, 1e-8, 0.1, coef, found)
+    wt, mt, vt = clone(w), clone(m), clone(v)
+    step.fill_(2.0)
+    graph.replay()
+    T.restore_adamw_(wt, b, g, mt, vt, 2, 1e-2, 0.9, 0.999, 1e-8, 0.1, 0.5, None)
+    assert rel_err(w, wt) < 1e-6 and rel_err(m, mt) < 1e-6 and rel_err(v, vt) < 1e-6
+    m1, v1 = clone(m), clone(v)
+    found.fill_(1.0)
+    step.fill_(3.0)
+    for x in g:
+        x.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert _same_bits(w, b) and _same_bits(m, m1) and _same_bits(v, v1)
+
+
 # ====================================================================== GPU: optimizers
 def _train(backend, base, adaptive, dtype, steps=7):
     torch.manual_seed(1)

@@ -9,9 +9,12 @@ group, math in opmath (float32; float64 for float64). A (device, dtype) group th
 cannot take -- a non-contiguous tensor, companion lists of another dtype (e.g. a bool mask),
 another dtype -- is handed to :mod:`.torch_ops` for that group, with the same results.
 
-Per-step scalars (``scale``, ``lr``, ``c1``, ``c2``, and ``eta``) given as tensors are moved to the device in
-opmath and read there by the kernel; Python numbers are passed by value. Nothing calls
-``.item()``, so a step can be captured in a CUDA graph.
+Per-step scalars (``scale``, ``lr``, ``c1``, ``c2``, ``eta`` and ``grad_coef``) given as tensors are moved to
+the device in opmath and read there by the kernel; Python numbers are passed by value. The fused
+base steps' ``found_inf`` and a tensor AdamW ``step`` go to the kernel as one float32 on the
+device: a nonzero ``found_inf`` makes every block copy backup to w bit for bit and leave the
+optimizer state alone, and the bias corrections are computed from the device step in the kernel.
+Nothing calls ``.item()``, so a step can be captured in a CUDA graph.
 
 Byte models (b = bytes per element): see :mod:`sharpfused.ops`; each kernel file in ``csrc/``
 states its own.
@@ -142,16 +145,36 @@ def combine_(g, saved, c1, c2):
         _C.combine_(list(x), list(s), t1, v1, t2, v2)
 
 
+def _device_f32(t: Optional[Tensor], device: torch.device) -> Optional[Tensor]:
+    """A flag or count the kernel reads: one float32 on the device (no copy when it already is)."""
+    return None if t is None else t.detach().to(device=device, dtype=torch.float32).reshape(())
+
+
 def restore_sgd_(
-    params, backup, grads, momentum_buffers, lr, momentum, dampening, weight_decay, nesterov, init_momentum
+    params,
+    backup,
+    grads,
+    momentum_buffers,
+    lr,
+    momentum,
+    dampening,
+    weight_decay,
+    nesterov,
+    init_momentum,
+    grad_coef=None,
+    found_inf=None,
 ):
     _check_cuda(params)
     bufs = momentum_buffers if momentum else None
     for dtype, (p, b, g, buf) in _groups(params, backup, grads, bufs):
         if not _fits(p, b, g, buf):
-            torch_ops.restore_sgd_(p, b, g, buf, lr, momentum, dampening, weight_decay, nesterov, init_momentum)
+            torch_ops.restore_sgd_(
+                p, b, g, buf, lr, momentum, dampening, weight_decay, nesterov, init_momentum, grad_coef, found_inf
+            )
             continue
-        lt, lv = _scalar(lr, dtype, p[0].device)
+        dev = p[0].device
+        lt, lv = _scalar(lr, dtype, dev)
+        ct, cv = _scalar(1.0 if grad_coef is None else grad_coef, dtype, dev)
         _C.restore_sgd_(
             list(p),
             list(b),
@@ -164,19 +187,40 @@ def restore_sgd_(
             float(weight_decay),
             bool(nesterov),
             bool(init_momentum),
+            ct,
+            cv,
+            _device_f32(found_inf, dev),
         )
 
 
-def restore_adamw_(params, backup, grads, exp_avgs, exp_avg_sqs, step, lr, beta1, beta2, eps, weight_decay):
+def restore_adamw_(
+    params,
+    backup,
+    grads,
+    exp_avgs,
+    exp_avg_sqs,
+    step,
+    lr,
+    beta1,
+    beta2,
+    eps,
+    weight_decay,
+    grad_coef=None,
+    found_inf=None,
+):
     _check_cuda(params)
-    # bias corrections from the host step count, in float64 like torch_ops
-    bc1 = 1.0 - beta1**step
-    bc2_sqrt = (1.0 - beta2**step) ** 0.5
+    if isinstance(step, Tensor):  # the kernel computes the bias corrections from the device value
+        bc1 = bc2_sqrt = 1.0
+    else:  # bias corrections from the host step count, in float64 like torch_ops
+        bc1 = 1.0 - beta1**step
+        bc2_sqrt = (1.0 - beta2**step) ** 0.5
     for dtype, (p, b, g, m, v) in _groups(params, backup, grads, exp_avgs, exp_avg_sqs):
         if not _fits(p, b, g, m, v):
-            torch_ops.restore_adamw_(p, b, g, m, v, step, lr, beta1, beta2, eps, weight_decay)
+            torch_ops.restore_adamw_(p, b, g, m, v, step, lr, beta1, beta2, eps, weight_decay, grad_coef, found_inf)
             continue
-        lt, lv = _scalar(lr, dtype, p[0].device)
+        dev = p[0].device
+        lt, lv = _scalar(lr, dtype, dev)
+        ct, cv = _scalar(1.0 if grad_coef is None else grad_coef, dtype, dev)
         _C.restore_adamw_(
             list(p),
             list(b),
@@ -189,6 +233,10 @@ def restore_adamw_(params, backup, grads, exp_avgs, exp_avg_sqs, step, lr, beta1
             float(beta2),
             float(eps),
             float(weight_decay),
+            _device_f32(step if isinstance(step, Tensor) else None, dev),
             bc1,
             bc2_sqrt,
+            ct,
+            cv,
+            _device_f32(found_inf, dev),
         )
