@@ -8,7 +8,7 @@ XSAM and BiSAM. After training, sharpness is measured on the training set with
 :mod:`sharpfused.metrics`: the Hessian's top eigenvalue, the surrogate gap at rho=0.05, and a 1-D
 filter-normalized loss slice.
 
-    python examples/compare.py [--epochs 40] [--seeds 2]      # ~2-3 minutes on 2 CPU cores
+    python examples/compare.py [--epochs 40] [--seeds 2]      # 3.5 minutes on 2 shared CPU cores
 
 Writes examples/results/compare.md (table), compare_accuracy.png, compare_loss.png,
 compare_landscape.png.
