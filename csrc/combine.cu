@@ -1,4 +1,6 @@
 // combine_: g <- c1 * g + c2 * saved, in opmath, rounded once. Bytes per element: read 2b, write 1b.
+// A coefficient equal to zero drops its term entirely (decided here, on the device value), so an
+// inf/NaN behind it never reaches g: 0 * inf would be NaN.
 #include "multi_tensor.cuh"
 
 namespace sharpfused {
@@ -19,7 +21,11 @@ struct CombineOp {
       load<K>(gv, g + i);
       load<K>(sv, saved + i);
 #pragma unroll
-      for (int k = 0; k < K; ++k) gv[k] = a * gv[k] + b * sv[k];
+      for (int k = 0; k < K; ++k) {
+        // where(a == 0, 0, a*g) + where(b == 0, 0, b*s); "t2 + 0" is the +0 of "0 + t2" (t2 == -0)
+        const A t2 = b == A(0) ? A(0) : b * sv[k];
+        gv[k] = a == A(0) ? t2 + A(0) : a * gv[k] + t2;
+      }
       store<K>(g + i, gv);
     });
   }

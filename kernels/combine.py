@@ -1,6 +1,8 @@
 """``combine_``: g <- c1*g + c2*saved (GSAM, XSAM, LookSAM and BSAM reduce to it).
 
-fp32 math, one rounding. Byte model per element: read 2b (g, saved), write 1b (g).
+A coefficient equal to zero drops its term entirely, so an inf/NaN behind it never reaches the
+output (0*inf would be NaN); the test is in the kernel, on runtime (possibly device) scalars, so
+no host sync. fp32 math, one rounding. Byte model per element: read 2b (g, saved), write 1b (g).
 """
 
 from __future__ import annotations
@@ -18,7 +20,10 @@ from .table import chunk_of, load, load_scalar, store, tensor_ptr
 def _combine_block(g_ptr, s_ptr, offs, mask, c1, c2, MASKED: tl.constexpr):
     g = load(g_ptr, offs, mask, MASKED).to(tl.float32)
     s = load(s_ptr, offs, mask, MASKED).to(tl.float32)
-    store(g_ptr, offs, c1 * g + c2 * s, mask, MASKED)
+    # where(c1 == 0, 0, c1*g) + where(c2 == 0, 0, c2*s), written so that c1*g + t2 may still
+    # contract to one fma; "t2 + 0.0" gives the +0 that "0 + t2" would (t2 == -0)
+    t2 = tl.where(c2 == 0, 0.0, c2 * s)
+    store(g_ptr, offs, tl.where(c1 == 0, t2 + 0.0, c1 * g + t2), mask, MASKED)
 
 
 @triton.jit
@@ -40,7 +45,7 @@ def _combine_kernel(
     CHUNK: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """g <- c1*g + c2*saved. Bytes/element: read g, saved; write g."""
+    """g <- c1*g + c2*saved, a zero coefficient dropping its term. Bytes/element: read g, saved; write g."""
     t, start, n = chunk_of(chunk_tensor_ptr, chunk_start_ptr, numels_ptr, BLOCK)
     g_ptr = tensor_ptr(addrs_ptr, 0, n_tensors, t, G_DT, ALIGNED)
     s_ptr = tensor_ptr(addrs_ptr, 1, n_tensors, t, S_DT, ALIGNED)
@@ -57,7 +62,8 @@ def _combine_kernel(
 
 
 def combine_(g, saved, c1, c2) -> None:
-    """``g <- c1 * g + c2 * saved`` (c1, c2 numbers or 0-d device tensors). Float64 goes to torch_ops."""
+    """``g <- c1 * g + c2 * saved`` (c1, c2 numbers or 0-d device tensors); a coefficient equal to
+    zero drops its term (inf/NaN behind it never reaches g). Float64 goes to torch_ops."""
     for native, _, (x, s) in tb.groups(g, saved):
         if not native:
             torch_ops.combine_(x, s, c1, c2)

@@ -264,6 +264,46 @@ def test_combine(dtype, tensor_coefs):
 
 @gpu
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tensor_coefs", [False, True])
+@pytest.mark.parametrize("aligned", [True, False], ids=["vector-path", "scalar-path"])
+def test_combine_zero_coefficient_drops_nonfinite_term(dtype, tensor_coefs, aligned):
+    """A zero coefficient drops its term in the kernel: inf/NaN behind it never reaches g (0*inf
+    would be NaN), on the 16-byte vector path and on the scalar path of odd-offset views."""
+
+    def lists():
+        if aligned:
+            return rand(SIZES, dtype), rand(SIZES, dtype)
+        cuts = [(1, 4097), (4099, 9000), (9001, 20011)]  # odd offsets: not 16-byte aligned
+        fg, fs = torch.randn(20011, dtype=dtype, device="cuda"), torch.randn(20011, dtype=dtype, device="cuda")
+        return [fg[a:b] for a, b in cuts], [fs[a:b] for a, b in cuts]
+
+    def coef(v):
+        return torch.tensor(v, device="cuda") if tensor_coefs else v
+
+    def poison(xs, value):
+        for x in xs:
+            if x.numel():
+                x[0], x[-1], x[x.numel() // 2] = value, -value, value
+
+    g, s = lists()
+    g0 = clone(g)
+    poison(s, float("nan"))
+    cu("combine_")(g, s, coef(1.0), coef(0.0))  # keep g, drop saved
+    assert all(torch.equal(a, b) for a, b in zip(g, g0))
+    s = clone(g0)
+    poison(g, float("inf"))
+    cu("combine_")(g, s, coef(0.0), coef(1.0))  # drop g, take saved
+    assert all(torch.equal(a, b) for a, b in zip(g, s))
+    poison(g, float("inf"))
+    gt = clone(g)
+    cu("combine_")(g, s, coef(0.0), coef(-0.5))  # a general coefficient on the kept term
+    T.combine_(gt, s, coef(0.0), coef(-0.5))
+    assert all(torch.isfinite(a).all() for a in g)
+    check(g, gt, R.combine([torch.zeros_like(x) for x in g], s, 0.0, -0.5), dtype, "combine c1=0")
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", ["plain", "momentum", "nesterov", "tensor_lr"])
 def test_restore_sgd(dtype, case):
     mom = 0.0 if case == "plain" else 0.9
