@@ -388,7 +388,7 @@ def test_scalars_are_not_constexpr():
     """Per-step scalars are runtime args or tensors: only block sizes, dtypes and flags are constexpr."""
     allowed_suffix = ("_DT", "_PTR")
     allowed = {"CHUNK", "BLOCK", "ALIGNED", "MASKED", "HAS_BACKUP", "HAS_MASK", "ADAPTIVE", "WEIGHTED"}
-    allowed |= {"HAS_WD", "HAS_MOMENTUM", "NESTEROV", "INIT"}
+    allowed |= {"HAS_WD", "HAS_MOMENTUM", "NESTEROV", "INIT", "HAS_COEF", "HAS_FOUND_INF"}
     kernels = [*ELEMENTWISE.values(), k_sq._sq_norm_per_tensor_kernel]
     for k in kernels:
         sig = inspect.signature(k.fn)
@@ -399,6 +399,106 @@ def test_scalars_are_not_constexpr():
         runtime = set(sig.parameters) - const
         assert not any(n.isupper() for n in runtime)
         assert k.fn.__doc__ is None or "ytes" in k.fn.__doc__  # byte model in every kernel docstring
+
+
+# ------------------------------------------------------------------------------------ skipped steps
+def _record_specializations(monkeypatch, kernels) -> dict:
+    """Per kernel, the compile key of every launch: constexpr values and the type of each runtime
+    argument (tensor dtype or Python type). Equal keys mean no recompilation under a real GPU."""
+    keys = {k: [] for k in kernels}
+
+    def wrap(k):
+        run = k.run
+
+        def recorded(*args, **kwargs):
+            const = tuple(sorted((n, str(v)) for n, v in kwargs.items() if n.isupper()))
+            types = tuple(str(a.dtype) if isinstance(a, Tensor) else type(a).__name__ for a in args)
+            keys[k].append((const, types))
+            return run(*args, **kwargs)
+
+        return recorded
+
+    for k in kernels:
+        monkeypatch.setattr(k, "run", wrap(k))
+    return keys
+
+
+def _base_steps(w, b, g, bufs, m, v, *, found_inf, coef, step, init=False):
+    K.restore_sgd_(w, b, g, bufs, 0.1, 0.9, 0.1, 0.01, True, init, coef, found_inf)
+    K.restore_adamw_(w, b, g, m, v, step, 1e-2, 0.9, 0.999, 1e-8, 0.01, coef, found_inf)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_skipped_step_one_launch_and_runtime_scalars(device, monkeypatch):
+    """A skipped step is still one launch per group; found_inf, grad_coef and a device step are
+    runtime values: changing them never changes a kernel's compile key."""
+    for k, v in DEFAULTS.items():
+        monkeypatch.setattr(tb, k, v)
+    sizes = [(i * 37) % 300 for i in range(12)]
+    b, g, bufs, m = (rand(sizes, torch.float32, device) for _ in range(4))
+    v = rand(sizes, torch.float32, device, positive=True)
+    g[3][0] = float("nan")
+    kernels = (k_step._restore_sgd_kernel, k_step._restore_adamw_kernel)
+    keys = _record_specializations(monkeypatch, kernels)
+    state = clone(bufs), clone(m), clone(v)
+    w = clone(g)
+    one = torch.tensor(1.0, device=device)
+    _base_steps(w, b, g, bufs, m, v, found_inf=one, coef=torch.tensor(0.5, device=device), step=one * 3)
+    assert all(len(keys[k]) == 1 for k in kernels), "a skipped step is one launch per group"
+    assert all(torch.equal(x, y) for x, y in zip(w, b))
+    for now, before in zip((bufs, m, v), state):
+        assert all(torch.equal(x, y) for x, y in zip(now, before))
+    g[3][0] = 1.0
+    _base_steps(w, b, g, bufs, m, v, found_inf=one * 0, coef=torch.tensor(0.25, device=device), step=one * 4)
+    assert not any(torch.equal(x, y) for x, y in zip(w, b) if x.numel()), "found_inf == 0 takes the step"
+    for k in kernels:
+        assert len(keys[k]) == 2 and keys[k][0] == keys[k][1], f"{k.fn.__name__} respecialized: {keys[k]}"
+    # float grad_coef: a runtime fp32 argument, its value is no part of the key either
+    for coef in (0.5, 0.125):
+        _base_steps(w, b, g, bufs, m, v, found_inf=one * 0, coef=coef, step=one * 5)
+    for k in kernels:
+        assert keys[k][2] == keys[k][3], f"{k.fn.__name__} respecialized on a float grad_coef"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("flag", ["bool", "int32", "fp16", "nan"])
+def test_found_inf_any_dtype_and_mixed_backup(device, flag):
+    """found_inf of any dtype (NaN counts as nonzero); bf16 params with an fp32 backup: the skipped
+    step writes the backup rounded once, an init momentum step zeros the buffer."""
+    sizes = (7, 0, 1000)
+    b = rand(sizes, torch.float32, device)
+    w = [torch.full((n,), float("nan"), dtype=torch.bfloat16, device=device) for n in sizes]
+    g = [torch.full((n,), float("inf"), dtype=torch.bfloat16, device=device) for n in sizes]
+    bufs = [torch.full((n,), float("nan"), dtype=torch.bfloat16, device=device) for n in sizes]
+    found = {
+        "bool": torch.tensor(True),
+        "int32": torch.tensor(2, dtype=torch.int32),
+        "fp16": torch.tensor(1.0, dtype=torch.float16),
+        "nan": torch.tensor(float("nan")),
+    }[flag].to(device)
+    K.restore_sgd_(w, b, g, bufs, 0.1, 0.9, 0.0, 0.0, False, True, None, found)
+    assert all(torch.equal(x, y.to(torch.bfloat16)) for x, y in zip(w, b))
+    assert all(torch.equal(x, torch.zeros_like(x)) for x in bufs)
+    m, v = clone(bufs), clone(bufs)
+    w = clone(bufs)
+    K.restore_adamw_(w, b, g, m, v, 3, 1e-2, 0.9, 0.999, 1e-8, 0.01, 2.0, found)
+    assert all(torch.equal(x, y.to(torch.bfloat16)) for x, y in zip(w, b))
+    assert all(torch.equal(x, torch.zeros_like(x)) for x in m + v)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_device_step_bias_corrections_match_host(device):
+    """The in-kernel fp64 bias corrections round to the host's double-precision values."""
+    b, g, m = (rand((5, 300), torch.float32, device) for _ in range(3))
+    v = rand((5, 300), torch.float32, device, positive=True)
+    for beta2 in (0.999, 0.9999):
+        for t in (1, 2, 10, 777, 10**5):
+            outs = []
+            for step in (t, torch.tensor(float(t), device=device)):
+                w, mm, vv = clone(b), clone(m), clone(v)
+                K.restore_adamw_(w, b, g, mm, vv, step, 1e-2, 0.9, beta2, 1e-8, 0.01)
+                outs.append(w)
+            assert all(torch.equal(x, y) for x, y in zip(*outs)), (beta2, t)
 
 
 # ------------------------------------------------------------------------------------ mixed dtypes
@@ -562,12 +662,14 @@ cases = [
     (m("sq_norm")._sq_norm_kernel, dict(X_DT=tl.float16, W_DT=tl.float16, ETA_PTR=False, WEIGHTED=True, **G)),
     (m("dot_norms")._dot_norms_kernel, dict(A_DT=F, B_DT=F, **G)),
     (m("restore_step")._restore_sgd_kernel, dict(P_DT=tl.bfloat16, B_DT=tl.bfloat16, G_DT=tl.bfloat16,
-        BUF_DT=tl.bfloat16, LR_PTR=False, HAS_WD=True, HAS_MOMENTUM=True, NESTEROV=True, INIT=False, **G)),
-    (m("restore_step")._restore_adamw_kernel, dict(P_DT=F, B_DT=F, G_DT=F, M_DT=F, V_DT=F, LR_PTR=True, **G)),
+        BUF_DT=tl.bfloat16, PB_DT=tl.int16, BB_DT=tl.int16, LR_PTR=False, COEF_PTR=True, HAS_COEF=True,
+        HAS_FOUND_INF=True, HAS_WD=True, HAS_MOMENTUM=True, NESTEROV=True, INIT=False, **G)),
+    (m("restore_step")._restore_adamw_kernel, dict(P_DT=F, B_DT=F, G_DT=F, M_DT=F, V_DT=F, PB_DT=tl.int32,
+        BB_DT=tl.int32, LR_PTR=True, STEP_PTR=True, COEF_PTR=False, HAS_COEF=True, HAS_FOUND_INF=True, **G)),
     (m("sq_norm")._sq_norm_per_tensor_kernel, dict(BLOCK=1024)),
 ]
 FLOATS = {"momentum", "one_minus_dampening", "weight_decay", "inv_bc1", "one_minus_beta1", "beta2",
-          "one_minus_beta2", "eps", "bc2_sqrt"}
+          "one_minus_beta2", "eps", "bc2_sqrt", "beta1_hi", "beta1_lo", "beta2_hi", "beta2_lo"}
 for fn, consts in cases:
     sig = {}
     for name in fn.arg_names:
@@ -582,5 +684,8 @@ for fn, consts in cases:
             sig[name] = "i32"
     k = triton.compile(ASTSource(fn, sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
                        options={"num_warps": 8})
+    if fn.__name__ == "_restore_adamw_kernel":  # device-step bias corrections: IEEE fp64 div and sqrt
+        ptx = k.asm["ptx"]
+        assert "div.rn.f64" in ptx and "sqrt.rn.f64" in ptx and "approx.f64" not in ptx, "fp64 not IEEE"
     print("kernel", fn.__name__, len(re.findall(r"ld\.global(?:\.\w+)*\.v4", k.asm["ptx"])))
 """
