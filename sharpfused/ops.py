@@ -13,6 +13,8 @@ Conventions shared by every backend:
 * Scalars (``scale``, ``lr``, coefficients) may be Python numbers or 0-d tensors on
   the device; a step never calls ``.item()`` on a device tensor.
 * Reductions are deterministic: a fixed partition, fixed order, no atomics.
+* ``found_inf`` (the fused base steps): a 0-d device tensor, nonzero to skip the step on the
+  device -- the weights are restored bit-exactly and no optimizer state changes; no host sync.
 
 Byte models (b = bytes per parameter element, per element of the list):
 
@@ -123,7 +125,9 @@ def backend_module(name: str) -> ModuleType:
 
 
 # ---------------------------------------------------------------------------------------
-# The primitives. Each forwards to the backend module of the same name.
+# The primitives. Each forwards to the backend module of the same name; while
+# torch.compile traces, to the custom op of the same name (sharpfused.library), which the
+# graph keeps as one opaque node that runs the same backend function.
 # ---------------------------------------------------------------------------------------
 
 
@@ -140,6 +144,8 @@ def sq_norm(
     Returns a 0-d opmath tensor on the list's device; with ``per_tensor=True`` also a
     1-d tensor of each tensor's squared norm. Non-finite inputs give a non-finite result.
     """
+    if torch.compiler.is_compiling():
+        return library.sq_norm(xs, weights, eta, per_tensor, backend=backend)
     return _loaded.get(backend, backend_module(backend)).sq_norm(xs, weights, eta, per_tensor)
 
 
@@ -157,23 +163,36 @@ def perturb_(
 
     ``T = |w| + eta`` (evaluated at the incoming w) when ``eta`` is not None, else 1.
     """
+    if torch.compiler.is_compiling():
+        return library.perturb_(params, grads, backup, scale, eta, mask, backend=backend)
     _loaded.get(backend, backend_module(backend)).perturb_(params, grads, backup, scale, eta, mask)
 
 
 def restore_(params: Sequence[Tensor], backup: Sequence[Tensor], *, backend: str = "torch") -> None:
     """``w <- backup``, bit-exact."""
+    if torch.compiler.is_compiling():
+        return library.restore_(params, backup, backend=backend)
     _loaded.get(backend, backend_module(backend)).restore_(params, backup)
 
 
 def dot_norms(a: Sequence[Tensor], b: Sequence[Tensor], *, backend: str = "torch") -> Tensor:
     """``(<a,b>, |a|^2, |b|^2)`` over all tensors, as one 1-d opmath tensor of 3 entries."""
+    if torch.compiler.is_compiling():
+        return library.dot_norms(a, b, backend=backend)
     return _loaded.get(backend, backend_module(backend)).dot_norms(a, b)
 
 
 def combine_(
     g: Sequence[Tensor], saved: Sequence[Tensor], c1: Scalar, c2: Scalar, *, backend: str = "torch"
 ) -> None:
-    """``g <- c1 * g + c2 * saved``."""
+    """``g <- c1 * g + c2 * saved``; a coefficient equal to zero drops its term entirely.
+
+    So a non-finite input behind a zero coefficient never reaches the output: with device
+    coefficients chosen by a skip flag (``torch.where(skip, 1, c1)``, ``torch.where(skip, 0, c2)``)
+    an algorithm keeps its state unchanged on a skipped step without a host sync.
+    """
+    if torch.compiler.is_compiling():
+        return library.combine_(g, saved, c1, c2, backend=backend)
     _loaded.get(backend, backend_module(backend)).combine_(g, saved, c1, c2)
 
 
@@ -189,16 +208,28 @@ def restore_sgd_(
     weight_decay: float,
     nesterov: bool,
     init_momentum: bool,
+    grad_coef: Optional[Scalar] = None,
+    found_inf: Optional[Tensor] = None,
     backend: str = "torch",
 ) -> None:
     """Restore fused with torch.optim.SGD's update, evaluated at the restored weights w0:
 
-    d = g + wd*w0;  buf = d (first step) or momentum*buf + (1-dampening)*d;
+    g' = grad_coef*g;  d = g' + wd*w0;  buf = d (first step) or momentum*buf + (1-dampening)*d;
     d = d + momentum*buf (nesterov) or buf;  w = w0 - lr*d.
     ``momentum_buffers`` is None when momentum == 0; ``init_momentum`` marks the first step.
+    ``grad_coef`` (unscale and clip factor) multiplies g first. ``found_inf``: a 0-d device
+    tensor; where nonzero the step is skipped on the device: w = w0 bit-exactly and the
+    momentum buffers keep their values (on an ``init_momentum`` step they become zeros).
     """
+    if torch.compiler.is_compiling():
+        return library.restore_sgd_(
+            params, backup, grads, momentum_buffers, lr=lr, momentum=momentum, dampening=dampening,
+            weight_decay=weight_decay, nesterov=nesterov, init_momentum=init_momentum, grad_coef=grad_coef,
+            found_inf=found_inf, backend=backend,
+        )
     _loaded.get(backend, backend_module(backend)).restore_sgd_(
-        params, backup, grads, momentum_buffers, lr, momentum, dampening, weight_decay, nesterov, init_momentum
+        params, backup, grads, momentum_buffers, lr, momentum, dampening, weight_decay, nesterov, init_momentum,
+        grad_coef, found_inf,
     )
 
 
@@ -209,19 +240,32 @@ def restore_adamw_(
     exp_avgs: Sequence[Tensor],
     exp_avg_sqs: Sequence[Tensor],
     *,
-    step: int,
+    step: Scalar,
     lr: Scalar,
     beta1: float,
     beta2: float,
     eps: float,
     weight_decay: float,
+    grad_coef: Optional[Scalar] = None,
+    found_inf: Optional[Tensor] = None,
     backend: str = "torch",
 ) -> None:
-    """Restore fused with torch.optim.AdamW's update (``step`` already incremented):
+    """Restore fused with torch.optim.AdamW's update (``step`` already counts this step):
 
-    w0 = backup; m = b1*m + (1-b1)*g; v = b2*v + (1-b2)*g^2;
+    g' = grad_coef*g; w0 = backup; m = b1*m + (1-b1)*g'; v = b2*v + (1-b2)*g'^2;
     w = w0*(1 - lr*wd) - lr/(1-b1^t) * m / (sqrt(v)/sqrt(1-b2^t) + eps).
+    ``step`` is an int or a 0-d device tensor (bias corrections then computed on the device, so
+    the call needs no host value and can be captured in a CUDA graph). ``found_inf``: a 0-d
+    device tensor; where nonzero the step is skipped: w = w0 bit-exactly, m and v unchanged.
     """
+    if torch.compiler.is_compiling():
+        return library.restore_adamw_(
+            params, backup, grads, exp_avgs, exp_avg_sqs, step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+            weight_decay=weight_decay, grad_coef=grad_coef, found_inf=found_inf, backend=backend,
+        )
     _loaded.get(backend, backend_module(backend)).restore_adamw_(
-        params, backup, grads, exp_avgs, exp_avg_sqs, step, lr, beta1, beta2, eps, weight_decay
+        params, backup, grads, exp_avgs, exp_avg_sqs, step, lr, beta1, beta2, eps, weight_decay, grad_coef, found_inf
     )
+
+
+from . import library  # noqa: E402  (imports ops back: the custom ops call backend_module)

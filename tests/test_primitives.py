@@ -181,3 +181,119 @@ def test_backend_resolution():
         ops.resolve("fast", cpu)
     with pytest.raises(ValueError, match="CUDA tensors only"):
         ops.resolve("cuda", cpu)
+
+
+# ------------------------------------------------------------------ skipped steps, grad_coef, device step
+def _backends():
+    out = [("torch", "cpu"), ("torch-device-path", "cpu")]
+    if ops.unavailable_reason("triton", torch.device("cpu")) is None:
+        out.append(("triton", "cpu"))
+    if torch.cuda.is_available():
+        for b in ops.BACKENDS:
+            if ops.unavailable_reason(b, torch.device("cuda")) is None:
+                out.append((b, "cuda"))
+    return out
+
+
+LOW_AND_FP32 = [torch.float32, torch.bfloat16, torch.float16]
+
+
+@pytest.fixture
+def real_backend(monkeypatch):
+    """'torch-device-path': the torch backend with the host read of the skip flag switched off,
+    so the on-device path (what runs on a GPU) is checked on CPU too."""
+
+    def resolve(name):
+        if name == "torch-device-path":
+            monkeypatch.setattr(torch_ops, "HOST_BRANCH_ON_CPU", False)
+            return "torch"
+        return name
+
+    return resolve
+SKIP_SHAPES = [(1,), (7,), (0,), (33, 5), (4099,)]
+
+
+def _base_call(kind, backend, p, b, g, st, *, init=False, step=3, grad_coef=None, found_inf=None, **hp):
+    if kind == "sgd":
+        ops.restore_sgd_(p, b, g, st[0] if hp["momentum"] else None, lr=hp["lr"], momentum=hp["momentum"],
+                         dampening=0.1, weight_decay=0.01, nesterov=hp["nesterov"], init_momentum=init,
+                         grad_coef=grad_coef, found_inf=found_inf, backend=backend)
+    else:
+        ops.restore_adamw_(p, b, g, st[0], st[1], step=step, lr=hp["lr"], beta1=0.9, beta2=0.99, eps=1e-8,
+                           weight_decay=0.05, grad_coef=grad_coef, found_inf=found_inf, backend=backend)
+
+
+KINDS = [("sgd", dict(lr=0.1, momentum=0.9, nesterov=False)), ("sgd", dict(lr=0.1, momentum=0.9, nesterov=True)),
+         ("sgd", dict(lr=0.1, momentum=0.0, nesterov=False)), ("adamw", dict(lr=1e-2))]
+
+
+@pytest.mark.parametrize("backend,device", _backends())
+@pytest.mark.parametrize("dtype", LOW_AND_FP32 + [torch.float64])
+@pytest.mark.parametrize("kind,hp", KINDS, ids=["sgd-m", "sgd-nesterov", "sgd-plain", "adamw"])
+@pytest.mark.parametrize("init", [False, True])
+@pytest.mark.parametrize("bad", ["inf", "nan"])
+def test_skipped_step_restores_exactly_and_keeps_state(backend, device, dtype, kind, hp, init, bad, real_backend):
+    backend = real_backend(backend)
+    if init and kind == "adamw":
+        pytest.skip("init_momentum is an SGD flag")
+    w0 = rand_list(SKIP_SHAPES, dtype, device)
+    w0[1][0] = -0.0  # signed zeros must survive the skip too
+    w0[3][0, 0] = 0.0
+    p = [x.clone() for x in w0]
+    ops.perturb_(p, rand_list(SKIP_SHAPES, dtype, device), None, 0.5, backend=backend)
+    g = rand_list(SKIP_SHAPES, dtype, device)
+    g[4][17] = float(bad)
+    st = [[x.abs() for x in rand_list(SKIP_SHAPES, dtype, device)] for _ in range(2)]
+    st0 = [[x.clone() for x in s] for s in st]
+    _base_call(kind, backend, p, w0, g, st, init=init, found_inf=torch.tensor(1.0, device=device), **hp)
+    assert all(torch.equal(a, c) for a, c in zip(p, w0)), "weights must be the backup, bit for bit"
+    assert all(torch.equal(a.view(-1).view(torch.int8) if a.numel() else a, c.view(-1).view(torch.int8) if c.numel() else c)
+               for a, c in zip(p, w0)), "signed zeros must be kept"
+    if kind == "sgd" and hp["momentum"] and init:
+        assert all(torch.equal(a, torch.zeros_like(a)) for a in st[0])
+    else:
+        for s, s0 in zip(st, st0):
+            assert all(torch.equal(a, c) for a, c in zip(s, s0)), "optimizer state must not change"
+
+
+@pytest.mark.parametrize("backend,device", _backends())
+@pytest.mark.parametrize("dtype", LOW_AND_FP32)
+@pytest.mark.parametrize("kind,hp", KINDS, ids=["sgd-m", "sgd-nesterov", "sgd-plain", "adamw"])
+def test_found_inf_zero_grad_coef_and_device_step(backend, device, dtype, kind, hp, real_backend):
+    """found_inf=0 changes nothing, grad_coef equals pre-scaled gradients, a device step equals the int."""
+    backend = real_backend(backend)
+    w0 = rand_list(SKIP_SHAPES, dtype, device)
+    g = rand_list(SKIP_SHAPES, torch.float32, device)
+    st = [[x.abs().to(dtype) for x in rand_list(SKIP_SHAPES, torch.float32, device)] for _ in range(2)]
+    outs = []
+    for variant in ("plain", "found0", "coef", "devstep"):
+        p = [x.clone() for x in w0]
+        s = [[x.clone() for x in si] for si in st]
+        coef = torch.tensor(0.25, device=device) if variant == "coef" else None
+        gg = [(x * 4 if variant == "coef" else x).to(dtype) for x in g]  # 4 * 0.25 == 1 exactly
+        step = torch.tensor(3.0, device=device) if variant == "devstep" else 3
+        found = torch.tensor(0.0, device=device) if variant == "found0" else None
+        _base_call(kind, backend, p, w0, gg, s, step=step, grad_coef=coef, found_inf=found, **hp)
+        outs.append(p + s[0] + (s[1] if kind == "adamw" else []))
+    for o in outs[1:]:
+        assert rel_err(o, outs[0]) < 2e-7, rel_err(o, outs[0])
+
+
+@pytest.mark.parametrize("backend,device", _backends())
+@pytest.mark.parametrize("dtype", LOW_AND_FP32 + [torch.float64])
+@pytest.mark.parametrize("tensor_coef", [False, True])
+def test_combine_zero_coefficient_drops_nonfinite_term(backend, device, dtype, tensor_coef, real_backend):
+    backend = real_backend(backend)
+    g = rand_list(SKIP_SHAPES, dtype, device)
+    s = rand_list(SKIP_SHAPES, dtype, device)
+    g0, s0 = [x.clone() for x in g], [x.clone() for x in s]
+
+    def coef(v):
+        return torch.tensor(v, device=device) if tensor_coef else v
+
+    s[4][3] = float("nan")
+    ops.combine_(g, s, coef(1.0), coef(0.0), backend=backend)  # keep g, drop saved
+    assert all(torch.equal(a, b) for a, b in zip(g, g0))
+    g[4][5] = float("inf")
+    ops.combine_(g, s0, coef(0.0), coef(1.0), backend=backend)  # drop g, take saved
+    assert all(torch.equal(a, b) for a, b in zip(g, s0))

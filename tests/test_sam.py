@@ -303,6 +303,9 @@ def test_protocol_errors():
 
 
 def test_no_host_sync_inside_steps(monkeypatch):
+    from sharpfused.backends import torch_ops
+
+    monkeypatch.setattr(torch_ops, "HOST_BRANCH_ON_CPU", False)  # check the path a GPU runs
     model, x, y = make("convbn", torch.float32)
     for base, kw in [(torch.optim.SGD, dict(lr=0.1, momentum=0.9)), (torch.optim.AdamW, dict(lr=1e-3))]:
         opt = SAM(model.parameters(), base, adaptive=True, rho=0.5, **kw)

@@ -183,62 +183,192 @@ def dot_norms(a, b):
     return out[0] if len(out) == 1 else torch.stack([o.double() for o in out]).sum(0)
 
 
+def _is_zero(c) -> bool:
+    return not isinstance(c, Tensor) and c == 0
+
+
 def combine_(g, saved, c1, c2):
+    tensor_coef = isinstance(c1, Tensor) or isinstance(c2, Tensor)
     for dtype, (x, s) in _groups(g, saved):
-        if dtype not in _LOW:
-            _mul_(x, c1)
-            _axpy_(x, s, c2)
+        if dtype not in _LOW and not tensor_coef:
+            if _is_zero(c1):
+                torch._foreach_zero_(x)  # dropped: 0 * inf would be NaN
+            else:
+                _mul_(x, c1)
+            if not _is_zero(c2):
+                _axpy_(x, s, c2)
             continue
-        ws = _workspace(x, opmath(dtype), 0)  # c1*g + c2*saved in opmath, one rounding at the end
+        # c1*g + c2*saved in opmath, one rounding at the end; a zero coefficient drops its term
+        flat, ws = _workspace_flat(x, opmath(dtype), 0)
         torch._foreach_copy_(ws, x)
         _mul_(ws, c1)
-        _axpy_(ws, _opm(s, dtype, 1), c2)
+        if isinstance(c1, Tensor):
+            flat.masked_fill_(c1 == 0, 0.0)
+        elif c1 == 0:
+            flat.zero_()
+        if isinstance(c2, Tensor):
+            flat2, ws2 = _workspace_flat(x, opmath(dtype), 1)
+            torch._foreach_copy_(ws2, s)
+            _mul_(ws2, c2)
+            flat2.masked_fill_(c2 == 0, 0.0)
+            torch._foreach_add_(ws, ws2)
+        elif c2 != 0:
+            _axpy_(ws, _opm(s, dtype, 1), c2)
         torch._foreach_copy_(x, ws)
 
 
-def restore_sgd_(params, backup, grads, momentum_buffers, lr, momentum, dampening, weight_decay, nesterov, init_momentum):
+def _skip_mask(found_inf: Optional[Tensor]) -> Optional[Tensor]:
+    """0-d bool: True where the step is skipped (found_inf nonzero)."""
+    return None if found_inf is None else found_inf != 0
+
+
+def _pick(skip: Optional[Tensor], normal: float, skipped: float):
+    """``normal``, or a 0-d device tensor that is ``skipped`` when the step is skipped (no host sync)."""
+    if skip is None:
+        return normal
+    # float64, so that a float64 bucket sees exactly the Python number (cast down for others)
+    return torch.where(skip, torch.tensor(skipped, dtype=torch.float64, device=skip.device), normal)
+
+
+def _sanitized_grad(p, g, grad_coef, skip, dtype) -> tuple[Tensor, list[Tensor]]:
+    """Opmath scratch (slot 0) holding grad_coef * g, zeroed when the step is skipped."""
+    flat, d = _workspace_flat(p, opmath(dtype), 0)
+    torch._foreach_copy_(d, g)
+    if grad_coef is not None:
+        _mul_(d, grad_coef)
+    if skip is not None:
+        flat.masked_fill_(skip, 0.0)  # g may hold inf/NaN; 0 keeps every state update a no-op
+    return flat, d
+
+
+def _store_delta_(p, flat: Tensor, delta: list[Tensor], b, skip, dtype) -> None:
+    """w <- backup + delta; on a skipped step delta is -0.0, and x + (-0.0) == x bit for bit."""
+    if skip is not None:
+        flat.masked_fill_(skip, -0.0)
+    _store_(p, delta, b, dtype)
+
+
+#: On CPU tensors the skip flag is read on the host (there is no device to wait for), so a step
+#: that is not skipped takes the short path below; on other devices the skip stays on the device.
+#: Tests switch this off to check on CPU that the device path needs no host read.
+HOST_BRANCH_ON_CPU = True
+
+
+def _host_skip(found_inf: Optional[Tensor], params: Sequence[Tensor]) -> Optional[bool]:
+    if found_inf is None:
+        return False
+    if HOST_BRANCH_ON_CPU and found_inf.device.type == "cpu" and params[0].device.type == "cpu":
+        return bool(found_inf != 0)
+    return None  # unknown on the host: decide on the device
+
+
+def _skipped_(params, backup, init_buffers) -> None:
+    restore_(params, backup)
+    if init_buffers is not None:
+        torch._foreach_zero_(init_buffers)
+
+
+def restore_sgd_(
+    params, backup, grads, momentum_buffers, lr, momentum, dampening, weight_decay, nesterov, init_momentum,
+    grad_coef=None, found_inf=None,
+):
+    host = _host_skip(found_inf, params)
+    if host:
+        return _skipped_(params, backup, momentum_buffers if momentum and init_momentum else None)
+    skip = None if host is False else _skip_mask(found_inf)
     for dtype, (p, b, g, buf) in _groups(params, backup, grads, momentum_buffers):
-        d = _workspace(p, opmath(dtype), 0)
-        torch._foreach_copy_(d, g)
+        if skip is None and dtype not in _LOW:
+            _sgd_short_(p, b, g, buf, lr, momentum, dampening, weight_decay, nesterov, init_momentum, grad_coef, dtype)
+            continue
+        flat, d = _sanitized_grad(p, g, grad_coef, None, dtype)
         if weight_decay:
             _axpy_(d, _opm(b, dtype, 1), weight_decay)
+        if skip is not None:
+            flat.masked_fill_(skip, 0.0)
         if momentum:
             if init_momentum:
-                torch._foreach_copy_(buf, d)
-            elif dtype in _LOW:
-                bb = _opm(buf, dtype, 1)
-                torch._foreach_mul_(bb, float(momentum))
-                _axpy_(bb, d, 1.0 - float(dampening))
-                torch._foreach_copy_(buf, bb)
+                torch._foreach_copy_(buf, d)  # zeros on a skipped step
             else:
-                torch._foreach_mul_(buf, float(momentum))
-                _axpy_(buf, d, 1.0 - float(dampening))
+                keep_buf = _pick(skip, float(momentum), 1.0)
+                if dtype in _LOW:
+                    bb = _opm(buf, dtype, 1)
+                    _mul_(bb, keep_buf)
+                    _axpy_(bb, d, 1.0 - float(dampening))
+                    torch._foreach_copy_(buf, bb)
+                else:
+                    _mul_(buf, keep_buf)
+                    _axpy_(buf, d, 1.0 - float(dampening))
             if nesterov:
                 _axpy_(d, _opm(buf, dtype, 1), momentum)
             else:
                 torch._foreach_copy_(d, buf)
         _mul_(d, -lr)
-        _store_(p, d, b, dtype)
+        _store_delta_(p, flat, d, b, skip, dtype)
 
 
-def restore_adamw_(params, backup, grads, exp_avgs, exp_avg_sqs, step, lr, beta1, beta2, eps, weight_decay):
-    bc1 = 1.0 - beta1**step
-    bc2_sqrt = (1.0 - beta2**step) ** 0.5
+def _sgd_short_(p, b, g, buf, lr, momentum, dampening, weight_decay, nesterov, init, grad_coef, dtype) -> None:
+    """Not skipped, opmath == dtype: the fewest passes (d is g itself unless it must change)."""
+    d = g
+    if grad_coef is not None or weight_decay or (momentum and nesterov):
+        d = _workspace(p, dtype, 0)
+        torch._foreach_copy_(d, g)
+        if grad_coef is not None:
+            _mul_(d, grad_coef)
+        if weight_decay:
+            _axpy_(d, b, weight_decay)
+    if momentum:
+        if init:
+            torch._foreach_copy_(buf, d)
+        else:
+            torch._foreach_mul_(buf, float(momentum))
+            _axpy_(buf, d, 1.0 - float(dampening))
+        if nesterov:
+            _axpy_(d, buf, momentum)
+        else:
+            d = buf
+    torch._foreach_copy_(p, b)
+    _axpy_(p, d, -lr)
+
+
+def restore_adamw_(
+    params, backup, grads, exp_avgs, exp_avg_sqs, step, lr, beta1, beta2, eps, weight_decay,
+    grad_coef=None, found_inf=None,
+):
+    if isinstance(step, Tensor):  # bias corrections on the device: no host value needed
+        t = step.to(torch.float64)
+        bc1 = 1.0 - beta1**t
+        inv_bc2_sqrt = (1.0 - beta2**t).rsqrt()
+    else:
+        bc1 = 1.0 - beta1**step
+        inv_bc2_sqrt = (1.0 - beta2**step) ** -0.5
+    host = _host_skip(found_inf, params)
+    if host:
+        return _skipped_(params, backup, None)
+    skip = None if host is False else _skip_mask(found_inf)
+    w1 = _pick(skip, 1.0 - beta1, 0.0)
+    keep_m = _pick(skip, beta1, 1.0)
+    keep_v = _pick(skip, beta2, 1.0)
+    w2 = _pick(skip, 1.0 - beta2, 0.0)
     for dtype, (p, b, g, m, v) in _groups(params, backup, grads, exp_avgs, exp_avg_sqs):
+        flat, d = _sanitized_grad(p, g, grad_coef, skip, dtype)
         # moments stay in the parameter dtype, as torch.optim.AdamW keeps them
-        torch._foreach_lerp_(m, g, 1.0 - beta1)
-        torch._foreach_mul_(v, beta2)
-        torch._foreach_addcmul_(v, g, g, value=1.0 - beta2)
-        ws = _workspace(p, opmath(dtype), 0)
-        torch._foreach_copy_(ws, v)
-        torch._foreach_sqrt_(ws)
-        torch._foreach_div_(ws, bc2_sqrt)
-        torch._foreach_add_(ws, eps)
-        torch._foreach_reciprocal_(ws)
-        torch._foreach_mul_(ws, _opm(m, dtype, 1))  # m / denom
-        _mul_(ws, lr)
-        _mul_(ws, -1.0 / bc1)  # -lr/bc1 * m/denom
-        # + w0*(1 - lr*wd), accumulated in opmath
+        for state, keep, w in ((m, keep_m, w1), (v, keep_v, w2)):
+            if state is v:
+                torch._foreach_mul_(d, d)  # g'^2; g' is not needed after m
+            st = _opm(state, dtype, 1) if dtype in _LOW else state
+            _mul_(st, keep)
+            _axpy_(st, d, w)
+            if st is not state:
+                torch._foreach_copy_(state, st)
+        torch._foreach_copy_(d, v)  # denominator: sqrt(v)/sqrt(bc2) + eps
+        torch._foreach_sqrt_(d)
+        _mul_(d, inv_bc2_sqrt)
+        torch._foreach_add_(d, eps)
+        torch._foreach_reciprocal_(d)
+        torch._foreach_mul_(d, _opm(m, dtype, 1))  # m / denom
+        _mul_(d, lr)
+        _mul_(d, -1.0 / bc1)  # -lr/bc1 * m/denom
         w0 = _opm(b, dtype, 1)
-        _axpy_(ws, w0, 1.0 - lr * weight_decay)
-        torch._foreach_copy_(p, ws)
+        if isinstance(lr, Tensor) or weight_decay:
+            _axpy_(d, w0, -lr * weight_decay)  # decoupled decay, accumulated in opmath
+        _store_delta_(p, flat, d, b, skip, dtype)

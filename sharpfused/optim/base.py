@@ -121,6 +121,9 @@ class SharpnessAware(Optimizer):
 
     #: per-group hyperparameters of the algorithm, validated at construction and in add_param_group
     hyper: dict[str, Callable[[str, Any, str], None]] = {}
+    #: torch.amp.GradScaler contract: ``scaler.step(opt)`` sets ``opt.grad_scale`` (the loss scale, or
+    #: None once unscaled) and ``opt.found_inf`` and calls ``opt.step()``, which here is second_step()
+    _step_supports_amp_scaling = True
 
     def __init__(
         self,
@@ -142,6 +145,9 @@ class SharpnessAware(Optimizer):
                 "base_optimizer must be a torch.optim.Optimizer subclass (e.g. torch.optim.SGD) or an "
                 f"optimizer instance, got {base_optimizer!r}"
             )
+        max_grad_norm = base_kwargs.pop("max_grad_norm", None)
+        if max_grad_norm is not None:
+            _check_number("max_grad_norm", max_grad_norm, strict=True)
         if instance and base_kwargs:
             raise TypeError(
                 f"keyword arguments {sorted(base_kwargs)} are for building a base optimizer, but "
@@ -154,6 +160,10 @@ class SharpnessAware(Optimizer):
             raise ValueError("params is empty: the optimizer got no parameters to optimize")
         self._base_ready = False
         self.backend = backend
+        self.max_grad_norm = max_grad_norm
+        #: 0-d bool device tensor after each step: True when the step was skipped (non-finite gradients)
+        self.last_step_skipped: Optional[Tensor] = None
+        self._nonfinite: Optional[Tensor] = None
         super().__init__(params, defaults)
         if instance:
             mine = {id(p) for g in self.param_groups for p in g["params"]}
@@ -241,7 +251,17 @@ class SharpnessAware(Optimizer):
             parts.append(
                 ops.sq_norm(xs(b) if xs else b.grads(), b.params if adaptive else None, g.get("eta", 0.0), backend=b.backend)
             )
-        return self.all_reduce_partials(buckets, parts).sqrt()
+        return self.note_finite(self.all_reduce_partials(buckets, parts)).sqrt()
+
+    def note_finite(self, total: Tensor) -> Tensor:
+        """Remember (on the device) whether a reduction of this step is non-finite; returns ``total``.
+
+        Every norm and dot product of a step passes through here, so an inf/NaN gradient of any
+        pass marks the step for skipping at no extra pass over memory.
+        """
+        bad = ~torch.isfinite(total).all()
+        self._nonfinite = bad if self._nonfinite is None else self._nonfinite | bad.to(self._nonfinite.device)
+        return total
 
     def all_reduce_partials(self, buckets: list[Bucket], parts: list[Tensor]) -> Tensor:
         """Sum per-bucket partial sums (``parts[i]`` from ``buckets[i]``, equal shapes) into the global sum.
@@ -287,7 +307,9 @@ class SharpnessAware(Optimizer):
         self, buckets: list[Bucket], a: Callable[[Bucket], list[Tensor]], b: Callable[[Bucket], list[Tensor]]
     ) -> Tensor:
         """(<a,b>, ||a||^2, ||b||^2) summed over every bucket: one ``dot_norms`` per bucket."""
-        return self.all_reduce_partials(buckets, [ops.dot_norms(a(bk), b(bk), backend=bk.backend) for bk in buckets])
+        return self.note_finite(
+            self.all_reduce_partials(buckets, [ops.dot_norms(a(bk), b(bk), backend=bk.backend) for bk in buckets])
+        )
 
     def copy(self, buckets: list[Bucket], dst: Callable[[Bucket], list[Tensor]], src: Callable[[Bucket], list[Tensor]]) -> None:
         """dst <- src, bit-exact, per bucket (``restore_`` is a copy)."""
@@ -354,26 +376,70 @@ class SharpnessAware(Optimizer):
                 s["step"] = torch.tensor(0.0, dtype=torch.float32)
                 s["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 s["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        if len({float(s["step"]) for s in states}) != 1:  # read once per bucket build, not per step
+            return False
+        if b.device.type != "cpu":
+            # counted on the device, as torch's capturable AdamW does: a skipped step must not
+            # count, and that is only known on the device
+            for s in states:
+                s["step"] = s["step"].to(b.device, torch.float32)
         steps = [s["step"] for s in states]
-        if any(t.device.type != "cpu" for t in steps):
-            return False
-        counts = {float(t) for t in steps}  # host tensors: no device sync
-        if len(counts) != 1:
-            return False
         b.base_state = {
             "steps": steps,
-            "count": int(counts.pop()),
             "m": [local_tensor(s["exp_avg"]) for s in states],
             "v": [local_tensor(s["exp_avg_sq"]) for s in states],
         }
         return True
 
+    def unless_skipped(self, value: Any, skipped: float) -> Any:
+        """``value``, or ``skipped`` once a reduction of this step was non-finite: a device tensor, no sync.
+
+        With :func:`sharpfused.ops.combine_` (a zero coefficient drops its term) this keeps an
+        algorithm's running state unchanged on a skipped step, whatever the gradients hold.
+        """
+        if self._nonfinite is None:
+            return value
+        other = torch.tensor(skipped, dtype=torch.float64, device=self._nonfinite.device)
+        return torch.where(self._nonfinite, other, value)
+
+    def final_grad_check(self, buckets: list[Bucket]) -> tuple[Optional[Tensor], Tensor]:
+        """(grad_coef, skip) for the final gradients now in ``.grad``, all on the device.
+
+        One read of the final gradients gives their norm: non-finite marks the step skipped
+        (with any non-finite reduction of the earlier passes and GradScaler's ``found_inf``);
+        ``grad_coef`` folds GradScaler's unscale (1/``grad_scale``) and ``max_grad_norm``
+        clipping (min(1, max/(||g||+1e-6)), on the unscaled norm) into one factor.
+        """
+        sq = self.note_finite(
+            self.all_reduce_partials(buckets, [ops.sq_norm(b.grads(), backend=b.backend) for b in buckets])
+        )
+        skip = self._nonfinite
+        found = getattr(self, "found_inf", None)  # set by GradScaler.step()
+        if found is not None:
+            skip = skip | (found.to(skip.device) != 0)
+        coef: Optional[Tensor] = None
+        scale = getattr(self, "grad_scale", None)
+        if scale is not None:
+            coef = scale.to(sq.device, torch.float32).reciprocal()
+        if self.max_grad_norm is not None:
+            norm = sq.sqrt() if coef is None else sq.sqrt() * coef
+            clip = (self.max_grad_norm / (norm + 1e-6)).clamp(max=1.0)
+            coef = clip if coef is None else coef * clip
+        return coef, skip
+
     def restore_and_base_step(self, buckets: list[Bucket]) -> None:
         """Restore w exactly and take the base optimizer's step with the gradients now in ``.grad``.
 
         For torch.optim.SGD and AdamW this is one fused primitive per bucket that writes the
-        base optimizer's own state; any other base optimizer gets restore + ``base.step()``.
+        base optimizer's own state and honours a skip on the device (no host sync); any other
+        base optimizer gets restore + ``base.step()``, which needs one host read of the skip flag.
+        Sets ``last_step_skipped``.
         """
+        if not buckets:
+            self.base_optimizer.step()
+            return
+        coef, skip = self.final_grad_check(buckets)
+        self.last_step_skipped = skip
         kind = self._fused_kind()
         fused = kind is not None and self._grad_key() == self._bucket_key
         if fused:
@@ -382,27 +448,33 @@ class SharpnessAware(Optimizer):
             self.restore(buckets)
             for b in buckets:
                 b.base_state = None  # base.step() may create or replace state tensors
-            self.base_optimizer.step()
+                if coef is not None:
+                    ops.combine_(b.grads(), b.grads(), coef.to(b.device), 0.0, backend=b.backend)
+            if not bool(skip):  # the one host sync: a third-party step cannot be skipped on the device
+                self.base_optimizer.step()
             return
         for b in buckets:
             g, s = b.group, b.base_state
+            c = None if coef is None else coef.to(b.device)
+            found = skip.to(b.device)
             if kind == "sgd":
                 ops.restore_sgd_(
                     b.params, b.backup.views, b.grads(), s["bufs"], lr=g["lr"], momentum=g["momentum"],
                     dampening=g["dampening"], weight_decay=g["weight_decay"], nesterov=g["nesterov"],
-                    init_momentum=s["init"], backend=b.backend,
+                    init_momentum=s["init"], grad_coef=c, found_inf=found, backend=b.backend,
                 )
                 if s["init"]:
                     for p, buf in zip(b.sources, s["state_bufs"]):
                         self.base_optimizer.state[p]["momentum_buffer"] = buf
                     s["init"] = False
             else:
-                s["count"] += 1
-                torch._foreach_add_(s["steps"], 1.0)
+                steps = s["steps"]
+                torch._foreach_add_(steps, (~found).to(steps[0].device, torch.float32))  # a skipped step does not count
                 beta1, beta2 = g["betas"]
                 ops.restore_adamw_(
-                    b.params, b.backup.views, b.grads(), s["m"], s["v"], step=s["count"], lr=g["lr"],
-                    beta1=beta1, beta2=beta2, eps=g["eps"], weight_decay=g["weight_decay"], backend=b.backend,
+                    b.params, b.backup.views, b.grads(), s["m"], s["v"], step=steps[0].to(b.device), lr=g["lr"],
+                    beta1=beta1, beta2=beta2, eps=g["eps"], weight_decay=g["weight_decay"], grad_coef=c,
+                    found_inf=found, backend=b.backend,
                 )
 
     # ---------------------------------------------------------------- protocol
@@ -412,7 +484,12 @@ class SharpnessAware(Optimizer):
                 f"{type(self).__name__}.first_step() called twice: call second_step() after the second "
                 "forward/backward before starting the next step"
             )
+        self.new_step()
         return self.buckets()
+
+    def new_step(self) -> None:
+        """Start a step: forget the last step's non-finite mark (first_step calls this)."""
+        self._nonfinite = None
 
     def _begin_second(self) -> list[Bucket]:
         if not self._perturbed:
@@ -449,6 +526,9 @@ class SharpnessAware(Optimizer):
         perturbed-point gradients never seed the next step's first pass.
         """
         if closure is None:
+            if self._perturbed:  # after first_step: step() is second_step(), as GradScaler.step(opt) calls it
+                self.second_step()
+                return None
             raise RuntimeError(
                 f"{type(self).__name__}.step() needs a closure that runs forward and backward; "
                 "or call first_step() and second_step() around the second forward/backward"

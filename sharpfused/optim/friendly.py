@@ -44,19 +44,27 @@ class FriendlySAM(SharpnessAware):
 
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False) -> None:
-        """d and m_t from g and m_{t-1}, then w <- w + rho d/(||d||+eps) (after the first backward)."""
+        """d = g - sigma m_{t-1}, w <- w + rho d/(||d||+eps), then m_t (after the first backward).
+
+        m_t is written after the norm, so a non-finite gradient leaves m unchanged.
+        """
         buckets = self._begin_first()
+        fresh = []
         for b in buckets:
             m, valid = self.state_buffer(b, "momentum")
-            if not valid:
-                ops.restore_(m.views, b.grads(), backend=b.backend)
-                continue
-            sigma, lam = b.group["sigma"], b.group["lam"]
-            ops.combine_(b.grads(), m.views, 1.0, -sigma, backend=b.backend)  # d = g - sigma m
-            # m <- lam m + (1 - lam) g, with g = d + sigma m
-            ops.combine_(m.views, b.grads(), lam + (1.0 - lam) * sigma, 1.0 - lam, backend=b.backend)
+            fresh.append(not valid)
+            if valid:
+                ops.combine_(b.grads(), m.views, 1.0, -b.group["sigma"], backend=b.backend)  # d = g - sigma m
         if buckets:
             self.perturb(buckets, self.global_norm(buckets))
+        for b, first in zip(buckets, fresh):
+            sigma, lam = b.group["sigma"], b.group["lam"]
+            m = b.extra["momentum"].views
+            if first:  # m_0 = g
+                ops.combine_(m, b.grads(), 0.0, self.unless_skipped(1.0, 0.0), backend=b.backend)
+            else:  # m <- lam m + (1 - lam) g, with g = d + sigma m
+                keep = self.unless_skipped(lam + (1.0 - lam) * sigma, 1.0)
+                ops.combine_(m, b.grads(), keep, self.unless_skipped(1.0 - lam, 0.0), backend=b.backend)
         self._perturbed = True
         if zero_grad:
             self.zero_grad()

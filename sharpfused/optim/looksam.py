@@ -84,10 +84,12 @@ class LookSAM(SharpnessAware):
         if buckets:
             dot, gg, _ = self.global_dot_norms(buckets, lambda b: b.buffer("g").views, lambda b: b.grads())
             coef = -dot / (gg + EPS)
-            for b in buckets:
+            for b in buckets:  # g_v = g_s - (<g,g_s>/|g|^2) g; kept as it was on a skipped step
                 g_v = self.state_buffer(b, "g_v")[0].views
-                ops.restore_(g_v, b.grads(), backend=b.backend)
-                ops.combine_(g_v, b.buffer("g").views, 1.0, coef.to(b.device), backend=b.backend)
+                ops.combine_(g_v, b.grads(), self.unless_skipped(0.0, 1.0), self.unless_skipped(1.0, 0.0),
+                             backend=b.backend)
+                ops.combine_(g_v, b.buffer("g").views, 1.0, self.unless_skipped(coef, 0.0).to(b.device),
+                             backend=b.backend)
         self.restore_and_base_step(buckets)
         self.state["looksam"]["step"] = self.state["looksam"].get("step", 0) + 1
         self._end_second(zero_grad)

@@ -81,6 +81,7 @@ class SAMPa(SharpnessAware):
         if closure is None:
             raise RuntimeError("SAMPa.step() needs a closure that runs forward and backward on the step's batch")
         closure = torch.enable_grad()(closure)
+        self.new_step()
         if not self._has_grads():  # grads were cleared after the last step: the buckets need them back
             for group in self.param_groups:
                 for p in group["params"]:
@@ -111,18 +112,23 @@ class SAMPa(SharpnessAware):
                 ops.perturb_(b.params, gy(b), None, -b.group["lr"], backend=b.backend)
             self.zero_grad()
             self.last_y_loss = closure()
-            if rank is None:
-                self.copy(buckets, gy, lambda b: b.grads())
-            else:
+            if rank is not None:
                 loss = self.last_y_loss
         if rank is not None:
             src = [dist.get_global_rank(self.process_group, r) for r in (0, 1)]
+            gy_new = lambda b: b.buffer("grad_y_new").views  # noqa: E731
             for b in buckets:
                 if rank == 1:
-                    self.copy([b], gy, lambda b: b.grads())
+                    self.copy([b], gy_new, lambda b: b.grads())
                 dist.broadcast(b.buffer("grad_x").flat, src=src[0], group=self.process_group)
-                dist.broadcast(b.extra["grad_y"].flat, src=src[1], group=self.process_group)
-            self.copy(buckets, lambda b: b.grads(), gy)
+                dist.broadcast(b.buffer("grad_y_new").flat, src=src[1], group=self.process_group)
+            self.copy(buckets, lambda b: b.grads(), gy_new)
+        # .grad holds grad f(y_{t+1}) on every rank. One pass over both new gradients marks the
+        # step skipped if either is non-finite; grad_y then keeps its value on a skipped step.
+        self.global_dot_norms(buckets, gx, lambda b: b.grads())
+        for b in buckets:
+            ops.combine_(gy(b), b.grads(), self.unless_skipped(0.0, 1.0), self.unless_skipped(1.0, 0.0),
+                         backend=b.backend)
         for b in buckets:  # .grad = lam grad f(y_{t+1}) + (1 - lam) grad f(x~)
             lam = b.group["lam"]
             ops.combine_(b.grads(), gx(b), lam, 1.0 - lam, backend=b.backend)

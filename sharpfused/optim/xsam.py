@@ -179,7 +179,13 @@ class XSAM(SharpnessAware):
         return best
 
     def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:  # type: ignore[override]
-        """Runs the ``steps + 1`` forward/backward passes; same closure contract as SAM's ``step``."""
+        """Runs the ``steps + 1`` forward/backward passes; same closure contract as SAM's ``step``.
+
+        Without a closure after ``first_step()`` it is ``second_step()`` (what ``GradScaler.step`` calls).
+        """
+        if closure is None and self._perturbed:
+            self.second_step()
+            return None
         if closure is None:
             raise RuntimeError(
                 "XSAM.step() needs a closure that runs forward and backward; or call first_step(), "
