@@ -186,7 +186,12 @@ def dot_norms(a: Sequence[Tensor], b: Sequence[Tensor], *, backend: str = "torch
 # --------------------------------------------------------------------------- combine_
 @torch.library.custom_op("sharpfused::combine_", mutates_args=("g",))
 def _combine_(
-    g: list[Tensor], saved: list[Tensor], c1: float, c1_t: Optional[Tensor], c2: float, c2_t: Optional[Tensor],
+    g: list[Tensor],
+    saved: list[Tensor],
+    c1: float,
+    c1_t: Optional[Tensor],
+    c2: float,
+    c2_t: Optional[Tensor],
     backend: str,
 ) -> None:
     _ops.backend_module(backend).combine_(g, saved, _join(c1, c1_t), _join(c2, c2_t))
@@ -197,13 +202,12 @@ def _(g, saved, c1, c1_t, c2, c2_t, backend):
     return None
 
 
-def combine_(
-    g: Sequence[Tensor], saved: Sequence[Tensor], c1: Scalar, c2: Scalar, *, backend: str = "torch"
-) -> None:
+def combine_(g: Sequence[Tensor], saved: Sequence[Tensor], c1: Scalar, c2: Scalar, *, backend: str = "torch") -> None:
     """:func:`sharpfused.ops.combine_` through ``torch.ops.sharpfused.combine_``.
 
-    ``saved`` must not be ``g`` itself (a custom op may not read what it writes through a
-    second argument); pass ``c2=0`` with a copy, or scale ``g`` alone with ``saved`` any other list.
+    ``saved`` may be ``g`` itself with ``c2 = 0`` (how the base class scales gradients alone);
+    torch.library promises nothing for an argument that aliases a mutated one, so that case
+    is checked (compiled, eager result) rather than assumed.
     """
     a, a_t = _split(c1)
     b, b_t = _split(c2)
@@ -230,14 +234,39 @@ def _restore_sgd_(
     backend: str,
 ) -> None:
     _ops.backend_module(backend).restore_sgd_(
-        params, backup, grads, _none(momentum_buffers), _join(lr, lr_t), momentum, dampening, weight_decay,
-        nesterov, init_momentum, _join(grad_coef, grad_coef_t), found_inf,
+        params,
+        backup,
+        grads,
+        _none(momentum_buffers),
+        _join(lr, lr_t),
+        momentum,
+        dampening,
+        weight_decay,
+        nesterov,
+        init_momentum,
+        _join(grad_coef, grad_coef_t),
+        found_inf,
     )
 
 
 @_restore_sgd_.register_fake
-def _(params, backup, grads, momentum_buffers, lr, lr_t, momentum, dampening, weight_decay, nesterov,
-      init_momentum, grad_coef, grad_coef_t, found_inf, backend):
+def _(
+    params,
+    backup,
+    grads,
+    momentum_buffers,
+    lr,
+    lr_t,
+    momentum,
+    dampening,
+    weight_decay,
+    nesterov,
+    init_momentum,
+    grad_coef,
+    grad_coef_t,
+    found_inf,
+    backend,
+):
     return None
 
 
@@ -261,8 +290,21 @@ def restore_sgd_(
     lr_, lr_t = _split(lr)
     gc, gc_t = _split(grad_coef)
     _restore_sgd_(
-        list(params), list(backup), list(grads), _opt(momentum_buffers), lr_, lr_t, float(momentum),
-        float(dampening), float(weight_decay), bool(nesterov), bool(init_momentum), gc, gc_t, found_inf, backend,
+        list(params),
+        list(backup),
+        list(grads),
+        _opt(momentum_buffers),
+        lr_,
+        lr_t,
+        float(momentum),
+        float(dampening),
+        float(weight_decay),
+        bool(nesterov),
+        bool(init_momentum),
+        gc,
+        gc_t,
+        found_inf,
+        backend,
     )
 
 
@@ -288,14 +330,42 @@ def _restore_adamw_(
     backend: str,
 ) -> None:
     _ops.backend_module(backend).restore_adamw_(
-        params, backup, grads, exp_avgs, exp_avg_sqs, _join(step, step_t), _join(lr, lr_t), beta1, beta2, eps,
-        weight_decay, _join(grad_coef, grad_coef_t), found_inf,
+        params,
+        backup,
+        grads,
+        exp_avgs,
+        exp_avg_sqs,
+        _join(step, step_t),
+        _join(lr, lr_t),
+        beta1,
+        beta2,
+        eps,
+        weight_decay,
+        _join(grad_coef, grad_coef_t),
+        found_inf,
     )
 
 
 @_restore_adamw_.register_fake
-def _(params, backup, grads, exp_avgs, exp_avg_sqs, step, step_t, lr, lr_t, beta1, beta2, eps, weight_decay,
-      grad_coef, grad_coef_t, found_inf, backend):
+def _(
+    params,
+    backup,
+    grads,
+    exp_avgs,
+    exp_avg_sqs,
+    step,
+    step_t,
+    lr,
+    lr_t,
+    beta1,
+    beta2,
+    eps,
+    weight_decay,
+    grad_coef,
+    grad_coef_t,
+    found_inf,
+    backend,
+):
     return None
 
 
@@ -325,6 +395,21 @@ def restore_adamw_(
     lr_, lr_t = _split(lr)
     gc, gc_t = _split(grad_coef)
     _restore_adamw_(
-        list(params), list(backup), list(grads), list(exp_avgs), list(exp_avg_sqs), st, st_t, lr_, lr_t,
-        float(beta1), float(beta2), float(eps), float(weight_decay), gc, gc_t, found_inf, backend,
+        list(params),
+        list(backup),
+        list(grads),
+        list(exp_avgs),
+        list(exp_avg_sqs),
+        st,
+        st_t,
+        lr_,
+        lr_t,
+        float(beta1),
+        float(beta2),
+        float(eps),
+        float(weight_decay),
+        gc,
+        gc_t,
+        found_inf,
+        backend,
     )

@@ -1,0 +1,268 @@
+"""torch.compile: a compiled model trains with every optimizer; the primitives trace as custom ops.
+
+Inductor (the default backend) runs here on CPU with the system C++ compiler. Compiles are
+few on purpose (each costs seconds): one compiled MLP shared by every optimizer, one
+compiled function of all primitives; the step's graph breaks are counted with
+``torch._dynamo.explain``, which traces without compiling.
+"""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import sharpfused
+from sharpfused import library, ops
+
+from .helpers import rand_list, rel_err
+from .test_algorithms import batches, mlp
+from .test_training import ALL, closure_with_model, make
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny tensors: one intra-op thread (on a loaded shared box a second thread makes every op wait)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# ------------------------------------------------------------------ a compiled model trains
+@pytest.fixture(scope="module")
+def compiled_mlp():
+    """(module, its compiled wrapper, initial state): compiled and run once, forward and backward."""
+    model = mlp(torch.float32)
+    init = copy.deepcopy(model.state_dict())
+    cmodel = torch.compile(model)
+    x, y = batches(1, torch.float32)[0]
+    F.cross_entropy(cmodel(x), y).backward()
+    model.zero_grad(set_to_none=True)
+    return model, cmodel, init
+
+
+def compiled_graphs() -> int:
+    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+
+def mean_loss(model, data):
+    with torch.no_grad():
+        return float(sum(F.cross_entropy(model(x), y) for x, y in data)) / len(data)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_compiled_model_trains_like_eager(name, compiled_mlp):
+    """The same steps (the protocol of test_deterministic_across_runs) with the model eager and compiled."""
+    model, cmodel, init = compiled_mlp
+    data = batches(1, torch.float32) * 5  # one batch, five steps: its loss must go down
+    model.load_state_dict(init)
+    before = mean_loss(model, data[:1])
+    outs, graphs = [], compiled_graphs()
+    for net in (model, cmodel):
+        model.load_state_dict(init)  # in place: the compiled graph keeps the same parameters
+        model.zero_grad(set_to_none=True)
+        opt = make(name, model, "adamw")
+        for x, y in data:
+            opt.step(closure_with_model(name, net, x, y))
+        outs.append([p.detach().clone() for p in model.parameters()])
+    assert compiled_graphs() == graphs, "the compiled model was compiled again"
+    assert rel_err(outs[1], outs[0]) < 1e-5
+    assert mean_loss(model, data[:1]) < before
+
+
+# ------------------------------------------------------------------ the primitives as custom ops
+SHAPES = [(7,), (33, 5), (1,), (0,)]
+
+
+def all_primitives(ps, gs, backup, bufs, m, v, mask, rho, lr):
+    """Every primitive once, Python-number and tensor scalars, optional arguments on and off."""
+    n, per = ops.sq_norm(gs, per_tensor=True)
+    na = ops.sq_norm(gs, ps, 0.01)  # ASAM weights
+    ops.perturb_(ps, gs, backup, rho / (n.sqrt() + 1e-12))
+    ops.perturb_(ps, gs, None, 0.01, eta=0.01, mask=mask)
+    dn = ops.dot_norms(ps, gs)
+    ops.combine_(gs, m, 0.5, dn[0] / dn[1])
+    ops.combine_(m, m, lr, 0.0)  # saved is g: scaling alone, as the base class does with grad_coef
+    ops.restore_(ps, backup)
+    ops.restore_sgd_(
+        ps,
+        backup,
+        gs,
+        bufs,
+        lr=lr,
+        momentum=0.9,
+        dampening=0.0,
+        weight_decay=1e-4,
+        nesterov=True,
+        init_momentum=False,
+        grad_coef=n.rsqrt(),
+    )
+    ops.restore_adamw_(
+        ps,
+        backup,
+        gs,
+        m,
+        v,
+        step=3,
+        lr=1e-2,
+        beta1=0.9,
+        beta2=0.999,
+        eps=1e-8,
+        weight_decay=0.01,
+        found_inf=(na < 0).float(),
+    )
+    return n, per, na, dn
+
+
+def primitive_inputs():
+    torch.manual_seed(3)
+    ts = [rand_list(SHAPES) for _ in range(6)]
+    ts[5] = [v.abs() for v in ts[5]]  # exp_avg_sqs
+    mask = [(torch.rand(s) > 0.5).float() for s in SHAPES]
+    return [*ts, mask, torch.tensor(0.05), torch.tensor(0.1)]
+
+
+def test_primitives_compile_fullgraph_like_eager():
+    """One graph (fullgraph=True), its sharpfused nodes running the torch backend: the eager results."""
+    want_in = primitive_inputs()
+    want_out = all_primitives(*want_in)
+    got_in = primitive_inputs()
+    got_out = torch.compile(all_primitives, fullgraph=True)(*got_in)
+    for got, want in zip([*got_out, *got_in[:6]], [*want_out, *want_in[:6]]):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+
+
+def test_custom_op_schemas_and_fakes():
+    """opcheck: declared mutations are the real ones, fake outputs match real outputs (mixed dtypes too)."""
+    torch.manual_seed(0)
+    mixed = [torch.randn(5), torch.randn(3, dtype=torch.float64), torch.randn(4).bfloat16()]
+    half = [torch.randn(6).half(), torch.randn(2).half()]
+    xs, ys, bk = rand_list(SHAPES), rand_list(SHAPES), rand_list(SHAPES)
+    coef = torch.tensor(0.3)
+    cases = [
+        (torch.ops.sharpfused.sq_norm, (mixed, [], 0.0, True, "torch")),
+        (torch.ops.sharpfused.sq_norm, (half, [t.abs() for t in half], 0.1, False, "torch")),
+        (torch.ops.sharpfused.dot_norms, (mixed, [t.clone() for t in mixed], "torch")),
+        (torch.ops.sharpfused.dot_norms, (half, half, "torch")),
+        (torch.ops.sharpfused.perturb_, (xs, ys, bk, 0.0, coef, 0.01, [], "torch")),
+        (torch.ops.sharpfused.restore_, (xs, bk, "torch")),
+        (torch.ops.sharpfused.combine_, (xs, ys, 0.5, None, 0.0, coef, "torch")),
+        (
+            torch.ops.sharpfused.restore_sgd_,
+            (xs, bk, ys, rand_list(SHAPES), 0.1, None, 0.9, 0.0, 0.0, False, False, None, None, None, "torch"),
+        ),
+        (
+            torch.ops.sharpfused.restore_adamw_,
+            (
+                xs,
+                bk,
+                ys,
+                rand_list(SHAPES),
+                [t.abs() for t in rand_list(SHAPES)],
+                0.0,
+                torch.tensor(2.0),
+                1e-2,
+                None,
+                0.9,
+                0.999,
+                1e-8,
+                0.01,
+                0.0,
+                coef,
+                torch.tensor(0.0),
+                "torch",
+            ),
+        ),
+    ]
+    for op, args in cases:
+        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
+
+
+def test_eager_calls_bypass_the_custom_ops(monkeypatch):
+    """Outside torch.compile the primitives call the backend directly: no op dispatch per call."""
+
+    def forbid(*a, **k):
+        raise AssertionError("an eager primitive went through torch.library")
+
+    monkeypatch.setattr(library, "sq_norm", forbid)
+    xs = rand_list(SHAPES)
+    assert rel_err(ops.sq_norm(xs), sum((x.double() ** 2).sum() for x in xs)) < 1e-6
+
+
+# ------------------------------------------------------------------ a compiled optimizer step
+# explain() resets dynamo's caches: these tests come after the ones that share a compiled model.
+def sam_ready(base):
+    """SAM after one full step (buckets and base state exist), with the next first-pass gradients in .grad."""
+    model = mlp(torch.float32)
+    opt = make("sam", model, base)
+    x, y = batches(1, torch.float32)[0]
+    for _ in range(2):
+        F.cross_entropy(model(x), y).backward()
+        opt.first_step(zero_grad=True)
+        F.cross_entropy(model(x), y).backward()
+        opt.second_step(zero_grad=True)
+    F.cross_entropy(model(x), y).backward()
+    return model, opt
+
+
+def sam_step(opt):
+    opt.first_step()
+    opt.second_step()
+
+
+def graph_ops(ex) -> set:
+    return {str(op) for ops_of_graph in ex.ops_per_graph for op in ops_of_graph}
+
+
+@pytest.mark.parametrize("base", ["sgd", "adamw"])
+def test_sam_step_graph_breaks(base):
+    """``opt.first_step(); opt.second_step()`` of SAM under dynamo: 4 graph breaks (torch 2.13).
+
+    The primitives are graph nodes (``sharpfused.sq_norm``, ``sharpfused.perturb_``) and the
+    result is the eager step's. The breaks that remain, and why:
+
+    * ``buckets()`` (base.py) compares the bucket key, which holds every parameter's
+      ``data_ptr()``, with the cached key: dynamo cannot trace a data-pointer comparison it
+      cannot prove equal ("Data pointer comparison"). A break inside nested calls splits
+      each frame on the stack (first_step -> _begin_first -> buckets), so it counts more than once.
+    * The base step is NOT the fused ``restore_sgd_`` / ``restore_adamw_`` under dynamo: dynamo
+      reports ``capturable=True`` for every param group it reads from an Optimizer
+      (torch/_dynamo/variables/optimizer.py, ``_set_capturable``), and
+      ``SharpnessAware._fused_kind`` declines capturable groups. So the traced step restores and
+      calls ``base_optimizer.step()``: ``bool(skip)`` (a host read: "Tensor.item()") and
+      torch.optim's own ``torch._dynamo.graph_break()`` in ``_use_grad`` break the graph. The
+      result is still right; test_compiled_sam_step_uses_the_fused_base_step tracks the fix
+      (ignore ``capturable`` while ``torch.compiler.is_compiling()``). With that fix the count
+      stays 4: the fused path compares the bucket key again before the fused step (same
+      data-pointer break) and needs no host read.
+
+    The per-step Python work (bucket cache, ``.grad`` lists, the skip flag) stays eager on
+    purpose: removing these breaks would cost eager speed or clarity.
+    """
+    model, opt = sam_ready(base)
+    ref_model, ref_opt = sam_ready(base)
+    sam_step(ref_opt)
+    ex = torch._dynamo.explain(sam_step)(opt)
+    assert rel_err(list(model.parameters()), list(ref_model.parameters())) < 1e-6
+    assert {"sharpfused.sq_norm.default", "sharpfused.perturb_.default"} <= graph_ops(ex)
+    known = ("Data pointer comparison", "Tensor.item()", "graph_break()")
+    for r in ex.break_reasons:
+        assert any(k in r.reason for k in known), r.reason
+    assert ex.graph_break_count <= 4, str(ex)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="dynamo reports capturable=True on traced param groups and SharpnessAware._fused_kind "
+    "declines capturable groups, so a compiled step takes restore_ + base_optimizer.step()",
+)
+def test_compiled_sam_step_uses_the_fused_base_step():
+    _, opt = sam_ready("sgd")
+    assert "sharpfused.restore_sgd_.default" in graph_ops(torch._dynamo.explain(sam_step)(opt))
+
+
+def test_library_is_imported_with_the_package():
+    assert hasattr(torch.ops.sharpfused, "restore_adamw_") and sharpfused.ops.library is library
