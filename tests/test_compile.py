@@ -254,12 +254,8 @@ def test_sam_step_graph_breaks(base):
     assert ex.graph_break_count <= 4, str(ex)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="dynamo reports capturable=True on traced param groups and SharpnessAware._fused_kind "
-    "declines capturable groups, so a compiled step takes restore_ + base_optimizer.step()",
-)
 def test_compiled_sam_step_uses_the_fused_base_step():
+    """dynamo marks traced param groups capturable; the fused restore + SGD step must still be used."""
     _, opt = sam_ready("sgd")
     assert "sharpfused.restore_sgd_.default" in graph_ops(torch._dynamo.explain(sam_step)(opt))
 

@@ -123,8 +123,12 @@ def sq_norm(xs, weights=None, eta=0.0, per_tensor=False):
     for dtype, (x, w) in _groups(xs, weights):
         if w is not None:
             ws = _workspace(x, opmath(dtype), 0)
-            _t_(ws, w, eta)
-            torch._foreach_mul_(ws, _opm(x, dtype, 1))
+            if eta:
+                _t_(ws, w, eta)
+                torch._foreach_mul_(ws, _opm(x, dtype, 1))
+            else:  # (|w| x)^2 == (w x)^2: no abs pass
+                torch._foreach_copy_(ws, x)
+                torch._foreach_mul_(ws, _opm(w, dtype, 1))
             per = _sum_squares(ws)
         else:
             per = _sum_squares(_opm(x, dtype, 0))
@@ -147,13 +151,21 @@ def perturb_(params, grads, backup, scale, eta=None, mask=None):
     for dtype, (p, g, b, m) in _groups(params, grads, backup, mask):
         if b is not None:
             torch._foreach_copy_(b, p)
-        if eta is None and m is None and dtype not in _LOW:
-            _axpy_(p, g, scale)  # opmath == dtype: w + scale*g directly, no scratch
-            continue
+        if eta is None and m is None:
+            s_host = _host_float(scale, p)
+            if dtype not in _LOW or s_host is not None:
+                # w + scale*g in one op: opmath == dtype, or torch's CPU kernel computes a
+                # reduced-precision add in float32 and rounds once (the scale read on the host)
+                _axpy_(p, g, scale if s_host is None else s_host)
+                continue
         ws = _workspace(p, opmath(dtype), 0)
         if eta is not None:
-            _t_(ws, p, eta)  # T at the incoming w
-            torch._foreach_mul_(ws, ws)
+            if eta:
+                _t_(ws, p, eta)  # T at the incoming w
+                torch._foreach_mul_(ws, ws)
+            else:  # T^2 = w^2
+                torch._foreach_copy_(ws, p)
+                torch._foreach_mul_(ws, ws)
             torch._foreach_mul_(ws, _opm(g, dtype, 1))
         else:
             torch._foreach_copy_(ws, g)
@@ -262,6 +274,16 @@ def _host_skip(found_inf: Optional[Tensor], params: Sequence[Tensor]) -> Optiona
     return None  # unknown on the host: decide on the device
 
 
+def _host_float(s, params: Sequence[Tensor]) -> Optional[float]:
+    """``s`` as a Python float when that costs no device sync (a number, or a CPU tensor on the
+    host path), else None."""
+    if not isinstance(s, Tensor):
+        return float(s)
+    if HOST_BRANCH_ON_CPU and s.device.type == "cpu" and params[0].device.type == "cpu":
+        return float(s)
+    return None
+
+
 def _skipped_(params, backup, init_buffers) -> None:
     restore_(params, backup)
     if init_buffers is not None:
@@ -279,6 +301,13 @@ def restore_sgd_(
     for dtype, (p, b, g, buf) in _groups(params, backup, grads, momentum_buffers):
         if skip is None and dtype not in _LOW:
             _sgd_short_(p, b, g, buf, lr, momentum, dampening, weight_decay, nesterov, init_momentum, grad_coef, dtype)
+            continue
+        if skip is None and HOST_BRANCH_ON_CPU and p[0].device.type == "cpu":
+            # CPU, reduced precision: torch.optim.SGD's own arithmetic (each op in float32, rounded
+            # to the dtype), with host scalars; same-dtype ops, so no cast temporaries either
+            coef = None if grad_coef is None else _host_float(grad_coef, p)
+            _sgd_short_(p, b, g, buf, _host_float(lr, p), momentum, dampening, weight_decay, nesterov,
+                        init_momentum, coef, dtype)
             continue
         flat, d = _sanitized_grad(p, g, grad_coef, None, dtype)
         if weight_decay:

@@ -341,7 +341,10 @@ class SharpnessAware(Optimizer):
     def _fused_kind(self) -> Optional[str]:
         base = self.base_optimizer
         groups = base.param_groups
-        if any(g.get("maximize") or g.get("differentiable") or g.get("capturable") for g in groups):
+        # while torch.compile traces, dynamo marks every group capturable; the fused primitives take
+        # device scalars and skip on the device, so they serve capturable steps as they are
+        capturable = not torch.compiler.is_compiling() and any(g.get("capturable") for g in groups)
+        if capturable or any(g.get("maximize") or g.get("differentiable") for g in groups):
             return None
         if type(base) is torch.optim.SGD:
             return "sgd"
