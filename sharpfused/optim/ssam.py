@@ -65,7 +65,8 @@ class SSAM(SharpnessAware):
         for b in self.buckets():
             by_group.setdefault(b.group_index, []).append(b)
         for buckets in by_group.values():
-            masks = [self.state_buffer(b, "mask", torch.uint8)[0] for b in buckets]
+            got = [self.state_buffer(b, "mask", torch.uint8) for b in buckets]
+            masks, valid = [m for m, _ in got], all(v for _, v in got)
             dev = masks[0].flat.device
             if self.mask_kind == "fisher":
                 score = torch.cat([torch.cat([g.reshape(-1) for g in b.grads()]).float().square().to(dev) for b in buckets])
@@ -74,6 +75,9 @@ class SSAM(SharpnessAware):
             keep = round((1.0 - buckets[0].group["sparsity"]) * score.numel())
             flat = torch.zeros(score.numel(), dtype=torch.uint8, device=dev)
             flat[torch.topk(score, keep, sorted=False).indices] = 1
+            if valid:  # a non-finite gradient keeps the mask it had (decided on the device)
+                old = torch.cat([m.flat for m in masks])
+                flat = torch.where(torch.isfinite(score).all(), flat, old)
             for m, part in zip(masks, flat.split([m.flat.numel() for m in masks])):
                 m.flat.copy_(part)
         counter = self.state["ssam"]
