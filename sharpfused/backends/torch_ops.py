@@ -182,8 +182,11 @@ def perturb_(params, grads, backup, scale, eta=None, mask=None):
             m1 = _workspace(p, opmath(dtype), 1)
             torch._foreach_copy_(m1, m)
             torch._foreach_mul_(ws, m1)
-        _mul_(ws, scale)
-        _store_(p, ws, p, dtype)
+        if dtype in _LOW:
+            _mul_(ws, scale)
+            _store_(p, ws, p, dtype)
+        else:
+            _axpy_(p, ws, scale)  # w + scale * (T^2 g): the scale rides on the update pass
 
 
 def restore_(params, backup):
