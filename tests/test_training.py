@@ -307,3 +307,23 @@ def test_deterministic_across_runs(name):
 
 def test_reference_unused_import_guard():
     assert ref.EPS == 1e-12
+
+
+@pytest.mark.parametrize("name", ["sam", "asam", "gsam"])
+def test_bf16_autocast_trains(name):
+    torch.manual_seed(0)
+    model = MLP()
+    x, y = data("mlp", n=64)
+    opt = make(name, model, "sgd")
+    losses = []
+    for _ in range(15):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.first_step(zero_grad=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            F.cross_entropy(model(x), y).backward()
+        opt.second_step(zero_grad=True)
+        losses.append(loss.item())
+        assert not bool(opt.last_step_skipped)
+    assert losses[-1] < 0.9 * losses[0]
