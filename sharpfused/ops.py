@@ -191,6 +191,9 @@ def combine_(
     coefficients chosen by a skip flag (``torch.where(skip, 1, c1)``, ``torch.where(skip, 0, c2)``)
     an algorithm keeps its state unchanged on a skipped step without a host sync.
     """
+    dev = g[0].device if g else None
+    c1 = c1.to(dev) if isinstance(c1, Tensor) and c1.device != dev else c1
+    c2 = c2.to(dev) if isinstance(c2, Tensor) and c2.device != dev else c2
     if torch.compiler.is_compiling():
         return library.combine_(g, saved, c1, c2, backend=backend)
     _loaded.get(backend, backend_module(backend)).combine_(g, saved, c1, c2)

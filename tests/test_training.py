@@ -327,3 +327,113 @@ def test_bf16_autocast_trains(name):
         losses.append(loss.item())
         assert not bool(opt.last_step_skipped)
     assert losses[-1] < 0.9 * losses[0]
+
+
+# ------------------------------------------------------------------ parameters joining or leaving a pass, exceptions
+def _two_params():
+    torch.manual_seed(0)
+    a = torch.nn.Parameter(torch.randn(4))
+    b = torch.nn.Parameter(torch.randn(3))
+    return a, b
+
+
+def test_gradient_only_in_second_pass_is_checked_and_clipped():
+    a, b = _two_params()
+    opt = SAM([a, b], torch.optim.SGD, lr=1.0, max_grad_norm=1e-3)
+    (a**2).sum().backward()  # pass 1: only a
+    opt.first_step(zero_grad=True)
+    ((a**2).sum() + 1e3 * b.sum()).backward()  # pass 2: b joins
+    b0 = b.detach().clone()
+    opt.second_step(zero_grad=True)
+    assert not bool(opt.last_step_skipped)
+    assert (b - b0).norm() <= 1e-3 * 1.0001  # clipped together with a's gradient
+    a, b = _two_params()
+    opt = SAM([a, b], torch.optim.SGD, lr=1.0)
+    (a**2).sum().backward()
+    opt.first_step(zero_grad=True)
+    a_before_update = None
+    (a**2).sum().backward()
+    b.grad = torch.full_like(b, float("inf"))
+    b0, a_before_update = b.detach().clone(), opt._buckets[0].backup.views[0].clone()
+    opt.second_step(zero_grad=True)
+    assert bool(opt.last_step_skipped)
+    assert torch.equal(b.detach(), b0) and torch.equal(a.detach(), a_before_update)
+
+
+def test_gradient_missing_in_second_pass_is_zero_and_weights_restored():
+    a, b = _two_params()
+    opt = SAM([a, b], torch.optim.SGD, lr=0.1)
+    w0 = [a.detach().clone(), b.detach().clone()]
+    ((a**2).sum() + (b**2).sum()).backward()
+    opt.first_step(zero_grad=True)
+    (a**2).sum().backward()  # b has no gradient in pass 2
+    opt.second_step(zero_grad=True)
+    assert torch.equal(b.detach(), w0[1])  # restored, then a zero-gradient SGD step
+    assert not torch.equal(a.detach(), w0[0])
+
+
+@pytest.mark.parametrize("name", ["sam", "xsam-k3", "bsam", "bisam", "looksam", "sampa"])
+def test_exception_in_closure_restores_weights(name):
+    model = mlp(torch.float32)
+    opt = make(name, model, "sgd")
+    x, y = batches(1, torch.float32)[0]
+    for _ in range(3 if name == "looksam" else 1):  # LookSAM (k=3): the next step is a full one
+        opt.step(closure_with_model(name, model, x, y))
+    w0 = [p.detach().clone() for p in model.parameters()]
+    inner = closure_with_model(name, model, x, y)
+    calls = []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("out of memory (simulated)")
+        return inner(*args, **kwargs)
+
+    with pytest.raises(RuntimeError, match="simulated"):
+        opt.step(failing)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), w0))
+    opt.zero_grad()
+    opt.step(closure_with_model(name, model, x, y))  # the next step works
+    assert not bool(opt.last_step_skipped)
+
+
+def test_sampa_recovers_from_a_nonfinite_first_gradient():
+    model = mlp(torch.float32)
+    opt = make("sampa", model, "sgd")
+    data = batches(4, torch.float32)
+    x, y = data[0]
+    opt.step(poisoned(closure_with_model("sampa", model, x, y), 0, float("inf"), []))
+    assert bool(opt.last_step_skipped)
+    skipped = []
+    for x, y in data[1:]:
+        opt.step(closure_with_model("sampa", model, x, y))
+        skipped.append(bool(opt.last_step_skipped))
+    assert skipped[-2:] == [False, False]
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", ["bisam", "bsam"])
+def test_gradscaler_drives_bisam_and_bsam(name):
+    model = mlp(torch.float32)
+    opt = make(name, model, "sgd")
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    x, y = batches(1, torch.float32)[0]
+    w0 = [p.detach().clone() for p in model.parameters()]
+    scaler.scale(F.cross_entropy(model(x), y)).backward()
+    opt.first_step(zero_grad=True)
+    scaler.scale(F.cross_entropy(model(x), y)).backward()
+    if name == "bsam":
+        opt.bilateral_step(zero_grad=True)
+        scaler.scale(F.cross_entropy(model(x), y)).backward()
+    scaler.step(opt)
+    scaler.update()
+    assert not bool(opt.last_step_skipped)
+    assert any(not torch.equal(a, b) for a, b in zip(model.parameters(), w0))
+
+
+def test_xsam_fp32_zero_rho_does_not_skip():
+    model = mlp(torch.float32)
+    opt = make("xsam", model, "sgd", rho=0.0)
+    for x, y in batches(2, torch.float32):
+        opt.step(closure_with_model("xsam", model, x, y))
+        assert not bool(opt.last_step_skipped)

@@ -158,15 +158,6 @@ def perturb_(params, grads, backup, scale, eta=None, mask=None):
                 # reduced-precision add in float32 and rounds once (the scale read on the host)
                 _axpy_(p, g, scale if s_host is None else s_host)
                 continue
-        if eta is not None and m is None and dtype in _LOW and HOST_BRANCH_ON_CPU and p[0].device.type == "cpu":
-            # CPU, reduced precision: T^2 g in the parameter dtype, the way an eager ASAM computes it
-            # (each op in float32, rounded to the dtype): same-dtype ops, no float32 copies
-            ws = _workspace(p, dtype, 0)
-            _t_(ws, p, eta)
-            torch._foreach_mul_(ws, ws)
-            torch._foreach_mul_(ws, g)
-            _axpy_(p, ws, _host_float(scale, p))
-            continue
         ws = _workspace(p, opmath(dtype), 0)
         if eta is not None:
             if eta:

@@ -9,7 +9,8 @@ from __future__ import annotations
 import inspect
 import math
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any, Callable, Optional
 
 import torch
@@ -403,6 +404,8 @@ class SharpnessAware(Optimizer):
         if self._nonfinite is None:
             return value
         other = torch.tensor(skipped, dtype=torch.float64, device=self._nonfinite.device)
+        if isinstance(value, Tensor):
+            value = value.to(self._nonfinite.device)
         return torch.where(self._nonfinite, other, value)
 
     def final_grad_check(self, buckets: list[Bucket]) -> tuple[Optional[Tensor], Tensor]:
@@ -413,10 +416,12 @@ class SharpnessAware(Optimizer):
         ``grad_coef`` folds GradScaler's unscale (1/``grad_scale``) and ``max_grad_norm``
         clipping (min(1, max/(||g||+1e-6)), on the unscaled norm) into one factor.
         """
-        sq = self.note_finite(
-            self.all_reduce_partials(buckets, [ops.sq_norm(b.grads(), backend=b.backend) for b in buckets])
-        )
-        skip = self._nonfinite
+        sq = self.all_reduce_partials(buckets, [ops.sq_norm(b.grads(), backend=b.backend) for b in buckets])
+        for backend, grads in self._unbucketed_grads(buckets):  # gradients that appeared in a later pass
+            sq = sq + ops.sq_norm(grads, backend=backend).to(sq.device)
+        bad = ~torch.isfinite(sq)
+        prior = self._nonfinite
+        skip = self._nonfinite = bad if prior is None else prior | bad.to(prior.device)
         found = getattr(self, "found_inf", None)  # set by GradScaler.step()
         if found is not None:
             skip = skip | (found.to(skip.device) != 0)
@@ -429,6 +434,18 @@ class SharpnessAware(Optimizer):
             clip = (self.max_grad_norm / (norm + 1e-6)).clamp(max=1.0)
             coef = clip if coef is None else coef * clip
         return coef, skip
+
+    def _unbucketed_grads(self, buckets: list[Bucket]) -> list[tuple[str, list[Tensor]]]:
+        """Gradients of parameters outside the buckets (not perturbed: they had no gradient in
+        the first pass), grouped by device; empty in the usual case where the set is unchanged."""
+        inside = {id(p) for b in buckets for p in b.sources}
+        by: dict[tuple, list[Tensor]] = {}
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None and id(p) not in inside:
+                    g = local_tensor(p.grad)
+                    by.setdefault((g.device, g.dtype), []).append(g)
+        return [(ops.resolve(self.backend, dev), gs) for (dev, _), gs in by.items()]
 
     def restore_and_base_step(self, buckets: list[Bucket]) -> None:
         """Restore w exactly and take the base optimizer's step with the gradients now in ``.grad``.
@@ -453,6 +470,9 @@ class SharpnessAware(Optimizer):
                 b.base_state = None  # base.step() may create or replace state tensors
                 if coef is not None:
                     ops.combine_(b.grads(), b.grads(), coef.to(b.device), 0.0, backend=b.backend)
+            if coef is not None:
+                for backend, grads in self._unbucketed_grads(buckets):
+                    ops.combine_(grads, grads, coef.to(grads[0].device), 0.0, backend=backend)
             if not bool(skip):  # the one host sync: a third-party step cannot be skipped on the device
                 self.base_optimizer.step()
             return
@@ -501,6 +521,10 @@ class SharpnessAware(Optimizer):
                 "first_step() (perturb, after the first backward), a second forward/backward at the "
                 "perturbed weights, then second_step() (restore and update); or use step(closure)"
             )
+        for b in self._buckets:  # a parameter perturbed in pass 1 with no gradient in pass 2
+            for p in b.sources:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
         return self._buckets
 
     def _end_second(self, zero_grad: bool) -> None:
@@ -515,6 +539,23 @@ class SharpnessAware(Optimizer):
         (the perturbed-point gradient, for SAM and every algorithm that does not override this)."""
         self.restore_and_base_step(self._begin_second())
         self._end_second(zero_grad)
+
+    @torch.no_grad()
+    def abort_step(self) -> None:
+        """Put the weights back (bit-exactly) if a step was left perturbed, e.g. by an exception
+        raised inside a closure, and forget the half-done step. Safe to call at any time."""
+        if self._perturbed and self._buckets:
+            self.restore(self._buckets)
+        self._perturbed = False
+
+    @contextmanager
+    def guarded(self) -> Iterator[None]:
+        """Run the passes of a step; on any exception the weights are restored before it propagates."""
+        try:
+            yield
+        except BaseException:
+            self.abort_step()
+            raise
 
     def _has_grads(self) -> bool:
         return any(p.grad is not None for g in self.param_groups for p in g["params"])
@@ -538,11 +579,12 @@ class SharpnessAware(Optimizer):
             )
         closure = torch.enable_grad()(closure)
         loss = None
-        if not self._has_grads():
-            loss = closure()
-        self.first_step(zero_grad=True)
-        self.last_perturbed_loss = closure()
-        self.second_step(zero_grad=True)
+        with self.guarded():
+            if not self._has_grads():
+                loss = closure()
+            self.first_step(zero_grad=True)
+            self.last_perturbed_loss = closure()
+            self.second_step(zero_grad=True)
         return loss
 
     # ---------------------------------------------------------------- state

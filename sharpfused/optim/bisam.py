@@ -55,7 +55,13 @@ class BiSAM(SAM):
         self.perturbation_pass: Optional[bool] = None
 
     def step(self, closure: Optional[Callable[..., Any]] = None) -> Any:  # type: ignore[override]
-        """One step; ``closure(perturbation=True)`` backpropagates Q, ``closure(perturbation=False)`` L."""
+        """One step; ``closure(perturbation=True)`` backpropagates Q, ``closure(perturbation=False)`` L.
+
+        Without a closure after ``first_step()`` it is ``second_step()`` (what ``GradScaler.step`` calls).
+        """
+        if closure is None and self._perturbed:
+            self.second_step()
+            return None
         if closure is None:
             raise RuntimeError(
                 "BiSAM.step() needs a closure(perturbation: bool) that runs forward and backward of the "
@@ -65,12 +71,13 @@ class BiSAM(SAM):
         closure = torch.enable_grad()(closure)
         loss = None
         try:
-            if not self._has_grads():
-                self.perturbation_pass = True
-                loss = closure(perturbation=True)
-            self.first_step(zero_grad=True)
-            self.perturbation_pass = False
-            self.last_perturbed_loss = closure(perturbation=False)
+            with self.guarded():
+                if not self._has_grads():
+                    self.perturbation_pass = True
+                    loss = closure(perturbation=True)
+                self.first_step(zero_grad=True)
+                self.perturbation_pass = False
+                self.last_perturbed_loss = closure(perturbation=False)
         finally:
             self.perturbation_pass = None
         self.second_step(zero_grad=True)

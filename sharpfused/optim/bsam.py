@@ -96,19 +96,26 @@ class BSAM(SharpnessAware):
         self._end_second(zero_grad)
 
     def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:  # type: ignore[override]
-        """All three passes; returns the loss at w (None if the gradients at w were already there)."""
+        """All three passes; returns the loss at w (None if the gradients at w were already there).
+
+        Without a closure after ``bilateral_step()`` it is ``second_step()`` (what ``GradScaler.step`` calls).
+        """
+        if closure is None and self._perturbed:
+            self.second_step()
+            return None
         if closure is None:
             raise RuntimeError(
                 "BSAM.step() needs a closure that runs forward and backward; or call first_step(), "
                 "bilateral_step() and second_step() around the backwards"
             )
         closure = torch.enable_grad()(closure)
-        loss = closure() if not self._has_grads() else None
-        self.first_step(zero_grad=True)
-        self.last_perturbed_loss = closure()
-        self.bilateral_step(zero_grad=True)
-        self.last_min_loss = closure()
-        self.second_step(zero_grad=True)
+        with self.guarded():
+            loss = closure() if not self._has_grads() else None
+            self.first_step(zero_grad=True)
+            self.last_perturbed_loss = closure()
+            self.bilateral_step(zero_grad=True)
+            self.last_min_loss = closure()
+            self.second_step(zero_grad=True)
         return loss
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -99,8 +99,9 @@ class LookSAM(SharpnessAware):
         if closure is None:
             raise RuntimeError("LookSAM.step() needs a closure that runs forward and backward")
         closure = torch.enable_grad()(closure)
-        loss = closure() if not self._has_grads() else None
-        if self.first_step(zero_grad=True):
-            self.last_perturbed_loss = closure()
-            self.second_step(zero_grad=True)
+        with self.guarded():
+            loss = closure() if not self._has_grads() else None
+            if self.first_step(zero_grad=True):
+                self.last_perturbed_loss = closure()
+                self.second_step(zero_grad=True)
         return loss

@@ -90,48 +90,55 @@ class SAMPa(SharpnessAware):
         if not self._has_grads():
             closure()  # first step: grad f(y_0) = grad f(x_0)
         buckets = self.buckets()
-        for b in buckets:
-            gy, valid = self.state_buffer(b, "grad_y")
-            if not valid:
-                ops.restore_(gy.views, b.grads(), backend=b.backend)
+        fresh = [not self.state_buffer(b, "grad_y")[1] for b in buckets]
+        if any(fresh):  # grad f(y_0) = grad f(x_0); a non-finite one starts from 0 instead (then y = x~ = x)
+            take = torch.where(torch.isfinite(self.global_norm(buckets)), 1.0, 0.0)
+            for b, new in zip(buckets, fresh):
+                if new:
+                    ops.combine_(b.extra["grad_y"].views, b.grads(), 0.0, take, backend=b.backend)
         gy = lambda b: b.extra["grad_y"].views  # noqa: E731
         gx = lambda b: b.buffer("grad_x").views  # noqa: E731
         rank = None if self.process_group is None else dist.get_rank(self.process_group)
 
-        inv = (self.global_norm(buckets, gy) + EPS).reciprocal()
-        for b in buckets:  # x~ = x + rho grad_y / ||grad_y||   (x saved for exact restore)
-            ops.perturb_(b.params, gy(b), b.backup.views, inv.to(b.device) * b.group["rho"], backend=b.backend)
-        loss = None
-        if rank in (None, 0):
-            self.zero_grad()
-            loss = closure()
-            self.copy(buckets, gx, lambda b: b.grads())
-        if rank in (None, 1):
-            for b in buckets:  # y = x - lr grad_y
-                ops.restore_(b.params, b.backup.views, backend=b.backend)
-                ops.perturb_(b.params, gy(b), None, -b.group["lr"], backend=b.backend)
-            self.zero_grad()
-            self.last_y_loss = closure()
+        try:
+            inv = (self.global_norm(buckets, gy) + EPS).reciprocal()
+            for b in buckets:  # x~ = x + rho grad_y / ||grad_y||   (x saved for exact restore)
+                ops.perturb_(b.params, gy(b), b.backup.views, inv.to(b.device) * b.group["rho"], backend=b.backend)
+            loss = None
+            if rank in (None, 0):
+                self.zero_grad()
+                loss = closure()
+                self.copy(buckets, gx, lambda b: b.grads())
+            if rank in (None, 1):
+                for b in buckets:  # y = x - lr grad_y
+                    ops.restore_(b.params, b.backup.views, backend=b.backend)
+                    ops.perturb_(b.params, gy(b), None, -b.group["lr"], backend=b.backend)
+                self.zero_grad()
+                self.last_y_loss = closure()
+                if rank is not None:
+                    loss = self.last_y_loss
             if rank is not None:
-                loss = self.last_y_loss
-        if rank is not None:
-            src = [dist.get_global_rank(self.process_group, r) for r in (0, 1)]
-            gy_new = lambda b: b.buffer("grad_y_new").views  # noqa: E731
-            for b in buckets:
-                if rank == 1:
-                    self.copy([b], gy_new, lambda b: b.grads())
-                dist.broadcast(b.buffer("grad_x").flat, src=src[0], group=self.process_group)
-                dist.broadcast(b.buffer("grad_y_new").flat, src=src[1], group=self.process_group)
-            self.copy(buckets, lambda b: b.grads(), gy_new)
-        # .grad holds grad f(y_{t+1}) on every rank. One pass over both new gradients marks the
-        # step skipped if either is non-finite; grad_y then keeps its value on a skipped step.
-        self.global_dot_norms(buckets, gx, lambda b: b.grads())
-        for b in buckets:
-            ops.combine_(gy(b), b.grads(), self.unless_skipped(0.0, 1.0), self.unless_skipped(1.0, 0.0),
-                         backend=b.backend)
-        for b in buckets:  # .grad = lam grad f(y_{t+1}) + (1 - lam) grad f(x~)
-            lam = b.group["lam"]
-            ops.combine_(b.grads(), gx(b), lam, 1.0 - lam, backend=b.backend)
+                src = [dist.get_global_rank(self.process_group, r) for r in (0, 1)]
+                gy_new = lambda b: b.buffer("grad_y_new").views  # noqa: E731
+                for b in buckets:
+                    if rank == 1:
+                        self.copy([b], gy_new, lambda b: b.grads())
+                    dist.broadcast(b.buffer("grad_x").flat, src=src[0], group=self.process_group)
+                    dist.broadcast(b.buffer("grad_y_new").flat, src=src[1], group=self.process_group)
+                self.copy(buckets, lambda b: b.grads(), gy_new)
+            # .grad holds grad f(y_{t+1}) on every rank. One pass over both new gradients marks the
+            # step skipped if either is non-finite; grad_y then keeps its value on a skipped step.
+            fresh_ok = torch.isfinite(self.global_dot_norms(buckets, gx, lambda b: b.grads())).all()
+            for b in buckets:  # grad_y <- grad f(y_{t+1}) when that is finite (even if the old one was not)
+                take = torch.where(fresh_ok, 1.0, 0.0)
+                ops.combine_(gy(b), b.grads(), 1.0 - take, take, backend=b.backend)
+            for b in buckets:  # .grad = lam grad f(y_{t+1}) + (1 - lam) grad f(x~)
+                lam = b.group["lam"]
+                ops.combine_(b.grads(), gx(b), lam, 1.0 - lam, backend=b.backend)
+        except BaseException:
+            with torch.no_grad():
+                self.restore(buckets)  # an exception in a closure: back to x_t, bit-exactly
+            raise
         self.restore_and_base_step(buckets)
         self._opt_called = True
         self.zero_grad()

@@ -108,7 +108,7 @@ class XSAM(SharpnessAware):
         """theta, sin(theta), ||g_k||, ||u|| from one dot_norms pass over (u, g_k)."""
         dot, uu, gg = self.global_dot_norms(buckets, lambda b: b.buffer("ascent").views, lambda b: b.grads())
         nu, ng = uu.sqrt(), gg.sqrt()
-        theta = torch.arccos((dot / (nu * ng).clamp_min(1e-300)).clamp(-1.0, 1.0))
+        theta = torch.arccos((dot / (nu * ng).clamp_min(torch.finfo(dot.dtype).tiny)).clamp(-1.0, 1.0))
         return theta, torch.sin(theta), ng, nu
 
     @staticmethod
@@ -193,14 +193,15 @@ class XSAM(SharpnessAware):
             )
         closure = torch.enable_grad()(closure)
         loss = None
-        if not self._has_grads():
-            loss = closure()
-        self.first_step(zero_grad=True)
-        for _ in range(self.steps - 1):
-            closure()
-            self.ascent_step(zero_grad=True)
-        self.last_perturbed_loss = closure()
-        self.second_step(zero_grad=True)
+        with self.guarded():
+            if not self._has_grads():
+                loss = closure()
+            self.first_step(zero_grad=True)
+            for _ in range(self.steps - 1):
+                closure()
+                self.ascent_step(zero_grad=True)
+            self.last_perturbed_loss = closure()
+            self.second_step(zero_grad=True)
         return loss
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
