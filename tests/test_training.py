@@ -437,3 +437,10 @@ def test_xsam_fp32_zero_rho_does_not_skip():
     for x, y in batches(2, torch.float32):
         opt.step(closure_with_model("xsam", model, x, y))
         assert not bool(opt.last_step_skipped)
+
+
+def test_gsam_tensor_lr_with_rho_schedule_needs_lr_max():
+    with pytest.raises(ValueError, match="lr_max must be given"):
+        sharpfused.GSAM(MLP().parameters(), torch.optim.SGD, rho_min=0.01, lr=torch.tensor(0.1))
+    opt = sharpfused.GSAM(MLP().parameters(), torch.optim.SGD, rho_min=0.01, lr_max=0.1, lr=torch.tensor(0.1))
+    assert opt.param_groups[0]["lr_max"] == 0.1

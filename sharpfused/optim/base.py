@@ -456,6 +456,7 @@ class SharpnessAware(Optimizer):
         Sets ``last_step_skipped``.
         """
         if not buckets:
+            self.last_step_skipped = None  # no gradient anywhere: nothing was checked
             self.base_optimizer.step()
             return
         coef, skip = self.final_grad_check(buckets)

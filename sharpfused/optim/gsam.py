@@ -75,6 +75,8 @@ class GSAM(SharpnessAware):
         if rmin is not None and not isinstance(rmin, Tensor) and not isinstance(rmax, Tensor) and rmin > rmax:
             raise ValueError(f"rho_min must be <= rho_max, got rho_min={rmin} > rho_max={rmax}")
         lmax, lmin = group["lr_max"], group["lr_min"]
+        if rmin is not None and lmax is None:
+            raise ValueError("lr_max must be given when rho_min is set and lr is a tensor (rho follows lr up to lr_max)")
         if rmin is not None and isinstance(lmax, (int, float)) and not lmax > lmin:
             raise ValueError(
                 f"lr_max must be > lr_min when rho_min is set (rho follows the lr between them), "
