@@ -42,8 +42,10 @@ struct PerturbOp {
 #pragma unroll
         for (int k = 0; k < K; ++k) e[k] *= m[k];
       }
+      if (s != A(0)) {  // a zero scale drops the term: w keeps its bits whatever g holds
 #pragma unroll
-      for (int k = 0; k < K; ++k) wv[k] += s * e[k];
+        for (int k = 0; k < K; ++k) wv[k] += s * e[k];
+      }
       store<K>(w + i, wv);
     });
   }

@@ -41,7 +41,8 @@ def _perturb_block(
         e = (t * t) * e
     if HAS_MASK:
         e = e * load(m_ptr, offs, mask, MASKED).to(tl.float32)
-    store(p_ptr, offs, wf + e * scale, mask, MASKED)  # fp32 math, one rounding
+    # fp32 math, one rounding; a zero scale keeps w (exactly representable) whatever g holds
+    store(p_ptr, offs, tl.where(scale == 0, wf, wf + e * scale), mask, MASKED)
 
 
 @triton.jit

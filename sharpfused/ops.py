@@ -161,7 +161,9 @@ def perturb_(
 ) -> None:
     """``backup <- w`` (skipped when ``backup`` is None), then ``w <- w + scale * T^2 * g [* mask]``.
 
-    ``T = |w| + eta`` (evaluated at the incoming w) when ``eta`` is not None, else 1.
+    ``T = |w| + eta`` (evaluated at the incoming w) when ``eta`` is not None, else 1. A scale
+    equal to zero drops the term: w keeps its bits even where g is inf or NaN (the optimizers
+    pass scale 0 when the gradient norm is not finite, so the next forward sees finite weights).
     """
     if torch.compiler.is_compiling():
         return library.perturb_(params, grads, backup, scale, eta, mask, backend=backend)

@@ -297,3 +297,20 @@ def test_combine_zero_coefficient_drops_nonfinite_term(backend, device, dtype, t
     g[4][5] = float("inf")
     ops.combine_(g, s0, coef(0.0), coef(1.0), backend=backend)  # drop g, take saved
     assert all(torch.equal(a, b) for a, b in zip(g, s0))
+
+
+@pytest.mark.parametrize("backend,device", _backends())
+@pytest.mark.parametrize("dtype", LOW_AND_FP32 + [torch.float64])
+@pytest.mark.parametrize("eta", [None, 0.0, 0.01])
+@pytest.mark.parametrize("tensor_scale", [False, True])
+def test_perturb_zero_scale_keeps_weights_whatever_the_gradient(backend, device, dtype, eta, tensor_scale, real_backend):
+    backend = real_backend(backend)
+    w = rand_list(SKIP_SHAPES, dtype, device)
+    w[1][0] = -0.0
+    g = rand_list(SKIP_SHAPES, dtype, device)
+    g[4][7], g[1][0] = float("inf"), float("nan")
+    w0 = [x.clone() for x in w]
+    scale = torch.tensor(0.0, device=device) if tensor_scale else 0.0
+    ops.perturb_(w, g, None, scale, eta, backend=backend)
+    for a, b in zip(w, w0):
+        assert torch.equal(a.view(-1).view(torch.int8) if a.numel() else a, b.view(-1).view(torch.int8) if b.numel() else b)

@@ -444,3 +444,25 @@ def test_gsam_tensor_lr_with_rho_schedule_needs_lr_max():
         sharpfused.GSAM(MLP().parameters(), torch.optim.SGD, rho_min=0.01, lr=torch.tensor(0.1))
     opt = sharpfused.GSAM(MLP().parameters(), torch.optim.SGD, rho_min=0.01, lr_max=0.1, lr=torch.tensor(0.1))
     assert opt.param_groups[0]["lr_max"] == 0.1
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_second_forward_sees_finite_weights_after_a_nonfinite_first_pass(name):
+    """A skipped step's later passes run at finite weights (BatchNorm buffers stay finite)."""
+    model = mlp(torch.float32)
+    opt = make(name, model, "sgd")
+    data = batches(2, torch.float32)
+    x, y = data[0]
+    for _ in range(3 if name == "looksam" else 1):  # LookSAM (k=3): the next step is a full one
+        opt.step(closure_with_model(name, model, x, y))
+    finite_at_call = []
+    inner = poisoned(closure_with_model(name, model, *data[1]), 0, float("inf"), [])
+
+    def recording(*args, **kwargs):
+        finite_at_call.append(all(bool(torch.isfinite(p).all()) for p in model.parameters()))
+        return inner(*args, **kwargs)
+
+    recording.model = model
+    opt.step(recording)
+    assert bool(opt.last_step_skipped)
+    assert len(finite_at_call) >= 2 and all(finite_at_call), finite_at_call

@@ -151,14 +151,14 @@ def perturb_(params, grads, backup, scale, eta=None, mask=None):
     for dtype, (p, g, b, m) in _groups(params, grads, backup, mask):
         if b is not None:
             torch._foreach_copy_(b, p)
-        if eta is None and m is None:
-            s_host = _host_float(scale, p)
-            if dtype not in _LOW or s_host is not None:
-                # w + scale*g in one op: opmath == dtype, or torch's CPU kernel computes a
-                # reduced-precision add in float32 and rounds once (the scale read on the host)
-                _axpy_(p, g, scale if s_host is None else s_host)
-                continue
-        ws = _workspace(p, opmath(dtype), 0)
+        s_host = _host_float(scale, p)
+        if s_host == 0.0:
+            continue  # a zero scale drops the term: w stays as it is, whatever g holds
+        if eta is None and m is None and s_host is not None:
+            # w + scale*g in one op (for bf16/fp16, torch computes the add in float32 and rounds once)
+            _axpy_(p, g, s_host)
+            continue
+        flat, ws = _workspace_flat(p, opmath(dtype), 0)
         if eta is not None:
             if eta:
                 _t_(ws, p, eta)  # T at the incoming w
@@ -173,11 +173,13 @@ def perturb_(params, grads, backup, scale, eta=None, mask=None):
             m1 = _workspace(p, opmath(dtype), 1)
             torch._foreach_copy_(m1, m)
             torch._foreach_mul_(ws, m1)
-        if dtype in _LOW:
-            _mul_(ws, scale)
-            _store_(p, ws, p, dtype)
-        else:
-            _axpy_(p, ws, scale)  # w + scale * (T^2 g): the scale rides on the update pass
+        if s_host is not None and dtype not in _LOW:
+            _axpy_(p, ws, s_host)  # w + scale * (T^2 g): the scale rides on the update pass
+            continue
+        _mul_(ws, scale if s_host is None else s_host)
+        if s_host is None:  # a device scale of zero drops the term: w + (-0.0) == w bit for bit
+            flat.masked_fill_(scale.to(flat.device) == 0, -0.0)
+        _store_(p, ws, p, dtype)
 
 
 def restore_(params, backup):

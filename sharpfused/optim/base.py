@@ -290,9 +290,16 @@ class SharpnessAware(Optimizer):
         assert total is not None
         return total
 
+    @staticmethod
+    def inverse_norm(norm: Tensor) -> Tensor:
+        """1 / (norm + eps), or 0 when the norm is not finite: a perturbation scaled by it is then
+        dropped (``perturb_`` leaves w as it is for a zero scale), so the next forward pass of a
+        step that will be skipped still runs at finite weights (BatchNorm buffers stay finite)."""
+        return torch.where(torch.isfinite(norm), (norm + EPS).reciprocal(), torch.zeros_like(norm))
+
     def perturb(self, buckets: list[Bucket], norm: Tensor, rho_key: str = "rho", save: bool = True) -> None:
         """w <- w + rho * T^2 g / (||T g|| + eps) per bucket, saving w for exact restore."""
-        inv = (norm + EPS).reciprocal()
+        inv = self.inverse_norm(norm)
         for b in buckets:
             g = b.group
             scale = inv.to(b.device) * g[rho_key]

@@ -54,7 +54,7 @@ class BSAM(SharpnessAware):
         buckets = self._begin_first()
         if buckets:
             self.copy(buckets, lambda b: b.buffer("g0").views, lambda b: b.grads())
-            self._inv0 = (self.global_norm(buckets) + EPS).reciprocal()
+            self._inv0 = self.inverse_norm(self.global_norm(buckets))
             for b in buckets:
                 scale = self._inv0.to(b.device) * b.group["rho_max"]
                 ops.perturb_(b.params, b.grads(), b.backup.views, scale, backend=b.backend)

@@ -97,7 +97,7 @@ class GSAM(SharpnessAware):
         buckets = self._begin_first()
         if buckets:
             self.copy(buckets, lambda b: b.buffer("g").views, lambda b: b.grads())
-            inv = (self.global_norm(buckets) + EPS).reciprocal()
+            inv = self.inverse_norm(self.global_norm(buckets))
             for b in buckets:
                 scale = inv.to(b.device) * self.rho_t(b.group)
                 ops.perturb_(b.params, b.grads(), b.backup.views, scale, backend=b.backend)

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 from .. import ops
-from .base import EPS, SharpnessAware, check_rho, check_unit
+from .base import SharpnessAware, check_rho, check_unit
 
 
 class SAMPa(SharpnessAware):
@@ -101,7 +101,7 @@ class SAMPa(SharpnessAware):
         rank = None if self.process_group is None else dist.get_rank(self.process_group)
 
         try:
-            inv = (self.global_norm(buckets, gy) + EPS).reciprocal()
+            inv = self.inverse_norm(self.global_norm(buckets, gy))
             for b in buckets:  # x~ = x + rho grad_y / ||grad_y||   (x saved for exact restore)
                 ops.perturb_(b.params, gy(b), b.backup.views, inv.to(b.device) * b.group["rho"], backend=b.backend)
             loss = None

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from .. import ops
-from .base import EPS, SharpnessAware, check_rho, check_unit
+from .base import SharpnessAware, check_rho, check_unit
 
 MASKS = ("fisher", "random")
 
@@ -92,7 +92,7 @@ class SSAM(SharpnessAware):
             since = self.state["ssam"].get("since_refresh")
             if not valid or since is None or since >= self.mask_every:
                 self.refresh_mask()
-            inv = (self.global_norm(buckets) + EPS).reciprocal()
+            inv = self.inverse_norm(self.global_norm(buckets))
             for b in buckets:
                 scale = inv.to(b.device) * b.group["rho"]
                 mask = b.extra["mask"].views

@@ -69,7 +69,7 @@ class XSAM(SharpnessAware):
 
     def _ascend(self, buckets: list, save: bool) -> None:
         """w <- w + (rho/k) g/(||g||+eps) and u <- u + the same step (u = w_k - w_0 in exact arithmetic)."""
-        inv = (self.global_norm(buckets) + EPS).reciprocal()
+        inv = self.inverse_norm(self.global_norm(buckets))
         for b in buckets:
             scale = inv.to(b.device) * (b.group["rho"] / self.steps)
             u = b.buffer("ascent").views
