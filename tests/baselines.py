@@ -80,7 +80,7 @@ class EagerForeachSAM(EagerLoopSAM):
             self.zero_grad()
 
 
-class EagerForeachASAM(EagerLoopSAM):
+class EagerForeachASAM(EagerForeachSAM):
     """SAM/ASAM with foreach ops, unfused (T = |w| for ``adaptive=True``, as the popular port)."""
 
     @torch.no_grad()
@@ -94,14 +94,6 @@ class EagerForeachASAM(EagerLoopSAM):
         self._old = torch._foreach_mul(ps, 1.0)  # clone
         e = torch._foreach_mul(torch._foreach_mul(ps, ps), gs) if adaptive else gs
         torch._foreach_add_(ps, torch._foreach_mul(e, scale))
-        if zero_grad:
-            self.zero_grad()
-
-    @torch.no_grad()
-    def second_step(self, zero_grad=False):
-        ps = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
-        torch._foreach_copy_(ps, self._old)
-        self.base_optimizer.step()
         if zero_grad:
             self.zero_grad()
 

@@ -415,7 +415,9 @@ class SharpnessAware(Optimizer):
             value = value.to(self._nonfinite.device)
         return torch.where(self._nonfinite, other, value)
 
-    def final_grad_check(self, buckets: list[Bucket]) -> tuple[Optional[Tensor], Tensor]:
+    def final_grad_check(
+        self, buckets: list[Bucket], extra: list[tuple[str, list[Tensor]]]
+    ) -> tuple[Optional[Tensor], Tensor]:
         """(grad_coef, skip) for the final gradients now in ``.grad``, all on the device.
 
         One read of the final gradients gives their norm: non-finite marks the step skipped
@@ -424,7 +426,7 @@ class SharpnessAware(Optimizer):
         clipping (min(1, max/(||g||+1e-6)), on the unscaled norm) into one factor.
         """
         sq = self.all_reduce_partials(buckets, [ops.sq_norm(b.grads(), backend=b.backend) for b in buckets])
-        for backend, grads in self._unbucketed_grads(buckets):  # gradients that appeared in a later pass
+        for backend, grads in extra:  # gradients that appeared in a later pass (see _unbucketed_grads)
             sq = sq + ops.sq_norm(grads, backend=backend).to(sq.device)
         bad = ~torch.isfinite(sq)
         prior = self._nonfinite
@@ -466,7 +468,8 @@ class SharpnessAware(Optimizer):
             self.last_step_skipped = None  # no gradient anywhere: nothing was checked
             self.base_optimizer.step()
             return
-        coef, skip = self.final_grad_check(buckets)
+        extra = self._unbucketed_grads(buckets)
+        coef, skip = self.final_grad_check(buckets, extra)
         self.last_step_skipped = skip
         kind = self._fused_kind()
         fused = kind is not None and self._grad_key() == self._bucket_key
@@ -479,7 +482,7 @@ class SharpnessAware(Optimizer):
                 if coef is not None:
                     ops.combine_(b.grads(), b.grads(), coef.to(b.device), 0.0, backend=b.backend)
             if coef is not None:
-                for backend, grads in self._unbucketed_grads(buckets):
+                for backend, grads in extra:
                     ops.combine_(grads, grads, coef.to(grads[0].device), 0.0, backend=backend)
             if not bool(skip):  # the one host sync: a third-party step cannot be skipped on the device
                 self.base_optimizer.step()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any, Callable, Optional
 
 import torch
@@ -41,18 +40,8 @@ class BiSAM(SAM):
     Passing the training loss for both passes gives SAM exactly.
     """
 
-    def __init__(
-        self,
-        params: Iterable,
-        base_optimizer: Any = torch.optim.SGD,
-        rho: float = 0.05,
-        adaptive: bool = False,
-        eta: float = 0.0,
-        backend: str = "auto",
-        **base_kwargs: Any,
-    ) -> None:
-        super().__init__(params, base_optimizer, rho=rho, adaptive=adaptive, eta=eta, backend=backend, **base_kwargs)
-        self.perturbation_pass: Optional[bool] = None
+    #: True while the perturbation pass's closure runs, False during the update pass, else None
+    perturbation_pass: Optional[bool] = None
 
     def step(self, closure: Optional[Callable[..., Any]] = None) -> Any:  # type: ignore[override]
         """One step; ``closure(perturbation=True)`` backpropagates Q, ``closure(perturbation=False)`` L.
