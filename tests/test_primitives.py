@@ -314,3 +314,100 @@ def test_perturb_zero_scale_keeps_weights_whatever_the_gradient(backend, device,
     ops.perturb_(w, g, None, scale, eta, backend=backend)
     for a, b in zip(w, w0):
         assert torch.equal(a.view(-1).view(torch.int8) if a.numel() else a, b.view(-1).view(torch.int8) if b.numel() else b)
+
+
+# ------------------------------------------------------------------ CPU tiles and out= ops
+# Lists big enough to be cut: one tensor spans many tiles, small ones share a tile.
+TILE_SHAPES = ODD_SIZES + [(70001,), (129, 257)] + MANY[:30]
+
+
+@pytest.fixture(params=[37, 4096], ids=["tile37", "tile4096"])
+def small_tiles(request, monkeypatch):
+    """CPU tiles cut small and most tensors on restore_sgd_'s per-tensor out= path."""
+    monkeypatch.setattr(torch_ops, "CPU_TILE", request.param)
+    monkeypatch.setattr(torch_ops, "CPU_OUT_MIN", 64)
+    return request.param
+
+
+def _all_primitives(dtype, shapes, seed=5):
+    """Runs every primitive once on fresh data; returns every output and updated tensor."""
+    torch.manual_seed(seed)
+    x, y, w = rand_list(shapes, dtype), rand_list(shapes, dtype), rand_list(shapes, dtype)
+    mask = [torch.rand(s) > 0.5 for s in shapes]
+    opm = torch.float64 if dtype == torch.float64 else torch.float32
+    out = {"x": x, "y": y, "w": w, "mask": mask}
+    out["sq"] = ops.sq_norm(x, per_tensor=True)
+    out["sq_w"] = ops.sq_norm(x, w, 0.01, per_tensor=True)
+    out["sq_w0"] = ops.sq_norm(x, w, 0.0, per_tensor=True)
+    out["dot"] = ops.dot_norms(x, y)
+    pert = {}
+    for eta in (None, 0.0, 0.01):
+        for m in (None, mask):
+            for scale in (0.37, torch.tensor(0.37, dtype=opm)):
+                p, b = [t.clone() for t in w], [torch.empty_like(t) for t in w]
+                ops.perturb_(p, x, b, scale, eta, m)
+                key = (eta, m is not None, isinstance(scale, torch.Tensor))
+                pert[key] = (p, b)
+    out["perturb"] = pert
+    comb = {}
+    for c1, c2 in ((0.7, -1.3), (torch.tensor(0.7, dtype=opm), torch.tensor(-1.3, dtype=opm))):
+        g = [t.clone() for t in x]
+        ops.combine_(g, y, c1, c2)
+        comb[isinstance(c1, torch.Tensor)] = g
+    out["combine"] = comb
+    return out
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cpu_tiles_every_primitive_matches_reference(small_tiles, dtype):
+    tiles = torch_ops._tiles([rand_list(TILE_SHAPES, dtype)])
+    assert tiles is not None and len(tiles) > 1  # really cut
+    out = _all_primitives(dtype, TILE_SHAPES)
+    x, y, w = out["x"], out["y"], out["w"]
+    for key, (ws, eta) in {"sq": (None, 0.0), "sq_w": (w, 0.01), "sq_w0": (w, 0.0)}.items():
+        rt, rp = ref.sq_norm(x, ws, eta, per_tensor=True)
+        assert rel_err(out[key][0], rt) < TOL[dtype] and rel_err(out[key][1], rp) < TOL[dtype], key
+    assert rel_err(out["dot"], ref.dot_norms(x, y)) < TOL[dtype]
+    for (eta, masked, _), (p, b) in out["perturb"].items():
+        assert all(torch.equal(bb, ww) for bb, ww in zip(b, w))  # backup exact
+        want = ref.perturb(w, x, 0.37, eta, out["mask"] if masked else None)
+        assert rel_err(p, want) < TOL[dtype], (eta, masked)
+    for _, g in out["combine"].items():
+        assert rel_err(g, ref.combine(x, y, 0.7, -1.3)) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cpu_tiles_change_no_elementwise_result(monkeypatch, dtype):
+    """Elementwise results with small tiles are the bits of the untiled run (reductions only
+    change their summation order)."""
+    untiled = _all_primitives(dtype, TILE_SHAPES)
+    monkeypatch.setattr(torch_ops, "CPU_TILE", 37)
+    tiled = _all_primitives(dtype, TILE_SHAPES)
+    for key in untiled["perturb"]:
+        for a, b in zip(untiled["perturb"][key][0], tiled["perturb"][key][0]):
+            assert torch.equal(a, b), key
+    for key in untiled["combine"]:
+        assert all(torch.equal(a, b) for a, b in zip(untiled["combine"][key], tiled["combine"][key]))
+    for key in ("sq", "sq_w", "sq_w0", "dot"):
+        a, b = untiled[key], tiled[key]
+        a, b = (a[0], b[0]) if isinstance(a, tuple) else (a, b)
+        assert rel_err(b, a) < (1e-12 if dtype == torch.float64 else 1e-5), key
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "hp",
+    [
+        dict(lr=0.1, momentum=0.9, dampening=0.0, weight_decay=0.0, nesterov=False),
+        dict(lr=0.1, momentum=0.9, dampening=0.1, weight_decay=0.01, nesterov=False),
+        dict(lr=0.1, momentum=0.9, dampening=0.0, weight_decay=0.01, nesterov=True),
+        dict(lr=0.1, momentum=0.0, dampening=0.0, weight_decay=0.01, nesterov=False),
+    ],
+    ids=["momentum", "dampening+wd", "nesterov+wd", "plain+wd"],
+)
+def test_cpu_tiles_and_out_ops_base_steps_match_reference(small_tiles, dtype, hp):
+    ours, torch_err = _run("sgd", dtype, TILE_SHAPES, **hp)
+    assert ours <= 2 * torch_err + TOL[dtype] / 4, (ours, torch_err)
+    hp = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1)
+    ours, torch_err = _run("adamw", dtype, TILE_SHAPES, **hp)
+    assert ours <= 2 * torch_err + TOL[dtype] / 4, (ours, torch_err)

@@ -4,6 +4,15 @@ Intermediates that are as large as the parameters live in a cached opmath worksp
 (float32, or float64 for float64 inputs), allocated on the first call for a list of shapes
 and reused after: a step allocates no parameter-sized memory after the first one.
 Low-precision results are computed in opmath and rounded once, when written back.
+
+On CPU two things differ, both measured with bench/run.py (bench/NOTES.md):
+
+* Tiles. A primitive that needs opmath scratch cuts its lists into tiles of at most
+  ``CPU_TILE`` elements (1-D views of contiguous tensors) and runs its foreach ops tile by tile
+  over scratch of ``CPU_TILE`` elements that stays in cache, so the conversion and scratch
+  passes cost no memory traffic. Elementwise results are the same bits as untiled.
+* Restore fused into SGD. ``w <- backup - lr * d`` is one ``torch.add(..., out=w)`` per large
+  tensor (foreach has no ``out=``), saving the separate restore pass.
 """
 
 from __future__ import annotations
@@ -19,21 +28,54 @@ _LOW = (torch.float16, torch.bfloat16)
 _WORKSPACES: OrderedDict[tuple, tuple[Tensor, list[Tensor]]] = OrderedDict()
 _MAX_WORKSPACES = 16
 
+#: Elements per tile on CPU (an opmath scratch slot of 1 MiB in float32: cache-sized).
+CPU_TILE = 1 << 18
+_SCRATCH: dict[tuple, Tensor] = {}  # (device, dtype, slot) -> CPU_TILE elements
+_SCRATCH_VIEWS: OrderedDict[tuple, tuple[Tensor, list[Tensor]]] = OrderedDict()
+_TILINGS: OrderedDict[tuple, list] = OrderedDict()
+_MAX_TILINGS = 32
+_MAX_SCRATCH_VIEWS = 4096
+
 
 def opmath(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _views(flat: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
+    views, off = [], 0
+    for t in like:
+        views.append(flat[off : off + t.numel()].view(t.shape))
+        off += t.numel()
+    return views
+
+
+def _scratch_flat(like: Sequence[Tensor], dtype: torch.dtype, slot: int, n: int) -> tuple[Tensor, list[Tensor]]:
+    """Views of the shared CPU scratch slot (for lists of at most CPU_TILE elements, as a tile is)."""
+    dev = like[0].device
+    base = _SCRATCH.get((dev, dtype, slot))
+    if base is None or base.numel() < CPU_TILE:
+        base = _SCRATCH[(dev, dtype, slot)] = torch.empty(CPU_TILE, dtype=dtype, device=dev)
+    key = (dev, dtype, slot, tuple(t.shape for t in like))
+    hit = _SCRATCH_VIEWS.get(key)
+    if hit is not None and hit[0].data_ptr() == base.data_ptr():
+        _SCRATCH_VIEWS.move_to_end(key)
+        return hit
+    flat = base[:n]
+    hit = _SCRATCH_VIEWS[key] = (flat, _views(flat, like))
+    if len(_SCRATCH_VIEWS) > _MAX_SCRATCH_VIEWS:
+        _SCRATCH_VIEWS.popitem(last=False)
+    return hit
+
+
 def _workspace_flat(like: Sequence[Tensor], dtype: torch.dtype, slot: int = 0) -> tuple[Tensor, list[Tensor]]:
+    n = sum(t.numel() for t in like)
+    if like[0].device.type == "cpu" and n <= CPU_TILE:
+        return _scratch_flat(like, dtype, slot, n)
     key = (like[0].device, dtype, slot, tuple(t.shape for t in like))
     hit = _WORKSPACES.get(key)
     if hit is None:
-        flat = torch.empty(sum(t.numel() for t in like), dtype=dtype, device=like[0].device)
-        views, off = [], 0
-        for t in like:
-            views.append(flat[off : off + t.numel()].view(t.shape))
-            off += t.numel()
-        hit = _WORKSPACES[key] = (flat, views)
+        flat = torch.empty(n, dtype=dtype, device=like[0].device)
+        hit = _WORKSPACES[key] = (flat, _views(flat, like))
         if len(_WORKSPACES) > _MAX_WORKSPACES:
             _WORKSPACES.popitem(last=False)
     else:
@@ -78,6 +120,66 @@ def _groups(first: Sequence[Tensor], *others: Optional[Sequence[Tensor]]):
         yield dtype, [[first[i] for i in ii], *[None if o is None else [o[i] for i in ii] for o in others]]
 
 
+def _tiles(lists: Sequence[Optional[Sequence[Tensor]]]) -> Optional[list[tuple[list, Tensor]]]:
+    """CPU lists cut into tiles of at most CPU_TILE elements: per tile, (the parallel sublists of
+    1-D views -- None for an absent list -- and the index of each view's tensor). None when the
+    tensors are not on the CPU, one is not contiguous or all are empty (the caller runs untiled)."""
+    first = lists[0]
+    if first[0].device.type != "cpu":
+        return None
+    if any(lst is not None and not all(t.is_contiguous() for t in lst) for lst in lists):
+        return None
+    # contiguous: the address and size fix what a 1-D view covers, whatever the shape
+    key = (CPU_TILE,) + tuple(
+        None if lst is None else tuple((t.data_ptr(), t.numel(), t.dtype) for t in lst) for lst in lists
+    )
+    hit = _TILINGS.get(key)
+    if hit is not None:
+        _TILINGS.move_to_end(key)
+        return hit
+    tiles: list[tuple[list, Tensor]] = []
+    cur: list[list[Tensor]] = [[] for _ in lists]
+    idx: list[int] = []
+    used = 0
+
+    def close() -> None:
+        nonlocal cur, idx, used
+        tiles.append(([None if lst is None else c for lst, c in zip(lists, cur)], torch.tensor(idx)))
+        cur, idx, used = [[] for _ in lists], [], 0
+
+    for i, t in enumerate(first):
+        n, a = t.numel(), 0
+        flats = [None if lst is None else lst[i].view(-1) for lst in lists]
+        while a < n:
+            b = min(n, a + CPU_TILE - used)
+            for c, f in zip(cur, flats):
+                if f is not None:
+                    c.append(f[a:b])
+            idx.append(i)
+            used += b - a
+            a = b
+            if used == CPU_TILE:
+                close()
+    if used:
+        close()
+    if not tiles:  # every tensor empty: nothing to tile
+        return None
+    _TILINGS[key] = tiles
+    if len(_TILINGS) > _MAX_TILINGS:
+        _TILINGS.popitem(last=False)
+    return tiles
+
+
+def _tiled(lists: Sequence[Optional[Sequence[Tensor]]]):
+    """Yields the parallel sublists of each tile (CPU), or ``lists`` once (other devices)."""
+    tiles = _tiles(lists)
+    if tiles is None:
+        yield list(lists)
+        return
+    for sub, _ in tiles:
+        yield sub
+
+
 def _mul_(xs: list[Tensor], s) -> None:
     if isinstance(s, Tensor):
         torch._foreach_mul_(xs, s.to(xs[0].dtype))
@@ -118,20 +220,30 @@ def _sum_squares(xs: list[Tensor]) -> Tensor:
     return torch.stack(torch._foreach_norm(xs, 2)).square()
 
 
+def _sq_norm_group(x, w, eta, dtype) -> Tensor:
+    """Per-tensor sums of squares of one (device, dtype) group, in opmath."""
+    if w is not None:
+        ws = _workspace(x, opmath(dtype), 0)
+        if eta:
+            _t_(ws, w, eta)
+            torch._foreach_mul_(ws, _opm(x, dtype, 1))
+        else:  # (|w| x)^2 == (w x)^2: no abs pass
+            torch._foreach_copy_(ws, x)
+            torch._foreach_mul_(ws, _opm(w, dtype, 1))
+        return _sum_squares(ws)
+    return _sum_squares(_opm(x, dtype, 0))
+
+
 def sq_norm(xs, weights=None, eta=0.0, per_tensor=False):
     parts, order = [], []
     for dtype, (x, w) in _groups(xs, weights):
-        if w is not None:
-            ws = _workspace(x, opmath(dtype), 0)
-            if eta:
-                _t_(ws, w, eta)
-                torch._foreach_mul_(ws, _opm(x, dtype, 1))
-            else:  # (|w| x)^2 == (w x)^2: no abs pass
-                torch._foreach_copy_(ws, x)
-                torch._foreach_mul_(ws, _opm(w, dtype, 1))
-            per = _sum_squares(ws)
-        else:
-            per = _sum_squares(_opm(x, dtype, 0))
+        tiles = _tiles([x, w]) if (w is not None or dtype != opmath(dtype)) else None
+        if tiles is None:
+            per = _sq_norm_group(x, w, eta, dtype)
+        else:  # per-tensor sums gathered from the tiles in a fixed order
+            per = torch.zeros(len(x), dtype=opmath(dtype), device=x[0].device)
+            for (tx, tw), idx in tiles:
+                per.index_add_(0, idx, _sq_norm_group(tx, tw, eta, dtype))
         parts.append(per)
         order.append(x)
     if len(parts) == 1:
@@ -158,28 +270,43 @@ def perturb_(params, grads, backup, scale, eta=None, mask=None):
             # w + scale*g in one op (for bf16/fp16, torch computes the add in float32 and rounds once)
             _axpy_(p, g, s_host)
             continue
-        flat, ws = _workspace_flat(p, opmath(dtype), 0)
-        if eta is not None:
-            if eta:
-                _t_(ws, p, eta)  # T at the incoming w
-                torch._foreach_mul_(ws, ws)
-            else:  # T^2 = w^2
-                torch._foreach_copy_(ws, p)
-                torch._foreach_mul_(ws, ws)
-            torch._foreach_mul_(ws, _opm(g, dtype, 1))
-        else:
-            torch._foreach_copy_(ws, g)
-        if m is not None:
-            m1 = _workspace(p, opmath(dtype), 1)
-            torch._foreach_copy_(m1, m)
-            torch._foreach_mul_(ws, m1)
-        if s_host is not None and dtype not in _LOW:
-            _axpy_(p, ws, s_host)  # w + scale * (T^2 g): the scale rides on the update pass
-            continue
-        _mul_(ws, scale if s_host is None else s_host)
-        if s_host is None:  # a device scale of zero drops the term: w + (-0.0) == w bit for bit
-            flat.masked_fill_(scale.to(flat.device) == 0, -0.0)
-        _store_(p, ws, p, dtype)
+        for tp, tg, tm in _tiled([p, g, m]):
+            _perturb_scratch_(tp, tg, tm, scale, s_host, eta, dtype)
+
+
+def _perturb_scratch_(p, g, m, scale, s_host, eta, dtype) -> None:
+    """w <- w + scale * T^2 g [* mask] through opmath scratch."""
+    flat, ws = _workspace_flat(p, opmath(dtype), 0)
+    if dtype in _LOW and eta == 0 and m is None and s_host is not None:
+        # ASAM with eta 0, reduced precision: w + scale * (w g) w, five passes over the tile
+        torch._foreach_copy_(ws, p)
+        wg = _workspace(p, opmath(dtype), 1)
+        torch._foreach_copy_(wg, g)
+        torch._foreach_mul_(wg, ws)
+        torch._foreach_addcmul_(ws, wg, ws, value=s_host)
+        torch._foreach_copy_(p, ws)
+        return
+    if eta is not None:
+        if eta:
+            _t_(ws, p, eta)  # T at the incoming w
+            torch._foreach_mul_(ws, ws)
+        else:  # T^2 = w^2
+            torch._foreach_copy_(ws, p)
+            torch._foreach_mul_(ws, ws)
+        torch._foreach_mul_(ws, _opm(g, dtype, 1))
+    else:
+        torch._foreach_copy_(ws, g)
+    if m is not None:
+        m1 = _workspace(p, opmath(dtype), 1)
+        torch._foreach_copy_(m1, m)
+        torch._foreach_mul_(ws, m1)
+    if s_host is not None and dtype not in _LOW:
+        _axpy_(p, ws, s_host)  # w + scale * (T^2 g): the scale rides on the update pass
+        return
+    _mul_(ws, scale if s_host is None else s_host)
+    if s_host is None:  # a device scale of zero drops the term: w + (-0.0) == w bit for bit
+        flat.masked_fill_(scale.to(flat.device) == 0, -0.0)
+    _store_(p, ws, p, dtype)
 
 
 def restore_(params, backup):
@@ -190,14 +317,19 @@ def restore_(params, backup):
 def dot_norms(a, b):
     out = []
     for dtype, (x, y) in _groups(a, b):
-        flat, ws = _workspace_flat(x, opmath(dtype), 0)
-        torch._foreach_copy_(ws, x)
-        yy = _opm(y, dtype, 1)
-        na = _sum_squares(ws).sum()
-        nb = _sum_squares(yy).sum()
-        torch._foreach_mul_(ws, yy)
-        out.append(torch.stack([flat.sum(), na, nb]))
+        parts = [_dot_norms_scratch(tx, ty, dtype) for tx, ty in _tiled([x, y])]
+        out.append(parts[0] if len(parts) == 1 else torch.stack(parts).sum(0))
     return out[0] if len(out) == 1 else torch.stack([o.double() for o in out]).sum(0)
+
+
+def _dot_norms_scratch(x, y, dtype) -> Tensor:
+    flat, ws = _workspace_flat(x, opmath(dtype), 0)
+    torch._foreach_copy_(ws, x)
+    yy = _opm(y, dtype, 1)
+    na = _sum_squares(ws).sum()
+    nb = _sum_squares(yy).sum()
+    torch._foreach_mul_(ws, yy)
+    return torch.stack([flat.sum(), na, nb])
 
 
 def _is_zero(c) -> bool:
@@ -215,23 +347,28 @@ def combine_(g, saved, c1, c2):
             if not _is_zero(c2):
                 _axpy_(x, s, c2)
             continue
-        # c1*g + c2*saved in opmath, one rounding at the end; a zero coefficient drops its term
-        flat, ws = _workspace_flat(x, opmath(dtype), 0)
-        torch._foreach_copy_(ws, x)
-        _mul_(ws, c1)
-        if isinstance(c1, Tensor):
-            flat.masked_fill_(c1 == 0, 0.0)
-        elif c1 == 0:
-            flat.zero_()
-        if isinstance(c2, Tensor):
-            flat2, ws2 = _workspace_flat(x, opmath(dtype), 1)
-            torch._foreach_copy_(ws2, s)
-            _mul_(ws2, c2)
-            flat2.masked_fill_(c2 == 0, 0.0)
-            torch._foreach_add_(ws, ws2)
-        elif c2 != 0:
-            _axpy_(ws, _opm(s, dtype, 1), c2)
-        torch._foreach_copy_(x, ws)
+        for tx, ts in _tiled([x, s]):
+            _combine_scratch_(tx, ts, c1, c2, dtype)
+
+
+def _combine_scratch_(x, s, c1, c2, dtype) -> None:
+    """c1*g + c2*saved in opmath, one rounding at the end; a zero coefficient drops its term."""
+    flat, ws = _workspace_flat(x, opmath(dtype), 0)
+    torch._foreach_copy_(ws, x)
+    _mul_(ws, c1)
+    if isinstance(c1, Tensor):
+        flat.masked_fill_(c1 == 0, 0.0)
+    elif c1 == 0:
+        flat.zero_()
+    if isinstance(c2, Tensor):
+        flat2, ws2 = _workspace_flat(x, opmath(dtype), 1)
+        torch._foreach_copy_(ws2, s)
+        _mul_(ws2, c2)
+        flat2.masked_fill_(c2 == 0, 0.0)
+        torch._foreach_add_(ws, ws2)
+    elif c2 != 0:
+        _axpy_(ws, _opm(s, dtype, 1), c2)
+    torch._foreach_copy_(x, ws)
 
 
 def _skip_mask(found_inf: Optional[Tensor]) -> Optional[Tensor]:
@@ -304,44 +441,51 @@ def restore_sgd_(
         return _skipped_(params, backup, momentum_buffers if momentum and init_momentum else None)
     skip = None if host is False else _skip_mask(found_inf)
     for dtype, (p, b, g, buf) in _groups(params, backup, grads, momentum_buffers):
+        if skip is None and HOST_BRANCH_ON_CPU and p[0].device.type == "cpu":
+            # CPU: host scalars, torch.optim.SGD's own arithmetic (for bf16/fp16: each op in float32,
+            # rounded to the dtype), the restore folded into the update of each large tensor
+            coef = None if grad_coef is None else _host_float(grad_coef, p)
+            _sgd_cpu_(p, b, g, buf, _host_float(lr, p), momentum, dampening, weight_decay, nesterov,
+                      init_momentum, coef, dtype)
+            continue
         if skip is None and dtype not in _LOW:
             _sgd_short_(p, b, g, buf, lr, momentum, dampening, weight_decay, nesterov, init_momentum, grad_coef, dtype)
             continue
-        if skip is None and HOST_BRANCH_ON_CPU and p[0].device.type == "cpu":
-            # CPU, reduced precision: torch.optim.SGD's own arithmetic (each op in float32, rounded
-            # to the dtype), with host scalars; same-dtype ops, so no cast temporaries either
-            coef = None if grad_coef is None else _host_float(grad_coef, p)
-            _sgd_short_(p, b, g, buf, _host_float(lr, p), momentum, dampening, weight_decay, nesterov,
-                        init_momentum, coef, dtype)
-            continue
-        flat, d = _sanitized_grad(p, g, grad_coef, None, dtype)
-        if weight_decay:
-            _axpy_(d, _opm(b, dtype, 1), weight_decay)
-        if skip is not None:
-            flat.masked_fill_(skip, 0.0)
-        if momentum:
-            if init_momentum:
-                torch._foreach_copy_(buf, d)  # zeros on a skipped step
-            else:
-                keep_buf = _pick(skip, float(momentum), 1.0)
-                if dtype in _LOW:
-                    bb = _opm(buf, dtype, 1)
-                    _mul_(bb, keep_buf)
-                    _axpy_(bb, d, 1.0 - float(dampening))
-                    torch._foreach_copy_(buf, bb)
-                else:
-                    _mul_(buf, keep_buf)
-                    _axpy_(buf, d, 1.0 - float(dampening))
-            if nesterov:
-                _axpy_(d, _opm(buf, dtype, 1), momentum)
-            else:
-                torch._foreach_copy_(d, buf)
-        _mul_(d, -lr)
-        _store_delta_(p, flat, d, b, skip, dtype)
+        keep_buf = _pick(skip, float(momentum), 1.0)
+        for tp, tb, tg, tbuf in _tiled([p, b, g, buf]):
+            _sgd_scratch_(tp, tb, tg, tbuf, lr, momentum, dampening, weight_decay, nesterov, init_momentum,
+                          grad_coef, skip, keep_buf, dtype)
+
+
+def _sgd_scratch_(p, b, g, buf, lr, momentum, dampening, weight_decay, nesterov, init, grad_coef, skip, keep_buf,
+                  dtype) -> None:
+    """The general SGD step through opmath scratch: skip flag on the device, any dtype."""
+    flat, d = _sanitized_grad(p, g, grad_coef, None, dtype)
+    if weight_decay:
+        _axpy_(d, _opm(b, dtype, 1), weight_decay)
+    if skip is not None:
+        flat.masked_fill_(skip, 0.0)
+    if momentum:
+        if init:
+            torch._foreach_copy_(buf, d)  # zeros on a skipped step
+        elif dtype in _LOW:
+            bb = _opm(buf, dtype, 1)
+            _mul_(bb, keep_buf)
+            _axpy_(bb, d, 1.0 - float(dampening))
+            torch._foreach_copy_(buf, bb)
+        else:
+            _mul_(buf, keep_buf)
+            _axpy_(buf, d, 1.0 - float(dampening))
+        if nesterov:
+            _axpy_(d, _opm(buf, dtype, 1), momentum)
+        else:
+            torch._foreach_copy_(d, buf)
+    _mul_(d, -lr)
+    _store_delta_(p, flat, d, b, skip, dtype)
 
 
 def _sgd_short_(p, b, g, buf, lr, momentum, dampening, weight_decay, nesterov, init, grad_coef, dtype) -> None:
-    """Not skipped, opmath == dtype: the fewest passes (d is g itself unless it must change)."""
+    """Not skipped, in the parameter dtype: the fewest foreach passes (d is g itself unless it must change)."""
     d = g
     if grad_coef is not None or weight_decay or (momentum and nesterov):
         d = _workspace(p, dtype, 0)
@@ -364,6 +508,45 @@ def _sgd_short_(p, b, g, buf, lr, momentum, dampening, weight_decay, nesterov, i
     _axpy_(p, d, -lr)
 
 
+#: On CPU, tensors of at least this many elements take per-tensor ``out=`` ops in restore_sgd_
+#: (two or three passes instead of foreach's four); smaller ones stay in one foreach call.
+CPU_OUT_MIN = 1 << 14
+
+
+def _sgd_cpu_(p, b, g, buf, lr: float, momentum, dampening, weight_decay, nesterov, init, grad_coef, dtype) -> None:
+    """CPU, not skipped, host scalars: w <- backup - lr * d in one op per large tensor, where
+    d = momentum buffer (or the Nesterov direction) updated from grad_coef * g + weight_decay * backup."""
+    big = [i for i, t in enumerate(p) if t.numel() >= CPU_OUT_MIN]
+    if len(big) < len(p):
+        small = [i for i, t in enumerate(p) if t.numel() < CPU_OUT_MIN]
+        pick = lambda xs: None if xs is None else [xs[i] for i in small]  # noqa: E731
+        _sgd_short_(pick(p), pick(b), pick(g), pick(buf), lr, momentum, dampening, weight_decay, nesterov, init,
+                    grad_coef, dtype)
+    if not big:
+        return
+    pb = [p[i] for i in big]
+    need_d = grad_coef is not None or weight_decay or (momentum and nesterov)
+    ws = _workspace(pb, dtype, 0) if need_d else None
+    damp = float(dampening)
+    for k, i in enumerate(big):
+        src = g[i]
+        if grad_coef is not None:
+            src = torch.mul(src, grad_coef, out=ws[k])
+        if weight_decay:
+            src = torch.add(src, b[i], alpha=weight_decay, out=ws[k])
+        upd = src
+        if momentum:
+            bf = buf[i]
+            if init:
+                bf.copy_(src)
+            elif damp == 0.0:
+                torch.add(src, bf, alpha=momentum, out=bf)  # buf <- d + momentum * buf
+            else:
+                bf.mul_(momentum).add_(src, alpha=1.0 - damp)
+            upd = torch.add(src, bf, alpha=momentum, out=ws[k]) if nesterov else bf
+        torch.add(b[i], upd, alpha=-lr, out=p[i])
+
+
 def restore_adamw_(
     params, backup, grads, exp_avgs, exp_avg_sqs, step, lr, beta1, beta2, eps, weight_decay,
     grad_coef=None, found_inf=None,
@@ -384,25 +567,31 @@ def restore_adamw_(
     keep_v = _pick(skip, beta2, 1.0)
     w2 = _pick(skip, 1.0 - beta2, 0.0)
     for dtype, (p, b, g, m, v) in _groups(params, backup, grads, exp_avgs, exp_avg_sqs):
-        flat, d = _sanitized_grad(p, g, grad_coef, skip, dtype)
-        # moments stay in the parameter dtype, as torch.optim.AdamW keeps them
-        for state, keep, w in ((m, keep_m, w1), (v, keep_v, w2)):
-            if state is v:
-                torch._foreach_mul_(d, d)  # g'^2; g' is not needed after m
-            st = _opm(state, dtype, 1) if dtype in _LOW else state
-            _mul_(st, keep)
-            _axpy_(st, d, w)
-            if st is not state:
-                torch._foreach_copy_(state, st)
-        torch._foreach_copy_(d, v)  # denominator: sqrt(v)/sqrt(bc2) + eps
-        torch._foreach_sqrt_(d)
-        _mul_(d, inv_bc2_sqrt)
-        torch._foreach_add_(d, eps)
-        torch._foreach_reciprocal_(d)
-        torch._foreach_mul_(d, _opm(m, dtype, 1))  # m / denom
-        _mul_(d, lr)
-        _mul_(d, -1.0 / bc1)  # -lr/bc1 * m/denom
-        w0 = _opm(b, dtype, 1)
-        if isinstance(lr, Tensor) or weight_decay:
-            _axpy_(d, w0, -lr * weight_decay)  # decoupled decay, accumulated in opmath
-        _store_delta_(p, flat, d, b, skip, dtype)
+        for tp, tb, tg, tm, tv in _tiled([p, b, g, m, v]):
+            _adamw_scratch_(tp, tb, tg, tm, tv, lr, eps, weight_decay, bc1, inv_bc2_sqrt, grad_coef, skip,
+                            (keep_m, w1), (keep_v, w2), dtype)
+
+
+def _adamw_scratch_(p, b, g, m, v, lr, eps, weight_decay, bc1, inv_bc2_sqrt, grad_coef, skip, mw, vw, dtype):
+    flat, d = _sanitized_grad(p, g, grad_coef, skip, dtype)
+    # moments stay in the parameter dtype, as torch.optim.AdamW keeps them
+    for state, (keep, w) in ((m, mw), (v, vw)):
+        if state is v:
+            torch._foreach_mul_(d, d)  # g'^2; g' is not needed after m
+        st = _opm(state, dtype, 1) if dtype in _LOW else state
+        _mul_(st, keep)
+        _axpy_(st, d, w)
+        if st is not state:
+            torch._foreach_copy_(state, st)
+    torch._foreach_copy_(d, v)  # denominator: sqrt(v)/sqrt(bc2) + eps
+    torch._foreach_sqrt_(d)
+    _mul_(d, inv_bc2_sqrt)
+    torch._foreach_add_(d, eps)
+    torch._foreach_reciprocal_(d)
+    torch._foreach_mul_(d, _opm(m, dtype, 1))  # m / denom
+    _mul_(d, lr)
+    _mul_(d, -1.0 / bc1)  # -lr/bc1 * m/denom
+    w0 = _opm(b, dtype, 1)
+    if isinstance(lr, Tensor) or weight_decay:
+        _axpy_(d, w0, -lr * weight_decay)  # decoupled decay, accumulated in opmath
+    _store_delta_(p, flat, d, b, skip, dtype)
