@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Compile (not run) the CUDA extension's sources, one file at a time: every csrc/*.cu with nvcc
-# for sm_80 and sm_90, and csrc/bindings.cpp with g++ against the installed (possibly CPU-only)
-# torch headers. One line per file; exits non-zero if any file fails.
+# Compile the CUDA extension's sources, one file at a time: every csrc/*.cu with nvcc for sm_80
+# and sm_90, and csrc/bindings.cpp with g++ against the installed (possibly CPU-only) torch
+# headers; then run the kernels on the host under a CUDA emulator (csrc/tests/emu, no GPU).
+# One line per file or test; exits non-zero if any fails.
 # Env: PYTHON (default python3), NVCC (default nvcc), CXX (default g++).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -39,6 +40,22 @@ if "$NVCC" -std=c++17 -O1 -Icsrc csrc/tests/pack_tables_test.cu -o "$tmp/pack_ta
   echo "ok    csrc/tests/pack_tables_test.cu  (built and run on the host, $((SECONDS - start)) s)"
 else
   echo "FAIL  csrc/tests/pack_tables_test.cu"; cat "$tmp/log" "$tmp/out" 2>/dev/null | grep -v ' ok$' | sed 's/^/      /' | head -40; fail=1
+fi
+
+# The kernels themselves, executed on the host: csrc/*.cu built with g++ under the CUDA emulator
+# of csrc/tests/emu and checked launcher by launcher against a long-double reference (no GPU
+# needed). fp_check first compares the emulator's half/bfloat16 conversions with the toolkit's.
+start=$SECONDS
+fp_inc=""
+[ -f "$cuda_inc/cuda_fp16.h" ] && fp_inc=$cuda_inc
+if CXX="$CXX" CUDA_INC="$fp_inc" bash csrc/tests/emu/build.sh "$tmp/emu" >"$tmp/log" 2>&1 \
+    && { [ -z "$fp_inc" ] || "$tmp/emu/fp_check" >"$tmp/out" 2>&1; } \
+    && "$tmp/emu/kernels_emu_test" >>"$tmp/out" 2>&1; then
+  echo "ok    csrc/tests/kernels_emu_test.cpp  (every launcher run on the host under csrc/tests/emu," \
+    "$(grep -c '^ok ' "$tmp/out") cases, $((SECONDS - start)) s)"
+else
+  echo "FAIL  csrc/tests/kernels_emu_test.cpp"
+  cat "$tmp/log" "$tmp/out" 2>/dev/null | grep -v '^ok ' | sed 's/^/      /' | head -60; fail=1
 fi
 
 # A CPU wheel of torch lacks the CUDA build's generated config header: a stub in a temp dir
