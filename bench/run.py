@@ -10,6 +10,9 @@ Two kinds of rows, on parameter lists shaped like real models (bench/shapes.py):
   per-parameter loop port and an eager foreach version (``tests/baselines.py``: the baselines
   the tests check against the float64 reference).
 
+On CPU the providers of a step are built side by side and timed round-robin (a shared machine's
+load drifts within a run; sequential timing once put 2x between two runs of the same code).
+
 Prints a markdown table (median ms and p20/p80, speedup vs each baseline, GB/s from the byte
 model and its fraction of the device-to-device copy bandwidth measured in the same run), appends
 rows to ``bench/results/<device>.csv`` and (``--plot``, on by default) redraws the PNGs with
@@ -126,6 +129,21 @@ def timer(fn: Callable[[], object], device: torch.device, warmup: int, repeat: i
             t0 = time.perf_counter()
             fn()
             out.append((time.perf_counter() - t0) * 1e3)
+    return out
+
+
+def timer_interleaved(fns: list[Callable[[], object]], warmup: int, repeat: int) -> list[list[float]]:
+    """CPU: milliseconds per call of each of ``fns``, taken round-robin (one call of each per
+    round), so that the load of a shared machine drifting during the run hits every provider alike."""
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
+    out: list[list[float]] = [[] for _ in fns]
+    for _ in range(repeat):
+        for fn, ms in zip(fns, out):
+            t0 = time.perf_counter()
+            fn()
+            ms.append((time.perf_counter() - t0) * 1e3)
     return out
 
 
@@ -309,7 +327,15 @@ def measure(
             del fn
             _free(device)
     for algo in algos:
-        for pname, cls, kw in step_providers(algo, device):
+        providers = step_providers(algo, device)
+        if device.type == "cpu":  # all providers side by side, timed round-robin (timer_interleaved)
+            calls = [step_call(cls, kw, shape_list, dtype, device)[0] for _, cls, kw in providers]
+            for (pname, _, _), ms in zip(providers, timer_interleaved(calls, warmup, repeat)):
+                record("step", algo, pname, ms, STEP_BYTES[algo])
+            del calls
+            _free(device)
+            continue
+        for pname, cls, kw in providers:  # GPU: one at a time (memory), CUDA events
             fn, opt = step_call(cls, kw, shape_list, dtype, device)
             record("step", algo, pname, timer(fn, device, warmup, repeat), STEP_BYTES[algo])
             del fn, opt

@@ -378,16 +378,27 @@ def test_cpu_tiles_every_primitive_matches_reference(small_tiles, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_cpu_tiles_change_no_elementwise_result(monkeypatch, dtype):
-    """Elementwise results with small tiles are the bits of the untiled run (reductions only
-    change their summation order)."""
+    """Elementwise results with small tiles are the bits of the untiled run in fp32/fp64 (reductions
+    only change their summation order). In bf16/fp16, torch's own add-with-alpha rounds alpha to
+    the dtype in its scalar tail loop but not in its vector loop, so elements that a tile boundary
+    moves from one loop to the other may change: there the two runs agree within the dtype's
+    tolerance against float64 (the reference test above bounds each)."""
     untiled = _all_primitives(dtype, TILE_SHAPES)
     monkeypatch.setattr(torch_ops, "CPU_TILE", 37)
     tiled = _all_primitives(dtype, TILE_SHAPES)
+
+    def same(a, b, key):
+        if dtype in (torch.float32, torch.float64):
+            assert torch.equal(a, b), key
+        else:
+            assert rel_err(b, a) < TOL[dtype], key
+
     for key in untiled["perturb"]:
         for a, b in zip(untiled["perturb"][key][0], tiled["perturb"][key][0]):
-            assert torch.equal(a, b), key
+            same(a, b, key)
     for key in untiled["combine"]:
-        assert all(torch.equal(a, b) for a, b in zip(untiled["combine"][key], tiled["combine"][key]))
+        for a, b in zip(untiled["combine"][key], tiled["combine"][key]):
+            same(a, b, key)
     for key in ("sq", "sq_w", "sq_w0", "dot"):
         a, b = untiled[key], tiled[key]
         a, b = (a[0], b[0]) if isinstance(a, tuple) else (a, b)

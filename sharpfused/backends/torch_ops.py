@@ -10,7 +10,7 @@ On CPU two things differ, both measured with bench/run.py (bench/NOTES.md):
 * Tiles. A primitive that needs opmath scratch cuts its lists into tiles of at most
   ``CPU_TILE`` elements (1-D views of contiguous tensors) and runs its foreach ops tile by tile
   over scratch of ``CPU_TILE`` elements that stays in cache, so the conversion and scratch
-  passes cost no memory traffic. Elementwise results are the same bits as untiled.
+  passes cost no memory traffic. In fp32/fp64, elementwise results are the bits of an untiled run.
 * Restore fused into SGD. ``w <- backup - lr * d`` is one ``torch.add(..., out=w)`` per large
   tensor (foreach has no ``out=``), saving the separate restore pass.
 """
@@ -220,58 +220,82 @@ def _sum_squares(xs: list[Tensor]) -> Tensor:
     return torch.stack(torch._foreach_norm(xs, 2)).square()
 
 
+def _weighted_(ws, x, w, eta, dtype) -> None:
+    """ws <- T * x in opmath, T = |w| + eta."""
+    if eta:
+        _t_(ws, w, eta)
+        torch._foreach_mul_(ws, _opm(x, dtype, 1))
+    else:  # (|w| x)^2 == (w x)^2: no abs pass
+        torch._foreach_copy_(ws, x)
+        torch._foreach_mul_(ws, _opm(w, dtype, 1))
+
+
 def _sq_norm_group(x, w, eta, dtype) -> Tensor:
     """Per-tensor sums of squares of one (device, dtype) group, in opmath."""
     if w is not None:
         ws = _workspace(x, opmath(dtype), 0)
-        if eta:
-            _t_(ws, w, eta)
-            torch._foreach_mul_(ws, _opm(x, dtype, 1))
-        else:  # (|w| x)^2 == (w x)^2: no abs pass
-            torch._foreach_copy_(ws, x)
-            torch._foreach_mul_(ws, _opm(w, dtype, 1))
+        _weighted_(ws, x, w, eta, dtype)
         return _sum_squares(ws)
     return _sum_squares(_opm(x, dtype, 0))
 
 
+def _sq_norm_tile(x, w, eta, dtype) -> Tensor:
+    """Sum of squares of one CPU tile: T*x into the cached scratch, then one dot product."""
+    flat, ws = _workspace_flat(x, opmath(dtype), 0)
+    if w is not None:
+        _weighted_(ws, x, w, eta, dtype)
+    else:
+        torch._foreach_copy_(ws, x)
+    return torch.dot(flat, flat)
+
+
 def sq_norm(xs, weights=None, eta=0.0, per_tensor=False):
-    parts, order = [], []
+    totals, parts, order = [], [], []
     for dtype, (x, w) in _groups(xs, weights):
         tiles = _tiles([x, w]) if (w is not None or dtype != opmath(dtype)) else None
         if tiles is None:
             per = _sq_norm_group(x, w, eta, dtype)
-        else:  # per-tensor sums gathered from the tiles in a fixed order
-            per = torch.zeros(len(x), dtype=opmath(dtype), device=x[0].device)
-            for (tx, tw), idx in tiles:
-                per.index_add_(0, idx, _sq_norm_group(tx, tw, eta, dtype))
-        parts.append(per)
-        order.append(x)
+            totals.append(per.sum())
+        else:  # CPU: one dot product per tile; per-tensor sums only when asked for
+            totals.append(torch.stack([_sq_norm_tile(tx, tw, eta, dtype) for (tx, tw), _ in tiles]).sum())
+            if per_tensor:
+                per = torch.zeros(len(x), dtype=opmath(dtype), device=x[0].device)
+                for (tx, tw), idx in tiles:  # gathered from the tiles in a fixed order
+                    per.index_add_(0, idx, _sq_norm_group(tx, tw, eta, dtype))
+        if per_tensor:
+            parts.append(per)
+            order.append(x)
+    # mixed dtypes: in float64 when any input is float64
+    out_dtype = torch.float64 if any(t.dtype == torch.float64 for t in totals) else totals[0].dtype
+    total = totals[0] if len(totals) == 1 else torch.stack([t.to(out_dtype) for t in totals]).sum()
+    if not per_tensor:
+        return total
     if len(parts) == 1:
-        per = parts[0]
-    else:
-        # mixed dtypes: put per-tensor results back in list order, in float64 when any input is float64
-        out_dtype = torch.float64 if any(p.dtype == torch.float64 for p in parts) else torch.float32
-        pos = {id(t): i for i, t in enumerate(xs)}
-        per = torch.empty(len(xs), dtype=out_dtype, device=xs[0].device)
-        for p, x in zip(parts, order):
-            per[torch.tensor([pos[id(t)] for t in x], device=per.device)] = p.to(out_dtype)
-    total = per.sum()
-    return (total, per) if per_tensor else total
+        return total, parts[0]
+    # put per-tensor results back in list order
+    pos = {id(t): i for i, t in enumerate(xs)}
+    per = torch.empty(len(xs), dtype=out_dtype, device=xs[0].device)
+    for p, x in zip(parts, order):
+        per[torch.tensor([pos[id(t)] for t in x], device=per.device)] = p.to(out_dtype)
+    return total, per
 
 
 def perturb_(params, grads, backup, scale, eta=None, mask=None):
     for dtype, (p, g, b, m) in _groups(params, grads, backup, mask):
-        if b is not None:
-            torch._foreach_copy_(b, p)
         s_host = _host_float(scale, p)
-        if s_host == 0.0:
-            continue  # a zero scale drops the term: w stays as it is, whatever g holds
-        if eta is None and m is None and s_host is not None:
-            # w + scale*g in one op (for bf16/fp16, torch computes the add in float32 and rounds once)
-            _axpy_(p, g, s_host)
+        if s_host == 0.0:  # a zero scale drops the term: w stays as it is, whatever g holds
+            if b is not None:
+                torch._foreach_copy_(b, p)
             continue
-        for tp, tg, tm in _tiled([p, g, m]):
-            _perturb_scratch_(tp, tg, tm, scale, s_host, eta, dtype)
+        # on CPU the backup is taken tile by tile, so the update reads w from cache
+        for tp, tg, tb, tm in _tiled([p, g, b, m]):
+            if tb is not None:
+                torch._foreach_copy_(tb, tp)
+            if eta is None and tm is None and s_host is not None:
+                # w + scale*g in one op (for bf16/fp16, torch computes the add in float32 and rounds once)
+                _axpy_(tp, tg, s_host)
+            else:
+                _perturb_scratch_(tp, tg, tm, scale, s_host, eta, dtype)
 
 
 def _perturb_scratch_(p, g, m, scale, s_host, eta, dtype) -> None:
