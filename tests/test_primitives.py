@@ -422,3 +422,13 @@ def test_cpu_tiles_and_out_ops_base_steps_match_reference(small_tiles, dtype, hp
     hp = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1)
     ours, torch_err = _run("adamw", dtype, TILE_SHAPES, **hp)
     assert ours <= 2 * torch_err + TOL[dtype] / 4, (ours, torch_err)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_sq_norm_of_a_large_low_precision_gradient_stays_finite(dtype):
+    """A norm past fp16's 65504 (every element finite) must not read as inf: that would skip
+    every step as non-finite."""
+    xs = [torch.full((5000,), 1000.0, dtype=dtype), torch.full((7,), -3.0, dtype=dtype)]
+    total = ops.sq_norm(xs)
+    assert torch.isfinite(total)
+    assert rel_err(total, ref.sq_norm(xs)) < TOL[dtype]
