@@ -402,7 +402,9 @@ def test_cpu_tiles_change_no_elementwise_result(monkeypatch, dtype):
     for key in ("sq", "sq_w", "sq_w0", "dot"):
         a, b = untiled[key], tiled[key]
         a, b = (a[0], b[0]) if isinstance(a, tuple) else (a, b)
-        assert rel_err(b, a) < (1e-12 if dtype == torch.float64 else 1e-5), key
+        # bf16 norms use torch's bf16 kernel: each piece's norm is rounded to bf16
+        tol = {torch.float64: 1e-12, torch.bfloat16: TOL[torch.bfloat16]}.get(dtype, 1e-5)
+        assert rel_err(b, a) < tol, key
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -11,8 +11,9 @@ On CPU three things differ, all measured with bench/run.py (bench/NOTES.md):
   ``CPU_TILE`` elements (1-D views of contiguous tensors) and runs its foreach ops tile by tile
   over scratch of ``CPU_TILE`` elements that stays in cache, so the conversion and scratch
   passes cost no memory traffic. In fp32/fp64, elementwise results are the bits of an untiled run.
-* bfloat16 sums of squares without weights use torch's bf16 norm kernel (float32 accumulation,
-  each tensor's norm rounded to bf16; see ``_sq_norm_group``).
+* bfloat16 sums of squares use torch's bf16 kernels (ASAM's T*x rounded to bf16; float32
+  accumulation, each tensor's norm rounded to bf16; see ``_sq_norm_group``, ``_sq_norm_tile``).
+  fp16 keeps the exact path: its norm could overflow.
 * Restore fused into SGD. ``w <- backup - lr * d`` is one ``torch.add(..., out=w)`` per large
   tensor (foreach has no ``out=``), saving the separate restore pass.
 """
@@ -248,6 +249,16 @@ def _sq_norm_group(x, w, eta, dtype) -> Tensor:
 
 def _sq_norm_tile(x, w, eta, dtype) -> Tensor:
     """Sum of squares of one CPU tile: T*x into the cached scratch, then one dot product."""
+    if dtype == torch.bfloat16 and w is not None:
+        # torch's bf16 arithmetic, as for the unweighted bf16 norm (_sq_norm_group): T*x rounded
+        # to bf16, each norm accumulated in float32 and rounded to bf16
+        ws = _workspace(x, dtype, 0)
+        torch._foreach_copy_(ws, w)
+        if eta:
+            torch._foreach_abs_(ws)
+            torch._foreach_add_(ws, float(eta))
+        torch._foreach_mul_(ws, x)
+        return torch.stack(torch._foreach_norm(ws, 2)).float().square().sum()
     flat, ws = _workspace_flat(x, opmath(dtype), 0)
     if w is not None:
         _weighted_(ws, x, w, eta, dtype)
