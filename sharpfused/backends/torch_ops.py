@@ -219,8 +219,9 @@ def _store_(dst: Sequence[Tensor], delta: list[Tensor], base: Sequence[Tensor], 
 
 
 def _sum_squares(xs: list[Tensor]) -> Tensor:
-    """Per-tensor squared norms of opmath tensors, as a 1-d tensor (deterministic)."""
-    return torch.stack(torch._foreach_norm(xs, 2)).square()
+    """Per-tensor squared norms as a 1-d opmath tensor (deterministic); a bf16 list's norms
+    come from torch's bf16 kernel, rounded to bf16 before they are squared in float32."""
+    return torch.stack(torch._foreach_norm(xs, 2)).to(opmath(xs[0].dtype)).square()
 
 
 def _weighted_(ws, x, w, eta, dtype) -> None:
@@ -243,7 +244,7 @@ def _sq_norm_group(x, w, eta, dtype) -> Tensor:
         # torch's bf16 norm: float32 accumulation, each tensor's norm rounded to bf16 (relative
         # error <= 2^-8 on the sum, as torch.nn.utils.clip_grad_norm_ has), at a third of the
         # time of a float32 copy first. Not for fp16: a norm past 65504 would read as inf.
-        return torch.stack(torch._foreach_norm(x, 2)).float().square()
+        return _sum_squares(x)
     return _sum_squares(_opm(x, dtype, 0))
 
 
@@ -258,7 +259,7 @@ def _sq_norm_tile(x, w, eta, dtype) -> Tensor:
             torch._foreach_abs_(ws)
             torch._foreach_add_(ws, float(eta))
         torch._foreach_mul_(ws, x)
-        return torch.stack(torch._foreach_norm(ws, 2)).float().square().sum()
+        return _sum_squares(ws).sum()
     flat, ws = _workspace_flat(x, opmath(dtype), 0)
     if w is not None:
         _weighted_(ws, x, w, eta, dtype)
