@@ -145,25 +145,81 @@ def test_gradscaler_fp16_loop_with_forced_overflow(base):
     assert losses[-1] < losses[0]
 
 
-@pytest.mark.parametrize("name", ["sam", "asam", "gsam", "xsam", "ssam", "friendly"])
-def test_gradscaler_without_overflow_equals_unscaled_training(name):
-    """Loss scale 2^k, exact in binary: the scaled run takes the unscaled run's steps."""
+GRADSCALER_SAFE = ["sam", "asam", "gsam", "bisam", "xsam", "ssam", "friendly"]
+
+
+def scaler_kwargs(opt, scaler):
+    """What first_step needs under GradScaler: FriendlySAM takes the scaler (its momentum is unscaled)."""
+    return {"grad_scaler": scaler} if isinstance(opt, sharpfused.FriendlySAM) else {}
+
+
+@pytest.mark.parametrize("name", GRADSCALER_SAFE)
+@pytest.mark.parametrize("base", ["sgd", "adamw"])
+def test_gradscaler_changing_scale_is_bit_identical_to_unscaled_training(name, base):
+    """Loss scale 2^k, exact in binary, doubled at every step (growth_interval=1): the scaled run
+    takes the unscaled run's steps bit for bit, weights and every state tensor."""
     outs = []
     for use_scaler in (False, True):
         torch.manual_seed(0)
         model = MLP()
         x, y = data("mlp", n=32)
-        opt = make(name, model, "sgd")
-        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12, enabled=use_scaler)
-        for _ in range(5):
+        opt = make(name, model, base)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8, growth_interval=1, enabled=use_scaler)
+        for _ in range(6):
             scaler.scale(F.cross_entropy(model(x), y)).backward()
-            opt.first_step(zero_grad=True)
+            opt.first_step(zero_grad=True, **scaler_kwargs(opt, scaler))
             scaler.scale(F.cross_entropy(model(x), y)).backward()
             scaler.step(opt)
             scaler.update()
             opt.zero_grad()
-        outs.append([p.detach().clone() for p in model.parameters()])
-    assert rel_err(outs[1], outs[0]) < 1e-6
+        if use_scaler:
+            assert scaler.get_scale() == 2.0**14  # the scale really changed at every step
+        outs.append(([p.detach().clone() for p in model.parameters()], copy.deepcopy(opt.state_dict())))
+    (w0, s0), (w1, s1) = outs
+    assert all(torch.equal(a, b) for a, b in zip(w0, w1))
+    assert_same_state(s1["base_optimizer"], s0["base_optimizer"])
+    assert_same_state(s1, s0)
+
+
+def test_friendlysam_under_gradscaler_without_the_scale_is_refused():
+    model = MLP()
+    x, y = data("mlp", n=32)
+    opt = make("friendly", model)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    w = [p.detach().clone() for p in model.parameters()]
+    scaler.scale(F.cross_entropy(model(x), y)).backward()
+    opt.first_step(zero_grad=True)
+    scaler.scale(F.cross_entropy(model(x), y)).backward()
+    with pytest.raises(RuntimeError, match="grad_scaler=scaler"):
+        scaler.step(opt)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), w))  # aborted: weights restored
+    assert not opt.state  # and no state from the aborted step
+
+
+@pytest.mark.parametrize("name", GRADSCALER_SAFE)
+def test_gradscaler_backs_off_when_only_the_first_pass_overflows(name):
+    torch.manual_seed(0)
+    model = MLP()
+    x, y = data("mlp", n=32)
+    opt = make(name, model)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    for t in range(3):
+        scaler.scale(F.cross_entropy(model(x), y)).backward()
+        if t == 1:
+            next(iter(model.parameters())).grad.view(-1)[0] = float("inf")
+        weights = [p.detach().clone() for p in model.parameters()]
+        before = scaler.get_scale()
+        opt.first_step(zero_grad=True, **scaler_kwargs(opt, scaler))
+        scaler.scale(F.cross_entropy(model(x), y)).backward()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+        if t == 1:
+            assert bool(opt.last_step_skipped)
+            assert all(torch.equal(a, b) for a, b in zip(model.parameters(), weights))
+            assert scaler.get_scale() == before * 0.5  # the scaler saw the first pass's overflow
+        else:
+            assert not bool(opt.last_step_skipped)
 
 
 # ------------------------------------------------------------------ clipping

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import numbers
 import sys
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -29,6 +30,13 @@ def local_tensor(t: Tensor) -> Tensor:
     if mod is not None and isinstance(t, mod.DTensor):
         return t._local_tensor
     return t
+
+
+def kernel_view(t: Tensor) -> Tensor:
+    """The real tensor a kernel reads and writes for ``t``: its local shard (DTensor), and for a complex
+    tensor its ``view_as_real`` (as torch.optim's own steps treat complex parameters)."""
+    t = local_tensor(t)
+    return torch.view_as_real(t) if t.is_complex() else t
 
 
 def reduction_key(p: Tensor) -> Optional[tuple]:
@@ -70,7 +78,7 @@ class Bucket:
         self.group = group
         self.group_index = group_index
         self.sources = params
-        self.params = [local_tensor(p) for p in params]
+        self.params = [kernel_view(p) for p in params]
         self.reduce = reduce
         self.backend = backend
         self.backup = FlatBuffer(self.params)
@@ -86,7 +94,7 @@ class Bucket:
         return self.params[0].dtype
 
     def grads(self) -> list[Tensor]:
-        return [local_tensor(p.grad) for p in self.sources]
+        return [kernel_view(p.grad) for p in self.sources]
 
     def buffer(self, name: str, dtype: Optional[torch.dtype] = None, zero: bool = False) -> FlatBuffer:
         """A flat buffer shaped like the bucket's params, allocated on first use and kept."""
@@ -96,17 +104,41 @@ class Bucket:
         return buf
 
 
+def _host_value(value: Any) -> Any:
+    """A hyperparameter as a host number when reading it is free (a number, or a CPU tensor), else None."""
+    if isinstance(value, Tensor):
+        return value.item() if value.device.type == "cpu" else None
+    return value
+
+
 def _check_number(name: str, value: Any, low: float = 0.0, *, strict: bool = False, where: str = "") -> None:
+    """A real number (numpy scalars included) or a 1-element tensor, finite and >= ``low`` (> when strict).
+
+    CPU tensors are read and checked; device tensors are not read back (no host sync): the caller
+    owns their range, as documented.
+    """
     if isinstance(value, Tensor):
         if value.numel() != 1:
             raise ValueError(f"{name}{where} must be a number or a 1-element tensor, got shape {tuple(value.shape)}")
-        return  # device tensors are not read back (no host sync); the caller owns their range
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if value.is_complex() or value.dtype == torch.bool:
+            raise TypeError(f"{name}{where} must be a real number, got a {value.dtype} tensor")
+        value = _host_value(value)
+        if value is None:
+            return
+    elif isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name}{where} must be a real number, got {type(value).__name__}")
+    value = float(value)
     ok = math.isfinite(value) and (value > low if strict else value >= low)
     if not ok:
         rng = f"> {low}" if strict else f">= {low}"
         raise ValueError(f"{name}{where} must be a finite number {rng}, got {value}")
+
+
+def _as_python(value: Any) -> Any:
+    """numpy scalars (numbers.Real that are not Python numbers) as Python floats; anything else as it is."""
+    if isinstance(value, numbers.Real) and not isinstance(value, (bool, int, float)):
+        return float(value)
+    return value
 
 
 def _like_param(p: Tensor, local: Tensor) -> Tensor:
@@ -139,7 +171,8 @@ class SharpnessAware(Optimizer):
                 f"backend must be 'auto' or one of {', '.join(repr(b) for b in ops.BACKENDS)}, got {backend!r}"
             )
         for k, v in defaults.items():
-            self.hyper[k](k, v, "")
+            defaults[k] = _as_python(v)
+            self.hyper[k](k, defaults[k], "")
         instance = isinstance(base_optimizer, Optimizer)
         if not instance and not (inspect.isclass(base_optimizer) and issubclass(base_optimizer, Optimizer)):
             raise TypeError(
@@ -186,23 +219,45 @@ class SharpnessAware(Optimizer):
         self._bucket_key: Optional[tuple] = None
         self._buckets: list[Bucket] = []
         self._perturbed = False
+        self._clear_pending()
 
     # ---------------------------------------------------------------- param groups
     def _check_group(self, group: dict) -> None:
         index = next((i for i, g in enumerate(self.param_groups) if g is group), "new")
         where = f" (param group {index})"
         for k, check in self.hyper.items():
+            group[k] = _as_python(group[k])
             check(k, group[k], where)
         for p in group["params"]:
             ops.resolve(self.backend, p.device)
+            if p.is_complex() and group.get("adaptive", False):
+                raise ValueError(
+                    f"adaptive=True{where}: ASAM's weight |w| + eta is not defined for complex parameters (one "
+                    f"of shape {tuple(p.shape)} is {p.dtype}); put complex parameters in a group with adaptive=False"
+                )
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """torch.optim's add_param_group; the group is validated before it is added, so a bad value
+        raises and leaves the optimizer (and its base optimizer) as it was."""
         if not getattr(self, "_base_ready", False):
             super().add_param_group(param_group)  # during Optimizer.__init__
             return
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
+        params = param_group.get("params")
+        if isinstance(params, Tensor):
+            param_group["params"] = [params]
+        elif isinstance(params, set):
+            raise TypeError("param_group['params'] must be an ordered collection of tensors, got a set")
+        elif params is not None:
+            param_group["params"] = list(params)
         for k, v in self.defaults.items():
             if k in self.hyper:
                 param_group.setdefault(k, v)
+        trial = dict(param_group)
+        for k, v in self.base_optimizer.defaults.items():
+            trial.setdefault(k, v)
+        self._check_group(trial)  # raises before anything is added
         self.base_optimizer.add_param_group(param_group)  # appends to the shared list
         self._check_group(self.param_groups[-1])
         self._bucket_key = None
@@ -335,15 +390,56 @@ class SharpnessAware(Optimizer):
         if buf is not None:
             return buf, True
         buf = b.buffer(name, dtype=dtype, zero=True)
-        valid = True
+        created = []
         for p, view in zip(b.sources, buf.views):
             old = self.state[p].get(name) if p in self.state else None
             if old is None:
-                valid = False
+                created.append(p)
             else:
-                view.copy_(local_tensor(old))
+                view.copy_(kernel_view(old))
             self.state[p][name] = view if local_tensor(p) is p else _like_param(p, view)
-        return buf, valid
+        if created:  # dropped again if this step does not complete (see _finish_step)
+            self._created.append((b, name, created))
+        return buf, not created
+
+    # ---------------------------------------------------------------- state moves only when a step completes
+    def _clear_pending(self) -> None:
+        #: (bucket, state name, params whose entry this step created)
+        self._created: list[tuple[Bucket, str, list[Tensor]]] = []
+        #: run at the end of a completed step with the host skip flag (None when not read)
+        self._commits: list[Callable[[Optional[bool]], None]] = []
+        #: run when a step is aborted (in reverse order)
+        self._rollbacks: list[Callable[[], None]] = []
+        #: a commit of this step needs the skip flag on the host
+        self._commit_needs_host = False
+
+    def _drop_created(self) -> None:
+        """Remove the state entries this step created: no state appears on a step that did not happen."""
+        for b, name, params in self._created:
+            b.extra.pop(name, None)
+            for p in params:
+                st = self.state.get(p)
+                if st is not None:
+                    st.pop(name, None)
+                    if not st:
+                        del self.state[p]
+
+    def _finish_step(self) -> None:
+        """End of a completed step: commit staged algorithm state; on a skipped step drop what it created.
+
+        A step that creates state (the first one, or one that builds state for new parameters)
+        reads the skip flag on the host once, so that a skipped first step leaves no state behind;
+        later steps keep their state unchanged on the device, without a sync.
+        """
+        skipped: Optional[bool] = None
+        flag = self.last_step_skipped
+        if flag is not None and (self._created or self._commit_needs_host):
+            skipped = bool(flag)
+        for commit in self._commits:
+            commit(skipped)
+        if skipped:
+            self._drop_created()
+        self._clear_pending()
 
     # ---------------------------------------------------------------- base step
     def _fused_kind(self) -> Optional[str]:
@@ -370,18 +466,18 @@ class SharpnessAware(Optimizer):
             if not g["momentum"]:
                 b.base_state = {"bufs": None, "init": False}
                 return True
-            bufs = [st[p].get("momentum_buffer") for p in b.sources]
+            bufs = [st.get(p, {}).get("momentum_buffer") for p in b.sources]
             init = bufs[0] is None
             if any((x is None) != init for x in bufs):
                 return False
             if init:
                 bufs = [torch.empty_like(p, memory_format=torch.preserve_format) for p in b.sources]
-            b.base_state = {"bufs": [local_tensor(x) for x in bufs], "init": init, "state_bufs": bufs}
+            b.base_state = {"bufs": [kernel_view(x) for x in bufs], "init": init, "state_bufs": bufs}
             return True
-        states = [st[p] for p in b.sources]
-        fresh = [not s for s in states]
+        fresh = [not st.get(p) for p in b.sources]
         if any(fresh) and not all(fresh):
             return False
+        states = [st[p] for p in b.sources]
         if all(fresh):
             for p, s in zip(b.sources, states):
                 s["step"] = torch.tensor(0.0, dtype=torch.float32)
@@ -397,8 +493,9 @@ class SharpnessAware(Optimizer):
         steps = [s["step"] for s in states]
         b.base_state = {
             "steps": steps,
-            "m": [local_tensor(s["exp_avg"]) for s in states],
-            "v": [local_tensor(s["exp_avg_sq"]) for s in states],
+            "m": [kernel_view(s["exp_avg"]) for s in states],
+            "v": [kernel_view(s["exp_avg_sq"]) for s in states],
+            "init": all(fresh),  # state created for this step: removed again if it is skipped
         }
         return True
 
@@ -408,12 +505,13 @@ class SharpnessAware(Optimizer):
         With :func:`sharpfused.ops.combine_` (a zero coefficient drops its term) this keeps an
         algorithm's running state unchanged on a skipped step, whatever the gradients hold.
         """
-        if self._nonfinite is None:
+        flag = self._nonfinite
+        if flag is None:
             return value
-        other = torch.tensor(skipped, dtype=torch.float64, device=self._nonfinite.device)
+        other = torch.tensor(skipped, dtype=torch.float64, device=flag.device)
         if isinstance(value, Tensor):
-            value = value.to(self._nonfinite.device)
-        return torch.where(self._nonfinite, other, value)
+            value = value.to(flag.device)
+        return torch.where(flag, other, value)
 
     def final_grad_check(
         self, buckets: list[Bucket], extra: list[tuple[str, list[Tensor]]]
@@ -434,6 +532,7 @@ class SharpnessAware(Optimizer):
         found = getattr(self, "found_inf", None)  # set by GradScaler.step()
         if found is not None:
             skip = skip | (found.to(skip.device) != 0)
+        self._nonfinite = skip  # what commits after the base step see (unless_skipped)
         coef: Optional[Tensor] = None
         scale = getattr(self, "grad_scale", None)
         if scale is not None:
@@ -452,7 +551,7 @@ class SharpnessAware(Optimizer):
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is not None and id(p) not in inside:
-                    g = local_tensor(p.grad)
+                    g = kernel_view(p.grad)
                     by.setdefault((g.device, g.dtype), []).append(g)
         return [(ops.resolve(self.backend, dev), gs) for (dev, _), gs in by.items()]
 
@@ -487,6 +586,9 @@ class SharpnessAware(Optimizer):
             if not bool(skip):  # the one host sync: a third-party step cannot be skipped on the device
                 self.base_optimizer.step()
             return
+        # A step that creates the base optimizer's state reads the skip flag once on the host (the
+        # first step only), so that a skipped first step leaves no state behind.
+        skipped = bool(skip) if any(b.base_state["init"] for b in buckets) else None
         for b in buckets:
             g, s = b.group, b.base_state
             c = None if coef is None else coef.to(b.device)
@@ -497,10 +599,15 @@ class SharpnessAware(Optimizer):
                     dampening=g["dampening"], weight_decay=g["weight_decay"], nesterov=g["nesterov"],
                     init_momentum=s["init"], grad_coef=c, found_inf=found, backend=b.backend,
                 )
-                if s["init"]:
+                if s["init"] and not skipped:
                     for p, buf in zip(b.sources, s["state_bufs"]):
                         self.base_optimizer.state[p]["momentum_buffer"] = buf
                     s["init"] = False
+            elif s["init"] and skipped:  # AdamW state made for a step that did not happen
+                for p in b.sources:
+                    self.base_optimizer.state.pop(p, None)
+                b.base_state = None
+                ops.restore_(b.params, b.backup.views, backend=b.backend)
             else:
                 steps = s["steps"]
                 torch._foreach_add_(steps, (~found).to(steps[0].device, torch.float32))  # a skipped step does not count
@@ -510,6 +617,7 @@ class SharpnessAware(Optimizer):
                     beta1=beta1, beta2=beta2, eps=g["eps"], weight_decay=g["weight_decay"], grad_coef=c,
                     found_inf=found, backend=b.backend,
                 )
+                s["init"] = False
 
     # ---------------------------------------------------------------- protocol
     def _begin_first(self) -> list[Bucket]:
@@ -524,6 +632,34 @@ class SharpnessAware(Optimizer):
     def new_step(self) -> None:
         """Start a step: forget the last step's non-finite mark (first_step calls this)."""
         self._nonfinite = None
+        self._clear_pending()
+
+    def _end_first(self, zero_grad: bool) -> None:
+        """End of first_step: mark the step perturbed; with ``zero_grad``, clear the gradients for pass 2.
+
+        When pass 1 was not finite (the step will be skipped), the smallest parameter gets a NaN
+        gradient to accumulate into, so the second pass's gradients carry the overflow too:
+        ``GradScaler`` then sees it (and backs off), and under DDP every replica sees it. Decided
+        on the device; nothing changes when pass 1 was finite (the gradient starts at zeros).
+        """
+        self._perturbed = True
+        self._next_pass(zero_grad)
+
+    def _next_pass(self, zero_grad: bool) -> None:
+        """Between two passes of a step: with ``zero_grad``, clear the gradients (and carry a
+        non-finite mark into the next pass, see :meth:`_end_first`)."""
+        if not zero_grad:
+            return
+        self.zero_grad()
+        flag = self._nonfinite
+        if flag is None or not self._buckets:
+            return
+        p = min((p for b in self._buckets for p in b.sources if p.numel() > 0), key=Tensor.numel, default=None)
+        if p is None:
+            return
+        grad = torch.zeros_like(p)
+        kernel_view(grad).masked_fill_(flag.to(grad.device), float("nan"))
+        p.grad = grad
 
     def _begin_second(self) -> list[Bucket]:
         if not self._perturbed:
@@ -539,6 +675,7 @@ class SharpnessAware(Optimizer):
         return self._buckets
 
     def _end_second(self, zero_grad: bool) -> None:
+        self._finish_step()
         self._perturbed = False
         self._opt_called = True  # LR schedulers check this
         if zero_grad:
@@ -557,6 +694,10 @@ class SharpnessAware(Optimizer):
         raised inside a closure, and forget the half-done step. Safe to call at any time."""
         if self._perturbed and self._buckets:
             self.restore(self._buckets)
+        for undo in reversed(self._rollbacks):
+            undo()
+        self._drop_created()
+        self._clear_pending()
         self._perturbed = False
 
     @contextmanager
@@ -599,20 +740,69 @@ class SharpnessAware(Optimizer):
         return loss
 
     # ---------------------------------------------------------------- state
+    def _check_not_perturbed(self, what: str) -> None:
+        if self._perturbed:
+            raise RuntimeError(
+                f"{type(self).__name__}.{what}() between first_step() and second_step(): the model holds the "
+                "perturbed weights w + e, so neither it nor the optimizer can be checkpointed now. Take "
+                "checkpoints after second_step() (or call abort_step() first to put the weights back)"
+            )
+
     def state_dict(self) -> dict[str, Any]:
-        """Our state plus the base optimizer's (``"base_optimizer"``): resuming is exact."""
+        """Our state plus the base optimizer's (``"base_optimizer"``): resuming is exact.
+
+        Refused between ``first_step()`` and ``second_step()`` (the weights are perturbed then):
+        a checkpoint, of the model as of the optimizer, belongs after a completed step.
+        """
+        self._check_not_perturbed("state_dict")
         sd = super().state_dict()
         sd["base_optimizer"] = self.base_optimizer.state_dict()
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a dict made by :meth:`state_dict`. A step left half done (perturbed weights) is
+        aborted first, so the weights are back at w before the state is replaced."""
+        if not isinstance(state_dict, dict) or "base_optimizer" not in state_dict:
+            keys = sorted(state_dict) if isinstance(state_dict, dict) else type(state_dict).__name__
+            raise ValueError(
+                f"{type(self).__name__}.load_state_dict() needs a dict made by a sharpfused optimizer's state_dict() "
+                f"(with a 'base_optimizer' entry); got one with keys {keys}, which looks like a plain torch.optim "
+                "state dict: load that into opt.base_optimizer.load_state_dict() instead"
+            )
+        groups = state_dict.get("param_groups", [])
+        for i, g in enumerate(groups):
+            missing = [k for k in self.hyper if k not in g]
+            if missing:
+                raise ValueError(
+                    f"{type(self).__name__}.load_state_dict(): param group {i} of the state dict lacks "
+                    f"{', '.join(missing)}; it was not made by a {type(self).__name__}"
+                )
+        self.abort_step()
         state_dict = dict(state_dict)
-        base = state_dict.pop("base_optimizer", None)
+        base = state_dict.pop("base_optimizer")
         super().load_state_dict(state_dict)
-        if base is not None:
-            self.base_optimizer.load_state_dict(base)
+        self.base_optimizer.load_state_dict(base)
         self.base_optimizer.param_groups = self.param_groups
         self.reset_buckets()
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Everything (the base optimizer, buckets, step flags), so that a deep copy or a pickle
+        continues bit-identically; buckets are only kept mid-step (they hold the backup then)."""
+        state = self.__dict__.copy()
+        if not self._perturbed:
+            state["_buckets"], state["_bucket_key"] = [], None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        # addresses differ in a copy: buckets are rebuilt at the next step; a copy taken mid-step
+        # keeps its buckets (they hold the backup), keyed by the copied parameters
+        self._bucket_key = None
+        if self._perturbed and self._buckets:
+            inside = {id(p) for b in self._buckets for p in b.sources}
+            self._bucket_key = tuple(
+                (id(p), local_tensor(p).data_ptr()) for g in self.param_groups for p in g["params"] if id(p) in inside
+            )
 
     def reset_buckets(self) -> None:
         """Forget buckets and cached views of state (after state tensors were replaced, e.g. by a load)."""
@@ -641,5 +831,6 @@ def check_bool(name: str, value: Any, where: str) -> None:
 def check_unit(name: str, value: Any, where: str) -> None:
     """A number in [0, 1]."""
     _check_number(name, value, where=where)
-    if not isinstance(value, Tensor) and value > 1:
-        raise ValueError(f"{name}{where} must be in [0, 1], got {value}")
+    host = _host_value(value)
+    if host is not None and host > 1:
+        raise ValueError(f"{name}{where} must be in [0, 1], got {float(host)}")

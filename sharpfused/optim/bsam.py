@@ -58,10 +58,8 @@ class BSAM(SharpnessAware):
             for b in buckets:
                 scale = self._inv0.to(b.device) * b.group["rho_max"]
                 ops.perturb_(b.params, b.grads(), b.backup.views, scale, backend=b.backend)
-        self._perturbed = True
         self._phase = 1
-        if zero_grad:
-            self.zero_grad()
+        self._end_first(zero_grad)
 
     @torch.no_grad()
     def bilateral_step(self, zero_grad: bool = False) -> None:
@@ -77,8 +75,7 @@ class BSAM(SharpnessAware):
                 rho = b.group["rho_min"] if b.group["rho_min"] is not None else b.group["rho_max"]
                 ops.perturb_(b.params, b.buffer("g0").views, None, self._inv0.to(b.device) * -rho, backend=b.backend)
         self._phase = 2
-        if zero_grad:
-            self.zero_grad()
+        self._next_pass(zero_grad)
 
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -22,7 +22,8 @@ class FriendlySAM(SharpnessAware):
         e = \rho\, d / (\lVert d \rVert + \epsilon),\qquad \text{base step with } \nabla L(w+e)
 
     As in the authors' code, the first step perturbs along :math:`g` and sets :math:`m_0 = g`.
-    ``m`` is a flat buffer (+1x parameters) in ``state_dict``. ``rho``, ``sigma`` and ``lam``
+    ``m`` is a flat buffer (+1x parameters) in ``state_dict``; this step's gradient is kept in
+    another (+1x) until the step completes, so that m moves only on completed steps. ``rho``, ``sigma`` and ``lam``
     may differ per group. ``first_step`` overwrites ``.grad`` with :math:`d`.
 
     Protocol: SAM's (``first_step``/``second_step`` or ``step(closure)``).
@@ -43,28 +44,53 @@ class FriendlySAM(SharpnessAware):
         super().__init__(params, base_optimizer, dict(rho=rho, sigma=sigma, lam=lam), backend, **base_kwargs)
 
     @torch.no_grad()
-    def first_step(self, zero_grad: bool = False) -> None:
-        """d = g - sigma m_{t-1}, w <- w + rho d/(||d||+eps), then m_t (after the first backward).
+    def first_step(self, zero_grad: bool = False, grad_scaler: Optional[Any] = None) -> None:
+        """d = g - sigma m_{t-1}, w <- w + rho d/(||d||+eps) (after the first backward).
 
-        m_t is written after the norm, so a non-finite gradient leaves m unchanged.
+        m_t = lam m_{t-1} + (1 - lam) g is committed when the step completes (``second_step``):
+        a skipped or aborted step leaves m as it was. Under ``torch.amp.GradScaler`` pass
+        ``grad_scaler=scaler``: m holds unscaled gradients, so a changing loss scale does not
+        enter it (the scale is read on the device, no host sync).
         """
         buckets = self._begin_first()
+        inv = None
+        if grad_scaler is not None and grad_scaler.is_enabled():
+            get = getattr(grad_scaler, "_get_scale_async", None)
+            scale = get() if get is not None else torch.tensor(grad_scaler.get_scale())
+            inv = scale.to(torch.float32).reciprocal()
+        self._unscaled = inv is not None
         fresh = []
         for b in buckets:
             m, valid = self.state_buffer(b, "momentum")
             fresh.append(not valid)
-            if valid:
-                ops.combine_(b.grads(), m.views, 1.0, -b.group["sigma"], backend=b.backend)  # d = g - sigma m
+            c = 1.0 if inv is None else inv.to(b.device)
+            g = b.buffer("grad").views  # this step's (unscaled) gradient, committed into m at the end
+            ops.combine_(g, b.grads(), 0.0, c, backend=b.backend)
+            if valid:  # d = g - sigma m (up to the loss scale: the perturbation is normalized)
+                ops.combine_(b.grads(), m.views, c, -b.group["sigma"], backend=b.backend)
         if buckets:
             self.perturb(buckets, self.global_norm(buckets))
+        self._commits.append(lambda skipped: self._commit_momentum(buckets, fresh))
+        self._end_first(zero_grad)
+
+    def _commit_momentum(self, buckets: list, fresh: list) -> None:
+        """m <- lam m + (1 - lam) g (m_0 = g), kept as it was when the step is skipped (device flag)."""
         for b, first in zip(buckets, fresh):
-            sigma, lam = b.group["sigma"], b.group["lam"]
-            m = b.extra["momentum"].views
-            if first:  # m_0 = g
-                ops.combine_(m, b.grads(), 0.0, self.unless_skipped(1.0, 0.0), backend=b.backend)
-            else:  # m <- lam m + (1 - lam) g, with g = d + sigma m
-                keep = self.unless_skipped(lam + (1.0 - lam) * sigma, 1.0)
-                ops.combine_(m, b.grads(), keep, self.unless_skipped(1.0 - lam, 0.0), backend=b.backend)
-        self._perturbed = True
-        if zero_grad:
-            self.zero_grad()
+            lam = b.group["lam"]
+            m, g = b.extra["momentum"].views, b.extra["grad"].views
+            if first:  # a skipped first step drops m altogether (_finish_step)
+                ops.combine_(m, g, 0.0, 1.0, backend=b.backend)
+            else:
+                ops.combine_(m, g, self.unless_skipped(lam, 1.0), self.unless_skipped(1.0 - lam, 0.0),
+                             backend=b.backend)
+
+    @torch.no_grad()
+    def second_step(self, zero_grad: bool = False) -> None:
+        if getattr(self, "grad_scale", None) is not None and not getattr(self, "_unscaled", False):
+            self.abort_step()
+            raise RuntimeError(
+                "FriendlySAM under torch.amp.GradScaler needs the loss scale at first_step(): call "
+                "opt.first_step(zero_grad=True, grad_scaler=scaler), so that its momentum holds unscaled "
+                "gradients (the step was aborted and the weights restored)"
+            )
+        super().second_step(zero_grad)

@@ -101,9 +101,7 @@ class GSAM(SharpnessAware):
             for b in buckets:
                 scale = inv.to(b.device) * self.rho_t(b.group)
                 ops.perturb_(b.params, b.grads(), b.backup.views, scale, backend=b.backend)
-        self._perturbed = True
-        if zero_grad:
-            self.zero_grad()
+        self._end_first(zero_grad)
 
     @torch.no_grad()
     def second_step(

@@ -56,15 +56,15 @@ class LookSAM(SharpnessAware):
     def first_step(self, zero_grad: bool = False) -> bool:
         """Full step: save g, perturb, return True. Reuse step: add the g_v term, base step, return False."""
         buckets = self._begin_first()
-        count = self.state["looksam"].get("step", 0)
+        count = self.state.get("looksam", {}).get("step", 0)
         full = count % self.k == 0 or not all([self.state_buffer(b, "g_v")[1] for b in buckets])
+        self._count_step(count)
+        self._reused = not (full or not buckets)
         if full or not buckets:
             if buckets:
                 self.copy(buckets, lambda b: b.buffer("g").views, lambda b: b.grads())
                 self.perturb(buckets, self.global_norm(buckets))
-            self._perturbed = True
-            if zero_grad:
-                self.zero_grad()
+            self._end_first(zero_grad)
             return True
         gnorm = self.global_norm(buckets)
         gvnorm = self.global_norm(buckets, lambda b: b.extra["g_v"].views)
@@ -73,13 +73,27 @@ class LookSAM(SharpnessAware):
             ops.combine_(b.grads(), b.extra["g_v"].views, 1.0, ratio.to(b.device) * b.group["beta"], backend=b.backend)
         self.copy(buckets, lambda b: b.backup.views, lambda b: b.params)  # no perturbation: restore is a no-op
         self.restore_and_base_step(buckets)
-        self.state["looksam"]["step"] = count + 1
         self._end_second(zero_grad)
         return False
+
+    def _count_step(self, count: int) -> None:
+        """The step counter moves when the step completes (a host value: it counts attempted steps,
+        except that a skipped step that created g_v -- the first -- does not count)."""
+
+        def commit(skipped: Optional[bool]) -> None:
+            if not skipped:
+                self.state["looksam"] = {"step": count + 1}
+
+        self._commits.append(commit)
 
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False) -> None:
         """Store g_v, restore w exactly, base step with g_s (full steps only)."""
+        if not self._perturbed and getattr(self, "_reused", False):
+            raise RuntimeError(
+                "LookSAM.second_step() after a reuse step: first_step() returned False, which means the step "
+                "was already taken with the stored g_v; call second_step() only when first_step() returns True"
+            )
         buckets = self._begin_second()
         if buckets:
             dot, gg, _ = self.global_dot_norms(buckets, lambda b: b.buffer("g").views, lambda b: b.grads())
@@ -91,7 +105,6 @@ class LookSAM(SharpnessAware):
                 ops.combine_(g_v, b.buffer("g").views, 1.0, self.unless_skipped(coef, 0.0).to(b.device),
                              backend=b.backend)
         self.restore_and_base_step(buckets)
-        self.state["looksam"]["step"] = self.state["looksam"].get("step", 0) + 1
         self._end_second(zero_grad)
 
     def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:  # type: ignore[override]

@@ -61,6 +61,4 @@ class SAM(SharpnessAware):
         buckets = self._begin_first()
         if buckets:
             self.perturb(buckets, self.global_norm(buckets))
-        self._perturbed = True
-        if zero_grad:
-            self.zero_grad()
+        self._end_first(zero_grad)

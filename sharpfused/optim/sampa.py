@@ -138,8 +138,11 @@ class SAMPa(SharpnessAware):
         except BaseException:
             with torch.no_grad():
                 self.restore(buckets)  # an exception in a closure: back to x_t, bit-exactly
+                self._drop_created()  # and no state from the step that did not happen
+                self._clear_pending()
             raise
         self.restore_and_base_step(buckets)
+        self._finish_step()  # a skipped first step leaves no grad_y behind
         self._opt_called = True
         self.zero_grad()
         return loss

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -60,44 +60,75 @@ class SSAM(SharpnessAware):
 
     @torch.no_grad()
     def refresh_mask(self) -> None:
-        """Recompute the mask now from the gradients in ``.grad`` (called by ``first_step`` on schedule)."""
+        """Recompute the mask now from the gradients in ``.grad`` (``first_step`` calls this on schedule).
+
+        Called by hand outside a step, a non-finite gradient keeps the mask it had. Inside a step the
+        new mask is used at once and kept only when the step completes (see ``first_step``).
+        """
+        self._refresh(self.buckets(), keep_on_nonfinite=True)
+        self.state["ssam"] = {"since_refresh": 0}
+
+    def _refresh(self, buckets: list, keep_on_nonfinite: bool) -> list:
+        """Write the new masks; returns (mask buffer, old flat values or None when new) per group."""
         by_group: dict[int, list] = {}
-        for b in self.buckets():
+        for b in buckets:
             by_group.setdefault(b.group_index, []).append(b)
-        for buckets in by_group.values():
-            got = [self.state_buffer(b, "mask", torch.uint8) for b in buckets]
+        saved = []
+        for group_buckets in by_group.values():
+            got = [self.state_buffer(b, "mask", torch.uint8) for b in group_buckets]
             masks, valid = [m for m, _ in got], all(v for _, v in got)
             dev = masks[0].flat.device
             if self.mask_kind == "fisher":
-                score = torch.cat([torch.cat([g.reshape(-1) for g in b.grads()]).float().square().to(dev) for b in buckets])
+                score = torch.cat(
+                    [torch.cat([g.reshape(-1) for g in b.grads()]).float().square().to(dev) for b in group_buckets]
+                )
             else:
                 score = torch.rand(sum(m.flat.numel() for m in masks), device=dev)
-            keep = round((1.0 - buckets[0].group["sparsity"]) * score.numel())
+            keep = round((1.0 - group_buckets[0].group["sparsity"]) * score.numel())
             flat = torch.zeros(score.numel(), dtype=torch.uint8, device=dev)
             flat[torch.topk(score, keep, sorted=False).indices] = 1
-            if valid:  # a non-finite gradient keeps the mask it had (decided on the device)
-                old = torch.cat([m.flat for m in masks])
+            old = torch.cat([m.flat for m in masks]) if valid else None
+            if valid and keep_on_nonfinite:  # decided on the device
                 flat = torch.where(torch.isfinite(score).all(), flat, old)
             for m, part in zip(masks, flat.split([m.flat.numel() for m in masks])):
                 m.flat.copy_(part)
-        counter = self.state["ssam"]
-        counter["since_refresh"] = 0
+            saved.append((masks, old))
+        return saved
 
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False) -> None:
-        """Perturb the masked weights: w <- w + m * rho g/(||g||+eps) (after the first backward)."""
+        """Perturb the masked weights: w <- w + m * rho g/(||g||+eps) (after the first backward).
+
+        A refresh is committed when its step completes: on a skipped or aborted refresh step the
+        old mask comes back and the refresh is due again at the next step (the first finite step
+        builds the first mask). The steps-since-refresh counter is a host value: it counts the
+        steps attempted between refreshes.
+        """
         buckets = self._begin_first()
         if buckets:
             valid = all([self.state_buffer(b, "mask", torch.uint8)[1] for b in buckets])
-            since = self.state["ssam"].get("since_refresh")
-            if not valid or since is None or since >= self.mask_every:
-                self.refresh_mask()
+            since = self.state.get("ssam", {}).get("since_refresh")
+            refresh = not valid or since is None or since >= self.mask_every
+            saved = self._refresh(buckets, keep_on_nonfinite=False) if refresh else []
+
+            def undo() -> None:
+                for masks, old in saved:
+                    if old is not None:
+                        for m, part in zip(masks, old.split([m.flat.numel() for m in masks])):
+                            m.flat.copy_(part)
+
+            def commit(skipped: Optional[bool]) -> None:
+                if refresh and skipped:
+                    undo()  # new masks (state created by this step) are dropped by _finish_step
+                    return
+                self.state["ssam"] = {"since_refresh": 1 if refresh else since + 1}
+
+            self._rollbacks.append(undo)
+            self._commits.append(commit)
+            self._commit_needs_host = refresh  # one host read on refresh steps only
             inv = self.inverse_norm(self.global_norm(buckets))
             for b in buckets:
                 scale = inv.to(b.device) * b.group["rho"]
                 mask = b.extra["mask"].views
                 ops.perturb_(b.params, b.grads(), b.backup.views, scale, mask=mask, backend=b.backend)
-            self.state["ssam"]["since_refresh"] += 1
-        self._perturbed = True
-        if zero_grad:
-            self.zero_grad()
+        self._end_first(zero_grad)

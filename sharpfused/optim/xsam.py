@@ -87,9 +87,7 @@ class XSAM(SharpnessAware):
         if buckets:
             self._ascend(buckets, save=True)
         self._ascents = 1
-        self._perturbed = True
-        if zero_grad:
-            self.zero_grad()
+        self._end_first(zero_grad)
 
     @torch.no_grad()
     def ascent_step(self, zero_grad: bool = False) -> None:
@@ -101,8 +99,7 @@ class XSAM(SharpnessAware):
             )
         self._ascend(self._buckets, save=False)
         self._ascents += 1
-        if zero_grad:
-            self.zero_grad()
+        self._next_pass(zero_grad)
 
     def _angle(self, buckets: list) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """theta, sin(theta), ||g_k||, ||u|| from one dot_norms pass over (u, g_k)."""
