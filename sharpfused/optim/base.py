@@ -136,9 +136,18 @@ def _check_number(name: str, value: Any, low: float = 0.0, *, strict: bool = Fal
 
 def _as_python(value: Any) -> Any:
     """numpy scalars (numbers.Real that are not Python numbers) as Python floats; anything else as it is."""
-    if isinstance(value, numbers.Real) and not isinstance(value, (bool, int, float)):
+    if isinstance(value, (bool, Tensor)) or type(value) in (int, float):
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):  # np.float32, and np.float64 (a float subclass)
         return float(value)
     return value
+
+
+def detached(x: Any) -> Any:
+    """A loss kept on the optimizer (``last_perturbed_loss``, ...) without its autograd graph."""
+    return x.detach() if isinstance(x, Tensor) else x
 
 
 def _like_param(p: Tensor, local: Tensor) -> Tensor:
@@ -157,6 +166,14 @@ class SharpnessAware(Optimizer):
     #: torch.amp.GradScaler contract: ``scaler.step(opt)`` sets ``opt.grad_scale`` (the loss scale, or
     #: None once unscaled) and ``opt.found_inf`` and calls ``opt.step()``, which here is second_step()
     _step_supports_amp_scaling = True
+    #: m-sharpness (a first pass under sharpfused.distributed.local_perturbation, DDP): "local" -- nothing
+    #: of that pass but the perturbation enters the update or the state; "averaged" -- what does is
+    #: averaged over the replicas (average_local / update_pass) before it is used; None -- refused
+    m_sharpness: Optional[str] = None
+    #: the LocalStep of a step whose first pass ran under local_perturbation, else None (set by new_step)
+    _local: Optional[Any] = None
+    #: the local_perturbation contexts active now (set by sharpfused.distributed)
+    _local_contexts: tuple = ()
 
     def __init__(
         self,
@@ -197,6 +214,8 @@ class SharpnessAware(Optimizer):
         self.max_grad_norm = max_grad_norm
         #: 0-d bool device tensor after each step: True when the step was skipped (non-finite gradients)
         self.last_step_skipped: Optional[Tensor] = None
+        #: 0-d int64 device tensor: how many steps were skipped so far (counted on the device; read it to log)
+        self.skipped_steps: Optional[Tensor] = None
         self._nonfinite: Optional[Tensor] = None
         super().__init__(params, defaults)
         if instance:
@@ -220,6 +239,9 @@ class SharpnessAware(Optimizer):
         self._buckets: list[Bucket] = []
         self._perturbed = False
         self._clear_pending()
+        from ..distributed import step_pre_hook
+
+        self.register_step_pre_hook(step_pre_hook)  # refuses torch.distributed.checkpoint's hidden step
 
     # ---------------------------------------------------------------- param groups
     def _check_group(self, group: dict) -> None:
@@ -412,6 +434,7 @@ class SharpnessAware(Optimizer):
         self._rollbacks: list[Callable[[], None]] = []
         #: a commit of this step needs the skip flag on the host
         self._commit_needs_host = False
+        self._local = None  # m-sharpness: set again by new_step for the step it starts
 
     def _drop_created(self) -> None:
         """Remove the state entries this step created: no state appears on a step that did not happen."""
@@ -570,6 +593,9 @@ class SharpnessAware(Optimizer):
         extra = self._unbucketed_grads(buckets)
         coef, skip = self.final_grad_check(buckets, extra)
         self.last_step_skipped = skip
+        if self.skipped_steps is None or self.skipped_steps.device != skip.device:
+            self.skipped_steps = torch.zeros((), dtype=torch.int64, device=skip.device)
+        self.skipped_steps.add_(skip)
         kind = self._fused_kind()
         fused = kind is not None and self._grad_key() == self._bucket_key
         if fused:
@@ -633,6 +659,27 @@ class SharpnessAware(Optimizer):
         """Start a step: forget the last step's non-finite mark (first_step calls this)."""
         self._nonfinite = None
         self._clear_pending()
+        if SharpnessAware._local_contexts:  # m-sharpness: refuses an algorithm that cannot keep replicas identical
+            from ..distributed import begin_local_step
+
+            self._local = begin_local_step(self)
+
+    def average_local(
+        self, buckets: list[Bucket], name: Optional[str] = None, tensors: Optional[list[Tensor]] = None
+    ) -> None:
+        """m-sharpness: replace a first-pass quantity by its average over the replicas when this
+        step's first pass ran under ``sharpfused.distributed.local_perturbation``; else nothing.
+        ``name``: that flat buffer of every bucket (once per step); ``tensors``: these contiguous
+        tensors; neither: the gradients in ``.grad``. One all-reduce per bucket (per tensor)."""
+        if self._local is not None:
+            self._local.average(self, buckets, name, tensors)
+
+    def update_pass(self, buckets: list[Bucket], scratch: str = "local_mean") -> None:
+        """After a backward whose gradients enter the update: if it ran inside local_perturbation
+        (e.g. ``step(closure)`` inside it, or LookSAM's reuse step) they are averaged here, one
+        all-reduce per bucket through the flat buffer ``scratch``; nothing otherwise (DDP did it)."""
+        if self._local is not None:
+            self._local.update_pass(self, buckets, scratch)
 
     def _end_first(self, zero_grad: bool) -> None:
         """End of first_step: mark the step perturbed; with ``zero_grad``, clear the gradients for pass 2.
@@ -672,6 +719,7 @@ class SharpnessAware(Optimizer):
             for p in b.sources:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
+        self.update_pass(self._buckets)
         return self._buckets
 
     def _end_second(self, zero_grad: bool) -> None:
@@ -691,9 +739,12 @@ class SharpnessAware(Optimizer):
     @torch.no_grad()
     def abort_step(self) -> None:
         """Put the weights back (bit-exactly) if a step was left perturbed, e.g. by an exception
-        raised inside a closure, and forget the half-done step. Safe to call at any time."""
-        if self._perturbed and self._buckets:
-            self.restore(self._buckets)
+        raised inside a closure, and forget the half-done step: no state moves, and the gradients
+        (of the perturbed point) are cleared. Safe to call at any time."""
+        if self._perturbed:
+            if self._buckets:
+                self.restore(self._buckets)
+            self.zero_grad(set_to_none=True)  # gradients of the half-done step (at w + e) are stale
         for undo in reversed(self._rollbacks):
             undo()
         self._drop_created()
@@ -702,11 +753,14 @@ class SharpnessAware(Optimizer):
 
     @contextmanager
     def guarded(self) -> Iterator[None]:
-        """Run the passes of a step; on any exception the weights are restored before it propagates."""
+        """Run the passes of ``step(closure)``; on any exception the step is aborted before it
+        propagates: weights restored, no state moved, and the gradients of the passes that ran
+        cleared (as a completed ``step(closure)`` leaves them), so the next step starts clean."""
         try:
             yield
         except BaseException:
             self.abort_step()
+            self.zero_grad(set_to_none=True)
             raise
 
     def _has_grads(self) -> bool:
@@ -735,7 +789,7 @@ class SharpnessAware(Optimizer):
             if not self._has_grads():
                 loss = closure()
             self.first_step(zero_grad=True)
-            self.last_perturbed_loss = closure()
+            self.last_perturbed_loss = detached(closure())
             self.second_step(zero_grad=True)
         return loss
 
@@ -754,6 +808,7 @@ class SharpnessAware(Optimizer):
         Refused between ``first_step()`` and ``second_step()`` (the weights are perturbed then):
         a checkpoint, of the model as of the optimizer, belongs after a completed step.
         """
+        _refuse_torch_checkpoint(self, "get the state dict of")
         self._check_not_perturbed("state_dict")
         sd = super().state_dict()
         sd["base_optimizer"] = self.base_optimizer.state_dict()
@@ -762,6 +817,7 @@ class SharpnessAware(Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a dict made by :meth:`state_dict`. A step left half done (perturbed weights) is
         aborted first, so the weights are back at w before the state is replaced."""
+        _refuse_torch_checkpoint(self, "load a state dict into")
         if not isinstance(state_dict, dict) or "base_optimizer" not in state_dict:
             keys = sorted(state_dict) if isinstance(state_dict, dict) else type(state_dict).__name__
             raise ValueError(
@@ -809,6 +865,13 @@ class SharpnessAware(Optimizer):
         self._bucket_key = None
         self._buckets = []
         self._perturbed = False
+
+
+def _refuse_torch_checkpoint(opt: SharpnessAware, api: str) -> None:
+    """torch.distributed.checkpoint.state_dict's functions on a sharpfused optimizer raise, naming ours."""
+    from ..distributed import refuse_torch_checkpoint
+
+    refuse_torch_checkpoint(opt, api)
 
 
 def check_rho(name: str, value: Any, where: str) -> None:

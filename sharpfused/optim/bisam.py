@@ -6,6 +6,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from .base import detached
 from .sam import SAM
 
 
@@ -66,7 +67,7 @@ class BiSAM(SAM):
                     loss = closure(perturbation=True)
                 self.first_step(zero_grad=True)
                 self.perturbation_pass = False
-                self.last_perturbed_loss = closure(perturbation=False)
+                self.last_perturbed_loss = detached(closure(perturbation=False))
         finally:
             self.perturbation_pass = None
         self.second_step(zero_grad=True)

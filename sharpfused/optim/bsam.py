@@ -8,7 +8,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from .. import ops
-from .base import EPS, SharpnessAware, _check_number, check_rho
+from .base import EPS, SharpnessAware, _check_number, check_rho, detached
 
 
 def _check_optional(name: str, value: Any, where: str) -> None:
@@ -35,6 +35,7 @@ class BSAM(SharpnessAware):
     """
 
     hyper = {"rho_max": check_rho, "rho_min": _check_optional}
+    m_sharpness = "averaged"  # g_0 of the update: +1 all-reduce of 1x params
 
     def __init__(
         self,
@@ -67,6 +68,7 @@ class BSAM(SharpnessAware):
         if not self._perturbed or self._phase != 1:
             raise RuntimeError("BSAM.bilateral_step() goes between first_step() and second_step(), once")
         buckets = self._buckets
+        self.update_pass(buckets)  # the g_max pass enters the update (averaged here if it ran local)
         if buckets:
             self.copy(buckets, lambda b: b.buffer("gmax").views, lambda b: b.grads())
             self._norm_max = self.global_norm(buckets)
@@ -85,6 +87,7 @@ class BSAM(SharpnessAware):
             raise RuntimeError("BSAM.second_step() needs bilateral_step() and the backward at w - rho_min g_0 first")
         if buckets:
             ratio = self._norm_max / (self.global_norm(buckets) + EPS)
+            self.average_local(buckets, "g0")  # m-sharpness: the replicas' mean g_0, after both local moves
             for b in buckets:
                 ops.combine_(b.grads(), b.buffer("gmax").views, -ratio.to(b.device), 1.0, backend=b.backend)
                 ops.combine_(b.grads(), b.buffer("g0").views, 1.0, 1.0, backend=b.backend)
@@ -109,9 +112,9 @@ class BSAM(SharpnessAware):
         with self.guarded():
             loss = closure() if not self._has_grads() else None
             self.first_step(zero_grad=True)
-            self.last_perturbed_loss = closure()
+            self.last_perturbed_loss = detached(closure())
             self.bilateral_step(zero_grad=True)
-            self.last_min_loss = closure()
+            self.last_min_loss = detached(closure())
             self.second_step(zero_grad=True)
         return loss
 

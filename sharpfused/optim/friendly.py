@@ -30,6 +30,7 @@ class FriendlySAM(SharpnessAware):
     """
 
     hyper = {"rho": check_rho, "sigma": check_nonneg, "lam": check_unit}
+    m_sharpness = "averaged"  # the gradient m takes in: +1 all-reduce of 1x params
 
     def __init__(
         self,
@@ -70,6 +71,7 @@ class FriendlySAM(SharpnessAware):
                 ops.combine_(b.grads(), m.views, c, -b.group["sigma"], backend=b.backend)
         if buckets:
             self.perturb(buckets, self.global_norm(buckets))
+            self.average_local(buckets, "grad")  # m-sharpness: m follows the replicas' mean g (no-op otherwise)
         self._commits.append(lambda skipped: self._commit_momentum(buckets, fresh))
         self._end_first(zero_grad)
 

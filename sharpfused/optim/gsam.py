@@ -31,7 +31,9 @@ class GSAM(SharpnessAware):
 
     ``rho_min=None`` keeps :math:`\rho_t = \rho_{max}`; otherwise :math:`\rho_t` follows the
     group's current ``lr`` (so any LR scheduler drives it), with ``lr_max`` defaulting to the
-    group's lr at construction. ``alpha=0`` is SAM. The clean gradient is kept in a flat buffer
+    group's lr at construction, or to the peak a scheduler records in the group (OneCycleLR's
+    ``max_lr``). The fraction is clamped to [0, 1]: :math:`\rho_t` stays in
+    :math:`[\rho_{min}, \rho_{max}]` also when a warm-up peak exceeds ``lr_max``. ``alpha=0`` is SAM. The clean gradient is kept in a flat buffer
     (+1x parameters); the decomposition is one ``dot_norms`` and one ``combine_`` per bucket.
 
     The surrogate gap :math:`h = L(w+e) - L(w)` is stored as the 0-d tensor
@@ -43,6 +45,7 @@ class GSAM(SharpnessAware):
     ``lr_max``, ``lr_min`` may differ per group; the norm and the inner product are global.
     """
 
+    m_sharpness = "averaged"  # the clean gradient g of the decomposition: +1 all-reduce of 1x params
     hyper = {
         "rho_max": check_rho,
         "rho_min": _check_optional,
@@ -71,6 +74,7 @@ class GSAM(SharpnessAware):
         super()._check_group(group)
         if group.get("lr_max") is None and not isinstance(group.get("lr"), Tensor):
             group["lr_max"] = group.get("lr")
+            group["lr_max_auto"] = True  # the lr at construction; a scheduler's max_lr takes over
         rmin, rmax = group["rho_min"], group["rho_max"]
         if rmin is not None and not isinstance(rmin, Tensor) and not isinstance(rmax, Tensor) and rmin > rmax:
             raise ValueError(f"rho_min must be <= rho_max, got rho_min={rmin} > rho_max={rmax}")
@@ -85,10 +89,21 @@ class GSAM(SharpnessAware):
 
     @staticmethod
     def rho_t(group: dict) -> Any:
-        """The group's current radius: rho_max, or interpolated along the lr schedule."""
+        """The group's current radius: rho_max, or interpolated along the lr schedule.
+
+        The lr's position between lr_min and lr_max is clamped to [0, 1], so rho_t stays in
+        [rho_min, rho_max] whatever the schedule does (a warm-up or OneCycleLR peak above lr_max
+        gives rho_max). When lr_max was not given and a scheduler has put its peak in the group
+        (OneCycleLR's ``max_lr``), that peak is lr_max.
+        """
         if group["rho_min"] is None:
             return group["rho_max"]
-        frac = (group["lr"] - group["lr_min"]) / (group["lr_max"] - group["lr_min"])
+        lmax = group["lr_max"]
+        peak = group.get("max_lr")
+        if group.get("lr_max_auto") and isinstance(peak, (int, float)) and peak > group["lr_min"]:
+            lmax = peak
+        frac = (group["lr"] - group["lr_min"]) / (lmax - group["lr_min"])
+        frac = frac.clamp(0.0, 1.0) if isinstance(frac, Tensor) else min(max(frac, 0.0), 1.0)
         return group["rho_min"] + (group["rho_max"] - group["rho_min"]) * frac
 
     @torch.no_grad()
@@ -101,6 +116,7 @@ class GSAM(SharpnessAware):
             for b in buckets:
                 scale = inv.to(b.device) * self.rho_t(b.group)
                 ops.perturb_(b.params, b.grads(), b.backup.views, scale, backend=b.backend)
+            self.average_local(buckets, "g")  # m-sharpness: the replicas' mean g (no-op otherwise)
         self._end_first(zero_grad)
 
     @torch.no_grad()

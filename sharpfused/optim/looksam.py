@@ -8,7 +8,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from .. import ops
-from .base import EPS, SharpnessAware, check_nonneg, check_rho
+from .base import EPS, SharpnessAware, check_nonneg, check_rho, detached
 
 
 class LookSAM(SharpnessAware):
@@ -36,6 +36,7 @@ class LookSAM(SharpnessAware):
     """
 
     hyper = {"rho": check_rho, "beta": check_nonneg}
+    m_sharpness = "averaged"  # g of g_v on full steps, the gradient of reuse steps: +1 all-reduce of 1x params
 
     def __init__(
         self,
@@ -64,8 +65,10 @@ class LookSAM(SharpnessAware):
             if buckets:
                 self.copy(buckets, lambda b: b.buffer("g").views, lambda b: b.grads())
                 self.perturb(buckets, self.global_norm(buckets))
+                self.average_local(buckets, "g")  # m-sharpness: the replicas' mean g (no-op otherwise)
             self._end_first(zero_grad)
             return True
+        self.update_pass(buckets, scratch="g")  # m-sharpness: this step's only pass ran local: averaged here
         gnorm = self.global_norm(buckets)
         gvnorm = self.global_norm(buckets, lambda b: b.extra["g_v"].views)
         ratio = gnorm / (gvnorm + EPS)
@@ -115,6 +118,6 @@ class LookSAM(SharpnessAware):
         with self.guarded():
             loss = closure() if not self._has_grads() else None
             if self.first_step(zero_grad=True):
-                self.last_perturbed_loss = closure()
+                self.last_perturbed_loss = detached(closure())
                 self.second_step(zero_grad=True)
         return loss

@@ -42,6 +42,7 @@ class SAM(SharpnessAware):
     """
 
     hyper = {"rho": check_rho, "adaptive": check_bool, "eta": check_nonneg}
+    m_sharpness = "local"  # only the perturbation uses the first pass
 
     def __init__(
         self,

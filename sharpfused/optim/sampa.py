@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 from .. import ops
-from .base import SharpnessAware, check_rho, check_unit
+from .base import SharpnessAware, check_rho, check_unit, detached
 
 
 class SAMPa(SharpnessAware):
@@ -49,6 +49,11 @@ class SAMPa(SharpnessAware):
     """
 
     hyper = {"rho": check_rho, "lam": check_unit}
+    m_sharpness = None
+    m_sharpness_refusal = (
+        "both of its gradients are taken inside step(closure) and its perturbation follows the previous "
+        "step's gradient, so there is no first pass of its own to keep local"
+    )
 
     def __init__(
         self,
@@ -114,7 +119,7 @@ class SAMPa(SharpnessAware):
                     ops.restore_(b.params, b.backup.views, backend=b.backend)
                     ops.perturb_(b.params, gy(b), None, -b.group["lr"], backend=b.backend)
                 self.zero_grad()
-                self.last_y_loss = closure()
+                self.last_y_loss = detached(closure())
                 if rank is not None:
                     loss = self.last_y_loss
             if rank is not None:
@@ -140,6 +145,7 @@ class SAMPa(SharpnessAware):
                 self.restore(buckets)  # an exception in a closure: back to x_t, bit-exactly
                 self._drop_created()  # and no state from the step that did not happen
                 self._clear_pending()
+                self.zero_grad(set_to_none=True)
             raise
         self.restore_and_base_step(buckets)
         self._finish_step()  # a skipped first step leaves no grad_y behind

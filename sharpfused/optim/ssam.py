@@ -39,6 +39,7 @@ class SSAM(SharpnessAware):
     """
 
     hyper = {"rho": check_rho, "sparsity": check_unit}
+    m_sharpness = "averaged"  # the mask's scores: +1 all-reduce of 1x params (fp32) per refresh
 
     def __init__(
         self,
@@ -84,6 +85,7 @@ class SSAM(SharpnessAware):
                 )
             else:
                 score = torch.rand(sum(m.flat.numel() for m in masks), device=dev)
+            self.average_local(group_buckets, tensors=[score])  # m-sharpness: one mask for every replica
             keep = round((1.0 - group_buckets[0].group["sparsity"]) * score.numel())
             flat = torch.zeros(score.numel(), dtype=torch.uint8, device=dev)
             flat[torch.topk(score, keep, sorted=False).indices] = 1

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from .. import ops
-from .base import EPS, SharpnessAware, _check_number, check_nonneg, check_rho
+from .base import EPS, SharpnessAware, _check_number, check_nonneg, check_rho, detached
 
 GRID = tuple(i / 10 for i in range(21))  # 0, 0.1, .., 2.0
 
@@ -49,6 +49,7 @@ class XSAM(SharpnessAware):
     """
 
     hyper = {"rho": check_rho, "rho_max": check_rho, "alpha": check_nonneg}
+    m_sharpness = "averaged"  # the ascent u of the update direction: +1 all-reduce of 1x params
 
     def __init__(
         self,
@@ -103,6 +104,7 @@ class XSAM(SharpnessAware):
 
     def _angle(self, buckets: list) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """theta, sin(theta), ||g_k||, ||u|| from one dot_norms pass over (u, g_k)."""
+        self.average_local(buckets, "ascent")  # m-sharpness: the replicas' mean ascent (once per step)
         dot, uu, gg = self.global_dot_norms(buckets, lambda b: b.buffer("ascent").views, lambda b: b.grads())
         nu, ng = uu.sqrt(), gg.sqrt()
         theta = torch.arccos((dot / (nu * ng).clamp_min(torch.finfo(dot.dtype).tiny)).clamp(-1.0, 1.0))
@@ -197,7 +199,7 @@ class XSAM(SharpnessAware):
             for _ in range(self.steps - 1):
                 closure()
                 self.ascent_step(zero_grad=True)
-            self.last_perturbed_loss = closure()
+            self.last_perturbed_loss = detached(closure())
             self.second_step(zero_grad=True)
         return loss
 
