@@ -203,11 +203,13 @@ def _fsdp_scenarios(rank, out, ckpt_dir):
         fresh = full_params(model)
         sd = {"model": get_model_state_dict(model), "optim": sharpfused.distributed.get_optimizer_state_dict(model, opt)}
         unchanged = max(float((a - b).abs().max()) for a, b in zip(fresh, full_params(model)))
+        untouched_state = len(opt.state) + len(opt.base_optimizer.state)  # the template leaves it fresh
         dcp.load(sd, checkpoint_id=path)
         set_model_state_dict(model, sd["model"])
         sharpfused.distributed.set_optimizer_state_dict(model, opt, sd["optim"])
         run_steps(model, opt, 3, rank, start=3)
-        out["ckpt"][name] = dict(straight=straight, resumed=full_params(model), init_moved=unchanged)
+        out["ckpt"][name] = dict(straight=straight, resumed=full_params(model), init_moved=unchanged,
+                                 template_state=untouched_state)
 
 
 def _worker(rank, port, result_path, ckpt_dir):
@@ -321,6 +323,7 @@ def test_sharded_checkpoint_resume_equals_uninterrupted(runs, name):
         pytest.skip(f"{name} not in sharpfused")
     r = runs["ckpt"][name]
     assert r["init_moved"] == 0.0  # preparing the load target leaves the weights alone
+    assert r["template_state"] == 0  # ... and the optimizer without state
     assert rel_err(r["resumed"], r["straight"]) < 1e-14
     assert rel_err(r["straight"], single_process(name, steps=6)) < 1e-12
 
@@ -336,3 +339,193 @@ def test_state_dict_adapter_rejects_plain_optimizers():
     model = make_model()
     with pytest.raises(TypeError, match="SharpnessAware"):
         sharpfused.distributed.get_optimizer_state_dict(model, torch.optim.SGD(model.parameters(), lr=0.1))
+
+
+# ------------------------------------------------------------------------------ checkpoints never change state
+def _ckpt_opt(model, name, base):
+    base_cls, base_kw = {
+        "sgd": (torch.optim.SGD, dict(lr=0.1, momentum=0.9, weight_decay=5e-4)),
+        "sgd-plain": (torch.optim.SGD, dict(lr=0.1)),  # a base optimizer without state
+        "adamw": (torch.optim.AdamW, dict(lr=1e-2, weight_decay=0.05)),
+    }[base]
+    cls, kw = {
+        "SAM": ("SAM", dict(rho=0.05)),
+        "SSAM": ("SSAM", dict(rho=0.05, sparsity=0.5, mask_every=2)),
+        "SSAM-random": ("SSAM", dict(rho=0.05, sparsity=0.5, mask="random", mask_every=2)),
+        "LookSAM": ("LookSAM", dict(rho=0.05, k=2)),
+        "FriendlySAM": ("FriendlySAM", dict(rho=0.05, lam=0.6)),
+        "GSAM": ("GSAM", dict(rho_max=0.05, alpha=0.3)),
+        "XSAM": ("XSAM", dict(rho=0.15, alpha=0.6, steps=2)),
+        "BSAM": ("BSAM", dict(rho_max=0.05)),
+        "SAMPa": ("SAMPa", dict(rho=0.1)),
+    }[name]
+    return getattr(sharpfused, cls)(groups(model), base_cls, **kw, **base_kw)
+
+
+def _everything(model, opt):
+    """Weights, every state tensor and value (base and algorithm), hyperparameters, RNG: as a flat list."""
+    out = [p.detach().clone() for p in model.parameters()]
+    names = {id(p): n for n, p in model.named_parameters()}
+    for st in (opt.base_optimizer.state, opt.state):
+        for key in sorted(st, key=lambda k: names.get(id(k), str(k))):
+            for entry in sorted(st[key]):
+                v = st[key][entry]
+                out.append((entry, v.detach().clone() if isinstance(v, torch.Tensor) else v))
+    out.append([{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups])
+    out.append(torch.random.get_rng_state())
+    return out
+
+
+def _same(a, b) -> bool:
+    def eq(x, y):
+        if isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor):
+            return isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.shape == y.shape and torch.equal(x, y)
+        if isinstance(x, (list, tuple)) and isinstance(y, (list, tuple)):
+            return len(x) == len(y) and all(eq(u, v) for u, v in zip(x, y))
+        if isinstance(x, dict) and isinstance(y, dict):
+            return x.keys() == y.keys() and all(eq(x[k], y[k]) for k in x)
+        return x == y
+
+    return eq(a, b)
+
+
+CKPT_CASES = [(n, b) for n in ["SAM", "SSAM", "SSAM-random", "LookSAM", "FriendlySAM"] for b in ["sgd", "adamw"]] + [
+    ("GSAM", "sgd"), ("XSAM", "sgd"), ("BSAM", "adamw"), ("SAMPa", "sgd"), ("LookSAM", "sgd-plain"), ("SAM", "sgd-plain"),
+]
+
+
+@pytest.mark.parametrize("name,base", CKPT_CASES)
+def test_get_optimizer_state_dict_of_a_fresh_optimizer_changes_nothing(name, base):
+    """Issue: a hidden lr=0 step initialized the state (SGD momentum = wd*w, AdamW step 1, algorithm state)."""
+    torch.manual_seed(5)
+    model = make_model()
+    opt = _ckpt_opt(model, name, base)
+    before = _everything(model, opt)
+    sd = sharpfused.distributed.get_optimizer_state_dict(model, opt)
+    assert _same(_everything(model, opt), before)  # weights, state (still none), hyperparameters, RNG
+    assert not opt.state and not opt.base_optimizer.state and all(p.grad is None for p in model.parameters())
+    assert sd["sharpness_aware"]["fresh"] is True
+    if base != "sgd-plain":  # the template has the entries a trained optimizer has (dcp.load fills them)
+        assert len(sd["base_optimizer"]["state"]) == len(list(model.parameters()))
+    run_steps(model, opt, 4)
+    after_call = _everything(model, opt)
+
+    torch.manual_seed(5)
+    model = make_model()
+    opt = _ckpt_opt(model, name, base)
+    run_steps(model, opt, 4)
+    assert _same(after_call, _everything(model, opt))
+
+
+@pytest.mark.parametrize("name,base", [("LookSAM", "sgd-plain"), ("FriendlySAM", "sgd-plain"), ("SSAM", "sgd-plain")])
+def test_get_optimizer_state_dict_of_a_trained_optimizer_changes_nothing(name, base):
+    """A trained optimizer whose base optimizer keeps no state (SGD without momentum) got the hidden step
+    on every call (LookSAM's counter, FriendlySAM's momentum, SSAM's mask schedule moved)."""
+    model = make_model()
+    opt = _ckpt_opt(model, name, base)
+    run_steps(model, opt, 3)
+    before = _everything(model, opt)
+    sd = sharpfused.distributed.get_optimizer_state_dict(model, opt)
+    assert _same(_everything(model, opt), before)
+    assert sd["sharpness_aware"]["fresh"] is False and sd["sharpness_aware"]["state"]
+
+
+def test_get_optimizer_state_dict_keeps_gradients_and_hooks():
+    """Gradients already there (a backward before the first step) are kept, and a fresh template is
+    still complete; no step hook of the user sees the throwaway step."""
+    model = make_model()
+    opt = _ckpt_opt(model, "SAM", "sgd")
+    x, y = batch(0)
+    F.cross_entropy(model(x), y).backward()
+    grads = [p.grad for p in model.parameters()]
+    values = [g.clone() for g in grads]
+    calls = []
+    opt.register_step_post_hook(lambda *a: calls.append(a))
+    sd = sharpfused.distributed.get_optimizer_state_dict(model, opt)
+    assert all(p.grad is g and torch.equal(g, v) for p, g, v in zip(model.parameters(), grads, values))
+    assert len(sd["base_optimizer"]["state"]) == len(grads) and not opt.base_optimizer.state
+    assert calls == []
+
+
+def _dcp_resume(tmp_path, name, base, save_at, total):
+    """Train ``save_at`` steps, dcp.save, resume in a fresh model/optimizer (other init), train to ``total``."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+    model = make_model()
+    opt = _ckpt_opt(model, name, base)
+    run_steps(model, opt, save_at)
+    path = str(tmp_path / f"{name}-{base}-{save_at}")
+    dcp.save({"model": get_model_state_dict(model), "optim": sharpfused.distributed.get_optimizer_state_dict(model, opt)},
+             checkpoint_id=path)
+    model = make_model(seed=1)
+    opt = _ckpt_opt(model, name, base)
+    sd = {"model": get_model_state_dict(model), "optim": sharpfused.distributed.get_optimizer_state_dict(model, opt)}
+    dcp.load(sd, checkpoint_id=path)
+    set_model_state_dict(model, sd["model"])
+    sharpfused.distributed.set_optimizer_state_dict(model, opt, sd["optim"])
+    run_steps(model, opt, total - save_at, start=save_at)
+    return _everything(model, opt)
+
+
+@pytest.mark.parametrize("name,base", [("SAM", "sgd"), ("SAM", "adamw"), ("SSAM", "sgd"), ("LookSAM", "adamw"),
+                                       ("FriendlySAM", "sgd"), ("LookSAM", "sgd-plain")])
+def test_dcp_resume_single_process_is_bit_identical(tmp_path, name, base):
+    model = make_model()
+    opt = _ckpt_opt(model, name, base)
+    run_steps(model, opt, 5)
+    straight = _everything(model, opt)
+    assert _same(_dcp_resume(tmp_path, name, base, 3, 5)[:-1], straight[:-1])  # the RNG state aside
+    # a fresh optimizer's checkpoint, loaded into a fresh one, then trained: fresh training
+    assert _same(_dcp_resume(tmp_path, name, base, 0, 5)[:-1], straight[:-1])
+
+
+@pytest.mark.parametrize("name,base", [("SAM", "sgd"), ("LookSAM", "adamw"), ("FriendlySAM", "sgd")])
+def test_fresh_state_dict_loaded_in_memory_gives_a_fresh_optimizer(name, base):
+    """set_optimizer_state_dict of a fresh dict: the placeholders made on throwaway state are not loaded."""
+    model = make_model()
+    opt = _ckpt_opt(model, name, base)
+    sd = sharpfused.distributed.get_optimizer_state_dict(model, opt)
+    model2 = make_model()
+    opt2 = _ckpt_opt(model2, name, base)
+    run_steps(model2, opt2, 2)  # a trained optimizer loading a fresh dict becomes fresh
+    sharpfused.distributed.set_optimizer_state_dict(model2, opt2, sd)
+    assert not opt2.state and not opt2.base_optimizer.state
+    model2.load_state_dict(model.state_dict())
+    run_steps(model, opt, 3)
+    run_steps(model2, opt2, 3)
+    assert _same(_everything(model2, opt2), _everything(model, opt))
+
+
+@pytest.mark.parametrize("trained", [False, True])
+@pytest.mark.parametrize("name", ["SAM", "FriendlySAM", "LookSAM"])
+def test_torch_dcp_functions_on_a_sharpfused_optimizer_name_ours(name, trained):
+    """torch's get/set_optimizer_state_dict on the wrapper itself would run a hidden step (fresh) or drop
+    the nested base optimizer state (trained): refused, naming sharpfused.distributed's functions, with
+    nothing changed (torch had set lr = 0 and zero gradients for its hidden step: put back)."""
+    from torch.distributed.checkpoint import state_dict as tsd
+
+    model = make_model()
+    opt = _ckpt_opt(model, name, "sgd")
+    if trained:
+        run_steps(model, opt, 2)
+    before = _everything(model, opt)
+    with pytest.raises(TypeError, match="sharpfused.distributed.get_optimizer_state_dict"):
+        tsd.get_optimizer_state_dict(model, opt)
+    assert _same(_everything(model, opt), before) and all(p.grad is None for p in model.parameters())
+    sd = sharpfused.distributed.get_optimizer_state_dict(model, opt)
+    with pytest.raises(TypeError, match="sharpfused.distributed.set_optimizer_state_dict"):
+        tsd.set_optimizer_state_dict(model, opt, sd["base_optimizer"])
+    assert _same(_everything(model, opt), before)
+
+
+def test_checkpoint_adapter_refused_mid_step():
+    model = make_model()
+    opt = _ckpt_opt(model, "SAM", "sgd")
+    x, y = batch(0)
+    F.cross_entropy(model(x), y).backward()
+    opt.first_step(zero_grad=True)
+    with pytest.raises(RuntimeError, match="between first_step"):
+        sharpfused.distributed.get_optimizer_state_dict(model, opt)
+    with pytest.raises(RuntimeError, match="between first_step"):
+        sharpfused.distributed.set_optimizer_state_dict(model, opt, {})
