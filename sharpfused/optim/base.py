@@ -636,7 +636,10 @@ class SharpnessAware(Optimizer):
                 ops.restore_(b.params, b.backup.views, backend=b.backend)
             else:
                 steps = s["steps"]
-                torch._foreach_add_(steps, (~found).to(steps[0].device, torch.float32))  # a skipped step does not count
+                # a skipped step does not count; the list overload keeps the count on the device (a 0-d
+                # tensor as foreach's "scalar" would be read back to the host: a sync per step)
+                inc = (~found).to(steps[0].device, torch.float32)
+                torch._foreach_add_(steps, [inc] * len(steps))
                 beta1, beta2 = g["betas"]
                 ops.restore_adamw_(
                     b.params, b.backup.views, b.grads(), s["m"], s["v"], step=steps[0].to(b.device), lr=g["lr"],
