@@ -2,8 +2,21 @@
 
 from __future__ import annotations
 
+import os
+
+import pytest
 import torch
 from torch import nn
+
+# Where the Triton kernels run in this process (tests/conftest.py chose before triton was
+# imported): CPU tensors under the interpreter when no GPU is visible, compiled on CUDA tensors
+# when one is. Never both: the interpreter reads a CUDA table's device addresses as host pointers.
+TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+TRITON_DEVICES = ["cpu"] if TRITON_INTERPRET else (["cuda"] if torch.cuda.is_available() else [])
+needs_interpreter = pytest.mark.skipif(
+    not TRITON_INTERPRET,
+    reason="Triton on CPU tensors needs TRITON_INTERPRET=1, which conftest.py sets only where no GPU is visible",
+)
 
 ODD_SIZES = [(1,), (7,), (0,), (33, 5), (4099,), (3, 0, 2), (17, 3, 3)]
 

@@ -15,9 +15,9 @@ from sharpfused import BSAM, GSAM, SAM, SSAM, XSAM, BiSAM, FriendlySAM, LookSAM,
 from sharpfused.losses import bisam_lower_bound
 
 from . import reference as ref
+from .helpers import TRITON_DEVICES
 
 STEPS = 8
-TRITON_WHY = sharpfused.ops.unavailable_reason("triton", torch.device("cpu"))
 
 
 def mlp(dtype=torch.float64, seed=0):
@@ -346,11 +346,14 @@ def test_state_dict_round_trip_mid_run(name):
 
 
 # ------------------------------------------------------------------ triton backend (when available)
-@pytest.mark.skipif(TRITON_WHY is not None, reason=f"triton backend unavailable: {TRITON_WHY}")
+@pytest.mark.parametrize("device", TRITON_DEVICES)  # cpu under the interpreter, cuda with a GPU
 @pytest.mark.parametrize("name", ["gsam", "xsam", "ssam", "friendly"])
-def test_triton_backend_matches_torch(name):
-    data = batches(3, dtype=torch.float32)
-    a, b = mlp(torch.float32), mlp(torch.float32)
+def test_triton_backend_matches_torch(name, device):
+    why = sharpfused.ops.unavailable_reason("triton", torch.device(device))
+    if why is not None:
+        pytest.skip(f"triton backend unavailable: {why}")
+    data = [(x.to(device), y.to(device)) for x, y in batches(3, dtype=torch.float32)]
+    a, b = mlp(torch.float32).to(device), mlp(torch.float32).to(device)
     run(name, a, build(name, a, "sgd", backend="torch"), data)
     run(name, b, build(name, b, "sgd", backend="triton"), data)
     assert rel_err(list(b.parameters()), list(a.parameters())) < 1e-5

@@ -6,6 +6,7 @@ import torch
 from sharpfused.losses import bisam_lower_bound, bisam_lower_bound_torch
 
 from . import reference as ref
+from .helpers import TRITON_DEVICES
 
 VARIANTS = [("log", None, 0.1), ("tanh", None, 0.1), ("log", 3.0, 0.1), ("tanh", 4.0, 0.7)]
 
@@ -18,18 +19,18 @@ def kernel_module():
     return mod
 
 
-def inputs(n, k, dtype, scale=3.0, seed=0):
+def inputs(n, k, dtype, scale=3.0, seed=0, device="cpu"):
     g = torch.Generator().manual_seed(seed)
     x = (torch.randn(n, k, generator=g, dtype=torch.float64) * scale).to(dtype)
     y = torch.randint(0, k, (n,), generator=g)
-    return x, y
+    return x.to(device), y.to(device)
 
 
 def value_and_grad(fn, x, y, reduction="mean"):
     x = x.detach().clone().requires_grad_(True)
     out = fn(x, y)
     if reduction == "none":
-        w = torch.linspace(0.5, 1.5, out.numel(), dtype=out.dtype)
+        w = torch.linspace(0.5, 1.5, out.numel(), dtype=out.dtype, device=out.device)
         (out * w).sum().backward()
     else:
         out.backward()
@@ -60,9 +61,10 @@ def test_gradient_of_float64_formula():
 @pytest.mark.parametrize("variant,mu,a", VARIANTS)
 @pytest.mark.parametrize("n,k,block", [(5, 1, None), (6, 7, None), (4, 37, None), (3, 301, 64), (0, 5, None)])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_triton_kernel_matches_torch_fp32(variant, mu, a, n, k, block, reduction):
+@pytest.mark.parametrize("device", TRITON_DEVICES)  # cpu under the interpreter, cuda with a GPU
+def test_triton_kernel_matches_torch_fp32(variant, mu, a, n, k, block, reduction, device):
     mod = kernel_module()
-    x, y = inputs(n, k, torch.float32)
+    x, y = inputs(n, k, torch.float32, device=device)
     mu_ = mu if mu is not None else (1.0 if variant == "log" else 10.0)
     got_v, got_g = value_and_grad(lambda t, yy: mod.BisamLowerBound.apply(t, yy, variant, mu_, a, reduction, block), x, y, reduction)
     want_v, want_g = value_and_grad(
@@ -76,9 +78,10 @@ def test_triton_kernel_matches_torch_fp32(variant, mu, a, n, k, block, reduction
 
 
 @pytest.mark.parametrize("variant", ["log", "tanh"])
-def test_triton_kernel_bf16_within_twice_torch_error(variant):
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_triton_kernel_bf16_within_twice_torch_error(variant, device):
     mod = kernel_module()
-    x, y = inputs(8, 37, torch.bfloat16)
+    x, y = inputs(8, 37, torch.bfloat16, device=device)
     mu = 1.0 if variant == "log" else 10.0
     got_v, got_g = value_and_grad(lambda t, yy: mod.BisamLowerBound.apply(t, yy, variant, mu, 0.1, "mean", None), x, y)
     tv, tg = value_and_grad(lambda t, yy: bisam_lower_bound(t, yy, variant, backend="torch"), x, y)
@@ -90,20 +93,24 @@ def test_triton_kernel_bf16_within_twice_torch_error(variant):
     assert abs(got_v.double() - rv) <= 2 * abs(tv.double() - rv) + 1e-6
 
 
-def test_public_function_uses_kernel_when_asked():
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_public_function_uses_kernel_when_asked(device):
     kernel_module()
-    x, y = inputs(6, 11, torch.float32)
+    x, y = inputs(6, 11, torch.float32, device=device)
     got_v, got_g = value_and_grad(lambda t, yy: bisam_lower_bound(t, yy, "tanh", backend="triton"), x, y)
     want_v, want_g = value_and_grad(lambda t, yy: bisam_lower_bound(t, yy, "tanh", backend="torch"), x, y)
     torch.testing.assert_close(got_g, want_g, rtol=2e-5, atol=1e-6)
+    if device != "cpu":
+        return
     # auto on CPU is the eager version, bit for bit
     auto_v, auto_g = value_and_grad(lambda t, yy: bisam_lower_bound(t, yy, "tanh"), x, y)
     assert torch.equal(auto_v, want_v) and torch.equal(auto_g, want_g)
 
 
-def test_kernel_forward_without_grad_and_large_logits():
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_kernel_forward_without_grad_and_large_logits(device):
     mod = kernel_module()
-    x, y = inputs(4, 40, torch.float32, scale=200.0)
+    x, y = inputs(4, 40, torch.float32, scale=200.0, device=device)
     loss, dx = mod.bisam_lower_bound_fwd(x, y, "log", 1.0, 0.1, with_grad=False)
     assert dx is None and torch.isfinite(loss).all()
     torch.testing.assert_close(loss, bisam_lower_bound_torch(x, y, "log", 1.0), rtol=1e-5, atol=1e-5)

@@ -1,7 +1,8 @@
 """The Triton backend (``sharpfused.kernels``) against the float64 reference and the torch backend.
 
-On CPU the kernels run under ``TRITON_INTERPRET=1`` (set by conftest.py); the same tests run on
-CUDA tensors when a GPU is present. Error rule: fp32 within 1e-6 relative of float64; bf16/fp16
+Where no GPU is visible the kernels run on CPU tensors under ``TRITON_INTERPRET=1``; where one is,
+the same tests run compiled on CUDA tensors with the interpreter off (conftest.py decides,
+helpers.TRITON_DEVICES). Error rule: fp32 within 1e-6 relative of float64; bf16/fp16
 at most twice the torch backend's error in the same dtype (plus a 1e-6 relative floor for
 fp32-accumulated reductions, where both errors can be ~0).
 """
@@ -28,12 +29,13 @@ from sharpfused import ops
 from sharpfused.backends import torch_ops as T
 
 from . import reference as R
+from .helpers import TRITON_DEVICES, needs_interpreter
 
 # the package exports functions named like these two modules
 k_sq = importlib.import_module("sharpfused.kernels.sq_norm")
 k_dot = importlib.import_module("sharpfused.kernels.dot_norms")
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+DEVICES = TRITON_DEVICES  # ["cpu"] under the interpreter (no GPU visible), ["cuda"] with a GPU
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 SIZES = (1, 7, 0, 1000, 4099)  # odd sizes, an empty tensor inside the list
 FLOOR = 1e-6
@@ -376,7 +378,7 @@ def test_more_tensors_than_one_table(device, monkeypatch):
 
 
 def test_table_cache_rebuilt_on_address_change():
-    xs = rand((10, 20, 0), torch.float32, "cpu")
+    xs = rand((10, 20, 0), torch.float32, (DEVICES or ["cpu"])[0])
     t1 = tb.table([xs])
     assert tb.table([list(xs)]) is t1  # same addresses and numels: cached
     ys = [xs[0], xs[1].clone(), xs[2]]
@@ -584,6 +586,7 @@ def test_optimizer_parity(device, base, adaptive):
             torch.testing.assert_close(sa[key], sb[key], rtol=1e-5, atol=1e-6, msg=lambda s, key=key: f"{key}: {s}")
 
 
+@needs_interpreter
 def test_resolve_triton_on_cpu_under_interpreter():
     assert ops.resolve("triton", torch.device("cpu")) == "triton"
     assert ops.backend_module("triton") is K
