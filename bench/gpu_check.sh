@@ -1,69 +1,334 @@
 #!/usr/bin/env bash
-# One call on a lent GPU machine (python3 with torch and Triton preinstalled, no network):
-#   1. install the working tree with the CUDA extension (editable, no deps, no isolation)
-#   2. the test suite (GPU tests switch on)
-#   3. compute-sanitizer memcheck and racecheck over every kernel, when the tool exists
-#   4. bench/run.py, when present
-# and a short table of the stages last. Logs go to $OUT (or a temp dir) when set.
-#   bash bench/gpu_check.sh            # everything
-#   SKIP_BENCH=1 bash bench/gpu_check.sh
+# The one call on a lent GPU machine (one H100/H200, its own python3 with torch, Triton and numpy,
+# no package registry): staged, each stage under its own time cap, the whole run under TOTAL_S
+# (default 470 s), and a stage that fails or runs out of time never stops the next one.
+#
+#   build         pip install --no-deps --no-build-isolation -e . (TORCH_CUDA_ARCH_LIST = this GPU)
+#   import        sharpfused, sharpfused._C, and which backends can run on CUDA tensors
+#   select        the GPU tests (pytest -m gpu, tests/conftest.py marks them): how many per file
+#   tests-cuda    tests/test_cuda_backend.py -m gpu (CUDA backend, CUDA-graph capture/replay)
+#   tests-gpu     the other GPU tests: compiled Triton and every backend on CUDA tensors,
+#                 fp32/bf16/fp16, the optimizers on CUDA (no interpreter, no CPU-only tests, no -x)
+#   memcheck      compute-sanitizer --tool memcheck over every CUDA and Triton kernel, small sizes
+#   bench         bench/run.py on GPT-2 small then ResNet-50, fp32 and bf16: the seven primitives
+#                 (124M elements on GPT-2 small), SAM/ASAM/GSAM/SAM-AdamW steps, copy bandwidth
+#
+# The last lines printed are the table: stage, status (ok, FAIL:rc, TIMEOUT, skip), seconds, note.
+# Logs, the CSV and the PNGs go to $OUT when set (else a fresh temp dir); the CSV also to
+# bench/results/<GPU>.csv. pytest, matplotlib, ninja and compute-sanitizer are used when present
+# and their stages say so when not.
+#
+#   bash bench/gpu_check.sh             # on the GPU machine
+#   bash bench/gpu_check.sh --dry-run   # CPU: same stages, Triton under the interpreter, the
+#                                       # CUDA build and the sanitizer skipped, tiny bench (CI)
+# Caps (seconds) can be overridden: TOTAL_S, CAP_BUILD, CAP_TESTS_CUDA, CAP_TESTS_GPU, CAP_MEMCHECK,
+# CAP_BENCH; SKIP_BENCH=1 leaves the bench out.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+ROOT=$PWD
 PY=${PYTHON:-python3}
+DRY=0
+[ "${1:-}" = "--dry-run" ] && DRY=1
 LOG=${OUT:-$(mktemp -d)}
 mkdir -p "$LOG"
+T_START=$SECONDS
+if [ $DRY = 1 ]; then
+  TOTAL_S=${TOTAL_S:-240}
+  export CUDA_VISIBLE_DEVICES=""  # a dry run is the CPU flow even where a GPU is present
+  export TRITON_INTERPRET=1
+else
+  TOTAL_S=${TOTAL_S:-470}
+  unset TRITON_INTERPRET  # tests/conftest.py turns the interpreter off where a GPU is visible
+fi
 declare -a rows
 
-stage() {  # stage NAME CMD...: run, log to $LOG/NAME.log, record status and time
-  local name=$1; shift
+note_row() {  # note_row NAME STATUS SECONDS NOTE (a note's further lines are indented under it)
+  rows+=("$(printf '%-12s %-9s %5s  %s' "$1" "$2" "$3" "$4" | sed '2,$s/^/                               /')")
+}
+
+cap_for() {  # cap_for CAP RESERVE: the stage's cap, leaving RESERVE seconds for the stages after it
+  local left=$((TOTAL_S - (SECONDS - T_START) - $2))
+  local c=$1
+  [ "$left" -lt "$c" ] && c=$left
+  [ "$c" -lt 10 ] && c=10
+  echo "$c"
+}
+
+run_stage() {  # run_stage NAME CAP NOTE_FN CMD...: log to $LOG/NAME.log under `timeout CAP`
+  local name=$1 cap=$2 notefn=$3
+  shift 3
   local t0=$SECONDS
-  echo "== $name: $*"
-  "$@" >"$LOG/$name.log" 2>&1
+  echo "== $name (cap ${cap}s): $*"
+  # timeout runs programs: a shell function of this script runs in a child bash (export -f)
+  declare -F "$1" >/dev/null && set -- bash -c '"$@"' _ "$@"
+  timeout --kill-after=10 "$cap" "$@" >"$LOG/$name.log" 2>&1
   local rc=$?
-  tail -n 15 "$LOG/$name.log"
-  rows+=("$(printf '%-12s %-6s %5ss  %s' "$name" "$([ $rc = 0 ] && echo ok || echo FAIL:$rc)" $((SECONDS - t0)) "$LOG/$name.log")")
+  tail -n 12 "$LOG/$name.log"
+  local st=ok
+  [ $rc != 0 ] && st=FAIL:$rc
+  [ $rc = 124 ] || [ $rc = 137 ] && st=TIMEOUT
+  local note="$LOG/$name.log"
+  [ -n "$notefn" ] && note="$($notefn "$LOG/$name.log" $rc)"
+  note_row "$name" "$st" $((SECONDS - t0)) "$note"
   return $rc
 }
 
+pytest_note() {  # counts from pytest -v lines (also when the run was cut short by its cap)
+  local p f s e
+  p=$(grep -c ' PASSED' "$1"); f=$(grep -c ' FAILED' "$1"); s=$(grep -c ' SKIPPED' "$1"); e=$(grep -c ' ERROR' "$1")
+  echo "passed $p, failed $f, skipped $s, errors $e ($1)"
+}
+
+has() { $PY -c "import $1" >/dev/null 2>&1; }
+export -f has
+export PY DRY LOG
+
+# ------------------------------------------------------------------ the machine
+echo "== machine"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null | sed 's/^/gpu: /'
-$PY -c 'import torch, sys; print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda)'
+$PY -c 'import sys, torch; print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda, "gpu visible", torch.cuda.is_available())'
+$PY -c 'import triton; print("triton", triton.__version__)' 2>&1 | tail -n 1
+for m in numpy pytest matplotlib ninja; do
+  if has $m; then echo "$m: present"; else echo "$m: absent"; fi
+done
+SANITIZER=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -n 1 || true)
+echo "compute-sanitizer: ${SANITIZER:-absent}"
+if [ $DRY = 0 ] && ! $PY -c 'import torch; assert torch.cuda.is_available()' 2>/dev/null; then
+  echo "no GPU visible to $PY: the GPU stages will fail or skip (bash bench/gpu_check.sh --dry-run is the CPU flow)"
+fi
 
-export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$($PY -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())')}
-stage install $PY -m pip install --no-deps --no-build-isolation -v -e .
-stage import $PY -c 'import torch, sharpfused._C as C; from sharpfused import ops; print("sharpfused._C:", C.__file__); assert ops.unavailable_reason("cuda", torch.device("cuda")) is None, ops.unavailable_reason("cuda", torch.device("cuda"))'
-stage tests $PY -m pytest tests -q -x
-
-if command -v compute-sanitizer >/dev/null 2>&1; then
-  cat >"$LOG/exercise.py" <<'PY'
-# every kernel once, small sizes, aligned and unaligned, several tables
-import torch
-from sharpfused.backends import cuda_ops as C
-for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
-    sizes = [1, 7, 0, 4099, 65536 + 3] + [5] * 120
-    r = lambda: [torch.randn(n, device="cuda", dtype=dtype) for n in sizes]  # noqa: E731
-    w, g, b, m, v, s = r(), r(), r(), r(), r(), r()
-    flat = torch.randn(10001, device="cuda", dtype=dtype)
-    odd = [flat[1:4000], flat[4001:10001]]
-    C.sq_norm(w, g, 0.01, True); C.sq_norm(odd, None, 0.0, False)
-    C.perturb_(w, g, b, torch.tensor(0.1, device="cuda"), 0.01, s)
-    C.perturb_(odd, [x.clone() for x in odd], None, 0.1, None, None)
-    C.restore_(w, b); C.dot_norms(w, g)
-    C.combine_(g, s, 0.5, torch.tensor(0.5, device="cuda"))
-    C.restore_sgd_(w, b, g, m, 0.1, 0.9, 0.0, 0.01, True, False)
-    C.restore_adamw_(w, b, g, m, [x.abs() for x in v], 3, 1e-3, 0.9, 0.999, 1e-8, 0.01)
-torch.cuda.synchronize()
-print("exercised every kernel")
-PY
-  stage memcheck compute-sanitizer --tool memcheck --error-exitcode 1 $PY "$LOG/exercise.py"
-  stage racecheck compute-sanitizer --tool racecheck --error-exitcode 1 $PY "$LOG/exercise.py"
+# ------------------------------------------------------------------ (a) build and import
+CAP_BUILD=${CAP_BUILD:-240}
+if [ $DRY = 1 ]; then
+  note_row build skip 0 "dry run: no CUDA build on CPU (the CUDA sources compile in .ci/compile_cuda.sh)"
 else
-  rows+=("$(printf '%-12s %-6s' sanitizer 'absent')")
+  TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$($PY -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())' 2>/dev/null)}
+  export TORCH_CUDA_ARCH_LIST
+  has ninja || echo "ninja absent: the extension's sources compile one after another"
+  build() {
+    echo "TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST"
+    if $PY -m pip --version >/dev/null 2>&1 &&
+      $PY -m pip install --no-deps --no-build-isolation -v -e .; then
+      return 0
+    fi
+    # no pip, or no editable install: build in place and map sharpfused.kernels as the install would
+    echo "pip install -e . failed or pip is absent: setup.py build_ext --inplace"
+    $PY setup.py build_ext --inplace || return 1
+    [ -e sharpfused/kernels ] || ln -s ../kernels sharpfused/kernels
+  }
+  export -f build
+  export TORCH_CUDA_ARCH_LIST
+  run_stage build "$(cap_for "$CAP_BUILD" 220)" "" build
+fi
+import_check() {
+  $PY - "$DRY" <<'PY'
+import sys
+import torch
+import sharpfused
+from sharpfused import ops
+dev = torch.device("cpu" if sys.argv[1] == "1" else "cuda")
+print("sharpfused", sharpfused.__version__, "from", sharpfused.__file__)
+why = {b: ops.unavailable_reason(b, dev) for b in ops.BACKENDS}
+for b, w in why.items():
+    print(f"backend {b} on {dev}: {'available' if w is None else w}")
+print(f"summary: backends on {dev}: " + ", ".join(b for b, w in why.items() if w is None)
+      + "".join(f"; not {b}: {w[:70]}" for b, w in why.items() if w is not None))
+if sys.argv[1] != "1":
+    import sharpfused._C as C
+    print("sharpfused._C:", C.__file__)
+    assert why["cuda"] is None and why["triton"] is None, why
+PY
+}
+export -f import_check
+import_note() {
+  if [ "$2" = 0 ]; then
+    grep '^summary: ' "$1" | cut -c10-
+  else
+    echo "$(tail -n 1 "$1" | cut -c1-150) ($1)"
+  fi
+}
+run_stage import 60 import_note import_check
+
+# ------------------------------------------------------------------ (b) the GPU tests
+# the files with GPU tests, the CUDA backend's first; tests/conftest.py marks a test `gpu` when it is
+# parametrized with a cuda device or carries test_cuda_backend.py's `gpu` mark
+export GPU_FILES="tests/test_cuda_backend.py tests/test_triton_backend.py tests/test_primitives.py
+  tests/test_algorithms.py tests/test_bisam_loss.py"
+PYTEST="$PY -m pytest -p no:cacheprovider -o addopts= -v -rfEs"
+if ! has pytest; then
+  for s in select tests-cuda tests-gpu; do
+    note_row $s skip 0 "pytest is not installed for $PY (no registry here): GPU tests not run; memcheck and bench still exercise the kernels"
+  done
+else
+  select_tests() {  # collect the GPU tests; in a dry run as a GPU machine would (torch.cuda.is_available patched)
+    $PY - "$DRY" $GPU_FILES <<'PY'
+import collections, sys
+import torch
+if sys.argv[1] == "1":
+    torch.cuda.is_available = lambda: True  # the fixtures then choose as on a GPU machine
+import pytest
+
+class Count:
+    def __init__(self):
+        self.ids = []
+    def pytest_collection_finish(self, session):
+        self.ids = [i.nodeid for i in session.items]
+
+c = Count()
+rc = pytest.main(["-p", "no:cacheprovider", "-o", "addopts=", "-q", "--collect-only", "-m", "gpu", *sys.argv[2:]], plugins=[c])
+per = collections.Counter(i.split("::")[0] for i in c.ids)
+for f in sys.argv[2:]:
+    print(f"gpu tests {f}: {per.get(f, 0)}")
+print(f"gpu tests total: {len(c.ids)}: " + ", ".join(f"{f.split('test_')[-1][:-3]} {per.get(f, 0)}" for f in sys.argv[2:]))
+missing = [f for f in sys.argv[2:] if not per.get(f)]
+sys.exit(1 if rc not in (0,) or missing else 0)
+PY
+  }
+  export -f select_tests
+  select_note() { echo "$(grep '^gpu tests total' "$1" | cut -c11-)$([ "$2" = 0 ] || echo " ($1)")$([ $DRY = 1 ] && echo ' (as collected on a GPU machine)')"; }
+  run_stage select 60 select_note select_tests
+  CAP_TESTS_CUDA=${CAP_TESTS_CUDA:-120}
+  CAP_TESTS_GPU=${CAP_TESTS_GPU:-180}
+  run_stage tests-cuda "$(cap_for "$CAP_TESTS_CUDA" 170)" pytest_note $PYTEST -m gpu tests/test_cuda_backend.py
+  if [ $DRY = 1 ]; then
+    # no GPU: the Triton tests under the interpreter, a few of each kind (the whole file is CI's job)
+    run_stage tests-gpu "$(cap_for "$CAP_TESTS_GPU" 110)" pytest_note $PYTEST tests/test_triton_backend.py \
+      tests/test_bisam_loss.py -k "test_restore_bit_exact or test_one_launch_per_group or test_public_function_uses_kernel"
+  else
+    run_stage tests-gpu "$(cap_for "$CAP_TESTS_GPU" 110)" pytest_note $PYTEST -m gpu ${GPU_FILES#tests/test_cuda_backend.py}
+  fi
 fi
 
-if [ -f bench/run.py ] && [ "${SKIP_BENCH:-0}" != 1 ]; then
-  stage bench $PY bench/run.py
+# ------------------------------------------------------------------ (c) compute-sanitizer
+cat >"$LOG/exercise.py" <<'PY'
+# every kernel once, small sizes, aligned and unaligned views, tables of many tensors
+import os
+import torch
+from sharpfused import ops
+dev = torch.device(os.environ.get("EXERCISE_DEVICE", "cuda"))
+mods = []
+if ops.unavailable_reason("cuda", dev) is None:
+    from sharpfused.backends import cuda_ops
+    mods.append(("cuda", cuda_ops, (torch.float32, torch.bfloat16, torch.float16, torch.float64)))
+if ops.unavailable_reason("triton", dev) is None:
+    import sharpfused.kernels as K
+    mods.append(("triton", K, (torch.float32, torch.bfloat16, torch.float16)))
+assert mods, f"no fused backend runs on {dev}"
+for name, C, dtypes in mods:
+    as_mask = (lambda xs: xs) if name == "cuda" else (lambda xs: [x > 0 for x in xs])  # the mask each takes
+    for dtype in dtypes:
+        sizes = [1, 7, 0, 4099, 65536 + 3] + [5] * 120
+        r = lambda: [torch.randn(n, device=dev, dtype=dtype) for n in sizes]  # noqa: E731
+        w, g, b, m, v, s = r(), r(), r(), r(), r(), r()
+        flat = torch.randn(10001, device=dev, dtype=dtype)
+        odd = [flat[1:4000], flat[4001:10001]]
+        C.sq_norm(w, g, 0.01, True); C.sq_norm(odd, None, 0.0, False)
+        C.perturb_(w, g, b, torch.tensor(0.1, device=dev), 0.01, as_mask(s))
+        C.perturb_(odd, [x.clone() for x in odd], None, 0.1, None, None)
+        C.restore_(w, b); C.dot_norms(w, g)
+        C.combine_(g, s, 0.5, torch.tensor(0.5, device=dev))
+        C.restore_sgd_(w, b, g, m, 0.1, 0.9, 0.0, 0.01, True, False)
+        C.restore_adamw_(w, b, g, m, [x.abs() for x in v], 3, 1e-3, 0.9, 0.999, 1e-8, 0.01)
+    print(f"exercised every {name} kernel on {dev}: {', '.join(str(d).replace('torch.', '') for d in dtypes)}")
+if dev.type == "cuda":
+    torch.cuda.synchronize()
+PY
+CAP_MEMCHECK=${CAP_MEMCHECK:-90}
+exercise_note() { grep '^exercised' "$1" | cut -c11- | paste -sd ';' - | cut -c1-110; [ "$2" = 0 ] || echo "($1)"; }
+if [ $DRY = 1 ]; then
+  EXERCISE_DEVICE=cpu run_stage exercise 60 exercise_note $PY "$LOG/exercise.py"
+  note_row memcheck skip 0 "dry run: no GPU for compute-sanitizer (the exercise script ran on CPU, Triton interpreted)"
+elif [ -z "$SANITIZER" ]; then
+  note_row memcheck skip 0 "compute-sanitizer not found on PATH or in /usr/local/cuda*/bin"
+elif ! "$SANITIZER" --version >/dev/null 2>&1; then
+  note_row memcheck skip 0 "$SANITIZER --version fails here: $("$SANITIZER" --version 2>&1 | tail -n 1 | cut -c1-80)"
+else
+  run_stage memcheck "$(cap_for "$CAP_MEMCHECK" 100)" exercise_note \
+    "$SANITIZER" --tool memcheck --error-exitcode 1 --target-processes all $PY "$LOG/exercise.py"
 fi
 
+# ------------------------------------------------------------------ (d) the benchmark subset
+CAP_BENCH=${CAP_BENCH:-240}
+if [ "${SKIP_BENCH:-0}" = 1 ]; then
+  note_row bench skip 0 "SKIP_BENCH=1"
+else
+  if [ $DRY = 1 ]; then
+    RESULTS=$LOG/results  # CPU figures of a dry run stay out of bench/results
+    BENCH_ARGS="--device cpu --scale 64 --repeat 2 --results $RESULTS"
+  else
+    RESULTS=$ROOT/bench/results
+    BENCH_ARGS="--repeat 30"
+  fi
+  export RESULTS BENCH_ARGS
+  bench() {  # one process per (set, dtype), most important first: a cut-short run keeps the rest
+    local set dt rc=0
+    for set in gpt2-small resnet50; do
+      for dt in float32 bfloat16; do
+        local left=$((BENCH_END - $(date +%s)))  # a child bash: its own $SECONDS starts at 0
+        if [ $left -lt 15 ]; then
+          echo "bench $set $dt: not run, the bench's time is spent"
+          rc=124
+          continue
+        fi
+        echo "bench $set $dt (cap ${left}s)"
+        timeout --kill-after=5 $left $PY bench/run.py --sets $set --dtypes $dt --no-plot $BENCH_ARGS || rc=$?
+      done
+    done
+    if has matplotlib; then
+      for csv in $(find "$RESULTS" -maxdepth 1 -name '*.csv' ! -name '*.old.csv' -newer "$LOG/.bench_start"); do
+        $PY bench/plot.py "$csv" && echo "plot: ${csv%.csv}_*.png"
+      done
+    else
+      echo "matplotlib absent: no PNG (the CSV is the record)"
+    fi
+    return $rc
+  }
+  bench_note() { $PY - "$1" <<'PY'
+import sys
+# key ratios of this run, from its markdown rows: the best sharpfused step against the eager
+# baselines, and the worst primitive's fraction of the copy bandwidth
+best, worst = {}, {}
+for ln in open(sys.argv[1]):
+    c = [x.strip() for x in ln.strip().strip("|").split("|")]
+    if len(c) < 15 or c[0] not in ("step", "primitive") or not c[6].startswith("sharpfused"):
+        continue
+    key = (c[2].split("/")[0], c[3])
+    if c[0] == "step" and c[1] == "SAM":
+        loop, fe = (float(x.rstrip("x")) if x != "-" else 0.0 for x in (c[10], c[11]))
+        if loop > best.get(key, (0, 0, ""))[0]:
+            best[key] = (loop, fe, c[6])
+    elif c[0] == "primitive":
+        frac = float(c[-1].rstrip("%"))
+        if frac < worst.get(key, (1e9, ""))[0]:
+            worst[key] = (frac, c[1] + " " + c[6])
+parts = []
+for key in sorted(set(best) | set(worst), key=lambda k: (k[0] != "gpt2-small", k[0], k[1] != "float32")):
+    s = f"{key[0]} {key[1]}:"
+    if key in best:
+        s += f" SAM {best[key][0]:.1f}x loop {best[key][1]:.1f}x foreach ({best[key][2]});"
+    if key in worst:
+        s += f" min prim {worst[key][0]:.0f}% copy ({worst[key][1]})"
+    parts.append(s)
+print("\n".join(parts) or "no rows")
+PY
+  }
+  export -f bench
+  BENCH_CAP=$(cap_for "$CAP_BENCH" 5)
+  export BENCH_END=$(($(date +%s) + BENCH_CAP))
+  mkdir -p "$RESULTS"
+  touch "$LOG/.bench_start"
+  run_stage bench $((BENCH_CAP + 20)) bench_note bench
+  if [ $DRY = 0 ]; then  # this run's CSV and PNGs beside the logs
+    find "$RESULTS" -maxdepth 1 -type f -newer "$LOG/.bench_start" -exec cp {} "$LOG/" \;
+  fi
+fi
+
+# ------------------------------------------------------------------ the table
 echo
-echo "stage        status  time  log"
+echo "gpu_check$([ $DRY = 1 ] && echo ' --dry-run'): $((SECONDS - T_START))s of ${TOTAL_S}s; logs and results in $LOG"
+echo "stage        status      sec  note"
 printf '%s\n' "${rows[@]}"
+for r in "${rows[@]}"; do
+  case $r in *" FAIL"* | *" TIMEOUT"*) exit 1 ;; esac
+done
+exit 0
