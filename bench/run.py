@@ -71,12 +71,68 @@ PRIMITIVE_BYTES = {
     "restore_sgd_": 5,  # read backup, g, buf; write w, buf (momentum on)
     "restore_adamw_": 7,  # read backup, g, m, v; write w, m, v
 }
-# A step is the sequence of primitives the algorithm is written in (SGD momentum base):
-STEP_BYTES = {
+# A step's bytes are counted from the primitives it calls (step_bytes: one steady-state step on a
+# tiny list with every ops.<primitive> wrapped, each call's bytes by call_bytes), so the model
+# follows the code. STEP_MIN_BYTES is the least a step of the algorithm has to move (every
+# gradient read the algorithm needs, nothing more); today's steps read the final gradient once
+# more for the non-finite/clip check (final_grad_check's sq_norm): SAM 11b against 10b.
+STEP_MIN_BYTES = {
     "SAM": 1 + 4 + 5,  # sq_norm(g) + perturb_ + restore_sgd_
     "ASAM": 2 + 4 + 5,  # sq_norm(g weighted by w) + perturb_ + restore_sgd_
     "GSAM": 2 + 1 + 4 + 2 + 3 + 5,  # copy g -> saved, sq_norm, perturb_, dot_norms, combine_, restore_sgd_
+    "SAM-AdamW": 1 + 4 + 7,  # sq_norm(g) + perturb_ + restore_adamw_
 }
+
+
+def call_bytes(name: str, args: tuple, kwargs: dict) -> int:
+    """Bytes per parameter element (units of b) that one call of primitive ``name`` moves with
+    these arguments: optional inputs (ASAM weight, backup, momentum buffer) counted when given."""
+
+    def arg(i, key, default=None):
+        return args[i] if len(args) > i else kwargs.get(key, default)
+
+    if name == "sq_norm":
+        return 1 + (arg(1, "weights") is not None)
+    if name == "perturb_":  # read w, g (w again for ASAM: the same read), write w, backup when saved
+        return 3 + (arg(2, "backup") is not None)
+    if name == "restore_sgd_":  # read backup, g; write w; momentum: read + write the buffer
+        if kwargs.get("momentum", 0.0) == 0 or arg(3, "momentum_buffers") is None:
+            return 3
+        return 4 if kwargs.get("init_momentum") else 5  # a new buffer is written, not read
+    return PRIMITIVE_BYTES[name]
+
+
+_STEP_BYTES: dict[str, int] = {}
+
+
+def step_bytes(algo: str) -> int:
+    """Bytes per element (units of b) of one steady-state step of ``algo`` as the code runs it."""
+    if algo not in _STEP_BYTES:
+        import sharpfused.ops as ops_mod
+
+        calls: list[int] = []
+        saved = {n: getattr(ops_mod, n) for n in ops.PRIMITIVES}
+
+        def wrap(n, f):
+            def counted(*a, **k):
+                calls.append(call_bytes(n, a, k))
+                return f(*a, **k)
+
+            return counted
+
+        try:
+            for n, f in saved.items():
+                setattr(ops_mod, n, wrap(n, f))
+            _, cls, kw = [p for p in step_providers(algo, torch.device("cpu")) if p[0] == "sharpfused-torch"][0]
+            step, _ = step_call(cls, kw, [(8, 3), (5,)], torch.float32, torch.device("cpu"))
+            step()  # the first step creates the base optimizer's state (no momentum read)
+            calls.clear()
+            step()
+        finally:
+            for n, f in saved.items():
+                setattr(ops_mod, n, f)
+        _STEP_BYTES[algo] = sum(calls)
+    return _STEP_BYTES[algo]
 
 
 # ----------------------------------------------------------------------------- machine facts
@@ -264,19 +320,30 @@ def step_providers(algo: str, device: torch.device) -> list[tuple[str, Callable,
             (f"sharpfused-{b}", sharpfused.GSAM, {"rho_max": 0.05, "alpha": 0.01, "backend": b})
             for b in backends(device)
         ]
+    if algo == "SAM-AdamW":  # SAM with torch.optim.AdamW as the base (restore_adamw_)
+        kw = {"base": "adamw"}
+        base = [("eager-loop", EagerLoopSAM, kw), ("eager-foreach", EagerForeachSAM, kw)]
+        return base + [(f"sharpfused-{b}", sharpfused.SAM, {**kw, "backend": b}) for b in backends(device)]
     raise ValueError(algo)
 
 
 def algorithms() -> list[str]:
-    return ["SAM", "ASAM"] + (["GSAM"] if hasattr(sharpfused, "GSAM") else [])
+    return ["SAM", "ASAM"] + (["GSAM"] if hasattr(sharpfused, "GSAM") else []) + ["SAM-AdamW"]
+
+
+BASES = {
+    "sgd": (torch.optim.SGD, dict(lr=1e-3, momentum=0.9)),
+    "adamw": (torch.optim.AdamW, dict(lr=1e-3, weight_decay=1e-2)),
+}
 
 
 def step_call(cls, kw: dict, shape_list, dtype, device) -> tuple[Callable[[], object], object]:
     params = make_params(shape_list, dtype, device)
     kw = dict(kw)
+    base_cls, base_kw = BASES[kw.pop("base", "sgd")]
     if "rho" not in kw and "rho_max" not in kw:
         kw["rho"] = 0.05
-    opt = cls(params, torch.optim.SGD, lr=1e-3, momentum=0.9, **kw)
+    opt = cls(params, base_cls, **base_kw, **kw)
 
     def step() -> None:
         opt.first_step()
@@ -306,12 +373,13 @@ def measure(
     dt_name = str(dtype).replace("torch.", "")
     rows = []
 
-    def record(kind, op, provider, ms, bytes_per_elt):
+    def record(kind, op, provider, ms, bytes_per_elt, min_bytes=None):
         med, p20, p80 = summarize(ms)
         gbps = n * elt * bytes_per_elt / med / 1e6
         row = dict(kind=kind, op=op, set=set_name, dtype=dt_name, tensors=len(shape_list), params=n, provider=provider,
                    median_ms=med, p20_ms=p20, p80_ms=p80, gbps=gbps, copy_gbps=copy_gbps,
-                   frac_copy=gbps / copy_gbps if copy_gbps else float("nan"))  # fmt: skip
+                   frac_copy=gbps / copy_gbps if copy_gbps else float("nan"),
+                   bytes=bytes_per_elt, min_bytes=bytes_per_elt if min_bytes is None else min_bytes)  # fmt: skip
         group = [r for r in rows if r["kind"] == kind and r["op"] == op] + [row]
         for base in ("eager-loop", "eager-foreach"):
             b = next((r for r in group if r["provider"] == base), None)
@@ -331,13 +399,13 @@ def measure(
         if device.type == "cpu":  # all providers side by side, timed round-robin (timer_interleaved)
             calls = [step_call(cls, kw, shape_list, dtype, device)[0] for _, cls, kw in providers]
             for (pname, _, _), ms in zip(providers, timer_interleaved(calls, warmup, repeat)):
-                record("step", algo, pname, ms, STEP_BYTES[algo])
+                record("step", algo, pname, ms, step_bytes(algo), STEP_MIN_BYTES.get(algo))
             del calls
             _free(device)
             continue
         for pname, cls, kw in providers:  # GPU: one at a time (memory), CUDA events
             fn, opt = step_call(cls, kw, shape_list, dtype, device)
-            record("step", algo, pname, timer(fn, device, warmup, repeat), STEP_BYTES[algo])
+            record("step", algo, pname, timer(fn, device, warmup, repeat), step_bytes(algo), STEP_MIN_BYTES.get(algo))
             del fn, opt
             _free(device)
     return rows
@@ -351,7 +419,7 @@ def _free(device: torch.device) -> None:
 
 HEADER = (
     "| kind | op | set | dtype | tensors | params | provider | median ms | p20 | p80 "
-    "| vs eager-loop | vs eager-foreach | GB/s | of copy BW |"
+    "| vs eager-loop | vs eager-foreach | bytes/elt | GB/s | of copy BW |"
 )
 
 
@@ -359,10 +427,13 @@ def format_row(r: dict) -> str:
     def x(v):
         return "-" if v != v else f"{v:.2f}x"  # NaN: no such baseline
 
+    nb, mb = r.get("bytes"), r.get("min_bytes")
+    b = "-" if nb is None else (f"{nb}b" if mb in (None, nb) else f"{nb}b (min {mb}b)")
+
     return (
         f"| {r['kind']} | {r['op']} | {r['set']} | {r['dtype']} | {r['tensors']} | {r['params'] / 1e6:.2f}M "
         f"| {r['provider']} | {r['median_ms']:.3f} | {r['p20_ms']:.3f} | {r['p80_ms']:.3f} "
-        f"| {x(r['vs_eager-loop'])} | {x(r['vs_eager-foreach'])} | {r['gbps']:.1f} | {r['frac_copy']:.0%} |"
+        f"| {x(r['vs_eager-loop'])} | {x(r['vs_eager-foreach'])} | {b} | {r['gbps']:.1f} | {r['frac_copy']:.0%} |"
     )
 
 
@@ -391,9 +462,9 @@ def append_csv(rows: list[dict], path: Path, dev_name: str) -> None:
             w.writerow({**meta, **r})
 
 
-def csv_path(dev_name: str) -> Path:
+def csv_path(dev_name: str, results: Optional[str] = None) -> Path:
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in dev_name)
-    return HERE / "results" / f"{safe}.csv"
+    return (Path(results) if results else HERE / "results") / f"{safe}.csv"
 
 
 def main(argv: Optional[list[str]] = None) -> list[dict]:
@@ -409,6 +480,8 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
     ap.add_argument("--threads", type=int, default=1, help="CPU threads (default 1)")
     ap.add_argument("--no-csv", action="store_true", help="print only")
     ap.add_argument("--no-plot", action="store_true")
+    ap.add_argument("--scale", type=int, default=None, help="divide every dimension by N (overrides --quick's factor)")
+    ap.add_argument("--results", default=None, help="directory of the CSV and PNGs (default bench/results)")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cpu":
@@ -425,7 +498,7 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
         chosen = args.ops.split(",")
         prims = [o for o in chosen if o in ops.PRIMITIVES]
         algos = [o for o in chosen if o in algorithms()]
-    factor = (8 if device.type == "cpu" else 2) if args.quick else 1
+    factor = args.scale or ((8 if device.type == "cpu" else 2) if args.quick else 1)
     on_cpu = device.type == "cpu"
     repeat = args.repeat or ((3 if args.quick else 7) if on_cpu else (10 if args.quick else 50))
     warmup = 1 if on_cpu else 5
@@ -437,7 +510,11 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
         + (f", {torch.get_num_threads()} threads" if on_cpu else "")
         + f"; copy bandwidth {copy_gbps:.1f} GB/s (bytes read + written by a {copy_mib} MiB fp32 copy)\n"
     )
-    print("Steps: first_step + second_step, SGD momentum base, no forward/backward. GB/s = byte model / median.\n")
+    print(
+        "Steps: first_step + second_step, SGD momentum base (SAM-AdamW: AdamW), no forward/backward. GB/s = bytes"
+        " the code moves (bytes/elt: counted from the primitives each step calls, b = bytes per element;"
+        " the minimum beside it) / median.\n"
+    )
     print(HEADER)
     print(HEADER_RULE, flush=True)
     rows: list[dict] = []
@@ -452,7 +529,7 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
             rows += measure(shape_list, label, getattr(torch, dt_name), device, rep, warmup, copy_gbps, prims, algos,
                             on_row=lambda r: print(format_row(r), flush=True))  # fmt: skip
     if not args.no_csv and rows:
-        path = csv_path(dev_name)
+        path = csv_path(dev_name, args.results)
         append_csv(rows, path, dev_name)
         print(f"\nrows appended to {os.path.relpath(path)}")
         if not args.no_plot:
