@@ -9,7 +9,8 @@
 #   tests-cuda    tests/test_cuda_backend.py -m gpu (CUDA backend, CUDA-graph capture/replay)
 #   tests-gpu     the other GPU tests: compiled Triton and every backend on CUDA tensors,
 #                 fp32/bf16/fp16, the optimizers on CUDA (no interpreter, no CPU-only tests, no -x)
-#   memcheck      compute-sanitizer --tool memcheck over every CUDA and Triton kernel, small sizes
+#   exercise      every CUDA and Triton kernel once on small odd lists, checked against the torch backend
+#   memcheck      compute-sanitizer --tool memcheck over the same script
 #   bench         bench/run.py on GPT-2 small then ResNet-50, fp32 and bf16: the seven primitives
 #                 (124M elements on GPT-2 small), SAM/ASAM/GSAM/SAM-AdamW steps, copy bandwidth
 #
@@ -104,7 +105,7 @@ if [ $DRY = 1 ]; then
 else
   TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$($PY -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())' 2>/dev/null)}
   export TORCH_CUDA_ARCH_LIST
-  has ninja || echo "ninja absent: the extension's sources compile one after another"
+  command -v ninja >/dev/null || has ninja || echo "ninja absent: the extension's sources compile one after another"
   build() {
     echo "TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST"
     if $PY -m pip --version >/dev/null 2>&1 &&
@@ -157,7 +158,7 @@ export GPU_FILES="tests/test_cuda_backend.py tests/test_triton_backend.py tests/
 PYTEST="$PY -m pytest -p no:cacheprovider -o addopts= -v -rfEs"
 if ! has pytest; then
   for s in select tests-cuda tests-gpu; do
-    note_row $s skip 0 "pytest is not installed for $PY (no registry here): GPU tests not run; memcheck and bench still exercise the kernels"
+    note_row $s skip 0 "pytest is not installed for $PY (no registry here): GPU tests not run; exercise, memcheck and bench still check the kernels"
   done
 else
   select_tests() {  # collect the GPU tests; in a dry run as a GPU machine would (torch.cuda.is_available patched)
@@ -201,10 +202,13 @@ fi
 
 # ------------------------------------------------------------------ (c) compute-sanitizer
 cat >"$LOG/exercise.py" <<'PY'
-# every kernel once, small sizes, aligned and unaligned views, tables of many tensors
-import os
+# every kernel once on small lists (odd sizes, an empty tensor, multi-chunk, misaligned views,
+# tables of 125 tensors), each result checked against the torch backend: a kernel check that
+# needs no pytest, and the workload of compute-sanitizer
+import os, sys
 import torch
 from sharpfused import ops
+from sharpfused.backends import torch_ops as T
 dev = torch.device(os.environ.get("EXERCISE_DEVICE", "cuda"))
 mods = []
 if ops.unavailable_reason("cuda", dev) is None:
@@ -213,38 +217,89 @@ if ops.unavailable_reason("cuda", dev) is None:
 if ops.unavailable_reason("triton", dev) is None:
     import sharpfused.kernels as K
     mods.append(("triton", K, (torch.float32, torch.bfloat16, torch.float16)))
-assert mods, f"no fused backend runs on {dev}"
+assert mods, f"no fused backend runs on {dev}: " + "; ".join(f"{b}: {ops.unavailable_reason(b, dev)}" for b in ("cuda", "triton"))
+TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+bad = []
+
+def flat(x):
+    if isinstance(x, torch.Tensor):
+        return [x]
+    return [t for y in x for t in flat(y)] if isinstance(x, (list, tuple)) else []
+
+def same(what, a, b):
+    for x, y in zip(flat(a), flat(b)):
+        x, y = x.detach().double().cpu(), y.detach().double().cpu()
+        ok = torch.isfinite(y) | (x.isnan() == y.isnan())
+        x, y = x[torch.isfinite(y)], y[torch.isfinite(y)]
+        err = float((x - y).norm() / y.norm().clamp_min(1e-30)) if y.numel() else 0.0
+        if err > TOL[dtype] or not bool(ok.all()):
+            bad.append(f"{name} {what} {str(dtype)[6:]}: rel err {err:.2e}")
+            return
+
+cl = lambda xs: [x.clone() for x in xs]  # noqa: E731
 for name, C, dtypes in mods:
-    as_mask = (lambda xs: xs) if name == "cuda" else (lambda xs: [x > 0 for x in xs])  # the mask each takes
     for dtype in dtypes:
         sizes = [1, 7, 0, 4099, 65536 + 3] + [5] * 120
         r = lambda: [torch.randn(n, device=dev, dtype=dtype) for n in sizes]  # noqa: E731
         w, g, b, m, v, s = r(), r(), r(), r(), r(), r()
-        flat = torch.randn(10001, device=dev, dtype=dtype)
-        odd = [flat[1:4000], flat[4001:10001]]
-        C.sq_norm(w, g, 0.01, True); C.sq_norm(odd, None, 0.0, False)
-        C.perturb_(w, g, b, torch.tensor(0.1, device=dev), 0.01, as_mask(s))
-        C.perturb_(odd, [x.clone() for x in odd], None, 0.1, None, None)
-        C.restore_(w, b); C.dot_norms(w, g)
-        C.combine_(g, s, 0.5, torch.tensor(0.5, device=dev))
-        C.restore_sgd_(w, b, g, m, 0.1, 0.9, 0.0, 0.01, True, False)
-        C.restore_adamw_(w, b, g, m, [x.abs() for x in v], 3, 1e-3, 0.9, 0.999, 1e-8, 0.01)
-    print(f"exercised every {name} kernel on {dev}: {', '.join(str(d).replace('torch.', '') for d in dtypes)}")
+        v = [x.abs() for x in v]
+        buf = torch.randn(10001, device=dev, dtype=dtype)
+        odd = [buf[1:4000], buf[4001:10001]]  # 4-byte (fp32) or 2-byte (bf16) misaligned views
+        keep = [x > 0 for x in s]
+        mask = [x.to(dtype) for x in keep] if name == "cuda" else keep  # the mask each backend takes
+        scale = torch.tensor(0.1, device=dev)
+        same("sq_norm", C.sq_norm(w, g, 0.01, True), T.sq_norm(w, g, 0.01, True))
+        same("sq_norm odd", C.sq_norm(odd, None, 0.0, False), T.sq_norm(odd, None, 0.0, False))
+        x1, b1, x2, b2 = cl(w), cl(b), cl(w), cl(b)
+        C.perturb_(x1, g, b1, scale, 0.01, mask); T.perturb_(x2, g, b2, scale, 0.01, keep)
+        same("perturb_", [x1, b1], [x2, b2])
+        o1, o2 = cl(odd), cl(odd)
+        C.perturb_(o1, cl(odd), None, 0.1, None, None); T.perturb_(o2, cl(odd), None, 0.1, None, None)
+        same("perturb_ odd", o1, o2)
+        x1 = cl(w); C.restore_(x1, b); same("restore_", x1, b)
+        same("dot_norms", C.dot_norms(w, g), T.dot_norms(w, g))
+        g1, g2 = cl(g), cl(g)
+        C.combine_(g1, s, 0.5, torch.tensor(0.5, device=dev)); T.combine_(g2, s, 0.5, torch.tensor(0.5, device=dev))
+        same("combine_", g1, g2)
+        x1, m1, x2, m2 = cl(w), cl(m), cl(w), cl(m)
+        C.restore_sgd_(x1, b, g, m1, 0.1, 0.9, 0.0, 0.01, True, False)
+        T.restore_sgd_(x2, b, g, m2, 0.1, 0.9, 0.0, 0.01, True, False)
+        same("restore_sgd_", [x1, m1], [x2, m2])
+        x1, m1, v1, x2, m2, v2 = cl(w), cl(m), cl(v), cl(w), cl(m), cl(v)
+        C.restore_adamw_(x1, b, g, m1, v1, 3, 1e-3, 0.9, 0.999, 1e-8, 0.01)
+        T.restore_adamw_(x2, b, g, m2, v2, 3, 1e-3, 0.9, 0.999, 1e-8, 0.01)
+        same("restore_adamw_", [x1, m1, v1], [x2, m2, v2])
+    print(f"exercised every {name} kernel on {dev}: {', '.join(str(d)[6:] for d in dtypes)}")
 if dev.type == "cuda":
     torch.cuda.synchronize()
+for line in bad:
+    print("MISMATCH", line)
+print(f"{len(bad)} mismatches against the torch backend")
+sys.exit(1 if bad else 0)
 PY
 CAP_MEMCHECK=${CAP_MEMCHECK:-90}
-exercise_note() { grep '^exercised' "$1" | cut -c11- | paste -sd ';' - | cut -c1-110; [ "$2" = 0 ] || echo "($1)"; }
+exercise_note() {
+  echo "$(grep '^exercised' "$1" | cut -c11- | paste -sd ';' - | cut -c1-110); $(grep 'mismatches against' "$1")"
+  grep '^MISMATCH' "$1" | head -n 5 | cut -c10-
+  grep -m 1 'ERROR SUMMARY' "$1" | sed 's/^=* *//'
+  [ "$2" = 0 ] || echo "($1)"
+}
+# first plainly (a kernel check without pytest; it also fills Triton's cache for memcheck), then
+# under the sanitizer
 if [ $DRY = 1 ]; then
   EXERCISE_DEVICE=cpu run_stage exercise 60 exercise_note $PY "$LOG/exercise.py"
+else
+  run_stage exercise "$(cap_for 60 110)" exercise_note $PY "$LOG/exercise.py"
+fi
+if [ $DRY = 1 ]; then
   note_row memcheck skip 0 "dry run: no GPU for compute-sanitizer (the exercise script ran on CPU, Triton interpreted)"
 elif [ -z "$SANITIZER" ]; then
   note_row memcheck skip 0 "compute-sanitizer not found on PATH or in /usr/local/cuda*/bin"
 elif ! "$SANITIZER" --version >/dev/null 2>&1; then
   note_row memcheck skip 0 "$SANITIZER --version fails here: $("$SANITIZER" --version 2>&1 | tail -n 1 | cut -c1-80)"
 else
-  run_stage memcheck "$(cap_for "$CAP_MEMCHECK" 100)" exercise_note \
-    "$SANITIZER" --tool memcheck --error-exitcode 1 --target-processes all $PY "$LOG/exercise.py"
+  run_stage memcheck "$(cap_for "$CAP_MEMCHECK" 90)" exercise_note \
+    "$SANITIZER" --tool memcheck --error-exitcode 1 --target-processes application-only $PY "$LOG/exercise.py"
 fi
 
 # ------------------------------------------------------------------ (d) the benchmark subset

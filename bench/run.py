@@ -6,14 +6,16 @@ Two kinds of rows, on parameter lists shaped like real models (bench/shapes.py):
   restore_adamw_ on every backend available on the machine, against the eager per-tensor loop
   equivalent (``tests/baselines.py: LOOP_PRIMITIVES``).
 * ``step``: a whole optimizer step (first_step + second_step, SGD momentum base, no
-  forward/backward) of SAM, ASAM and GSAM (GSAM when sharpfused has it), against the eager
+  forward/backward) of SAM, ASAM and GSAM (GSAM when sharpfused has it), and SAM with an AdamW
+  base (``SAM-AdamW``), against the eager
   per-parameter loop port and an eager foreach version (``tests/baselines.py``: the baselines
   the tests check against the float64 reference).
 
 On CPU the providers of a step are built side by side and timed round-robin (a shared machine's
 load drifts within a run; sequential timing once put 2x between two runs of the same code).
 
-Prints a markdown table (median ms and p20/p80, speedup vs each baseline, GB/s from the byte
+Prints a markdown table (median ms and p20/p80, speedup vs each baseline, the bytes per element
+a step moves (counted from the primitives it calls, the minimum beside it), GB/s from that byte
 model and its fraction of the device-to-device copy bandwidth measured in the same run), appends
 rows to ``bench/results/<device>.csv`` and (``--plot``, on by default) redraws the PNGs with
 bench/plot.py.
