@@ -199,6 +199,31 @@ def test_a_step_whose_second_pass_overflows_keeps_the_algorithm_state(name):
     same(got, before)
 
 
+def test_friendlysam_momentum_of_a_parameter_that_appears_later_does_not_reset_the_others():
+    """LayerDrop-style: a parameter without a gradient in step 1 gets m_0 = g when it first has one;
+    the others keep their running average."""
+    torch.manual_seed(0)
+    model = MLP()
+    opt = make("friendly", model.parameters())
+    a, b = model.net[0].weight, model.net[2].bias
+    x, y = data("mlp", n=16)
+    for t in range(3):
+        F.cross_entropy(model(x), y).backward()
+        if t == 0:
+            b.grad = None  # b has no gradient in the first step
+        ga, gb = a.grad.clone(), None if b.grad is None else b.grad.clone()
+        ma = opt.state[a]["momentum"].clone() if t else None
+        opt.first_step(zero_grad=True)
+        F.cross_entropy(model(x), y).backward()
+        opt.second_step(zero_grad=True)
+        if t == 0:
+            assert b not in opt.state or "momentum" not in opt.state[b]
+            torch.testing.assert_close(opt.state[a]["momentum"], ga, rtol=0, atol=0)
+        elif t == 1:  # b is new: m_b = g_b; a keeps lam m + (1 - lam) g
+            torch.testing.assert_close(opt.state[b]["momentum"], gb, rtol=0, atol=0)
+            torch.testing.assert_close(opt.state[a]["momentum"], 0.9 * ma + 0.1 * ga, rtol=1e-6, atol=1e-7)
+
+
 # ------------------------------------------------------------------ checkpoints mid-step
 def test_state_dict_between_the_passes_is_refused():
     model = MLP()

@@ -424,6 +424,11 @@ class SharpnessAware(Optimizer):
             self._created.append((b, name, created))
         return buf, not created
 
+    def created_now(self, b: Bucket, name: str) -> list[bool]:
+        """Per parameter of ``b``: whether this step created its ``name`` entry (it has no value yet)."""
+        ids = {id(p) for bk, n, ps in self._created if bk is b and n == name for p in ps}
+        return [id(p) in ids for p in b.sources]
+
     # ---------------------------------------------------------------- state moves only when a step completes
     def _clear_pending(self) -> None:
         #: (bucket, state name, params whose entry this step created)

@@ -60,15 +60,20 @@ class FriendlySAM(SharpnessAware):
             scale = get() if get is not None else torch.tensor(grad_scaler.get_scale())
             inv = scale.to(torch.float32).reciprocal()
         self._unscaled = inv is not None
-        fresh = []
+        fresh = []  # per bucket: which parameters have no m yet (the first step, or new ones)
         for b in buckets:
             m, valid = self.state_buffer(b, "momentum")
-            fresh.append(not valid)
+            new = [False] * len(b.sources) if valid else self.created_now(b, "momentum")
+            fresh.append(new)
             c = 1.0 if inv is None else inv.to(b.device)
             g = b.buffer("grad").views  # this step's (unscaled) gradient, committed into m at the end
             ops.combine_(g, b.grads(), 0.0, c, backend=b.backend)
-            if valid:  # d = g - sigma m (up to the loss scale: the perturbation is normalized)
-                ops.combine_(b.grads(), m.views, c, -b.group["sigma"], backend=b.backend)
+            grads, ms = b.grads(), m.views
+            if any(new):
+                old = [i for i, f in enumerate(new) if not f]
+                grads, ms = [grads[i] for i in old], [ms[i] for i in old]
+            if grads:  # d = g - sigma m (up to the loss scale: the perturbation is normalized)
+                ops.combine_(grads, ms, c, -b.group["sigma"], backend=b.backend)
         if buckets:
             self.perturb(buckets, self.global_norm(buckets))
             self.average_local(buckets, "grad")  # m-sharpness: m follows the replicas' mean g (no-op otherwise)
@@ -77,12 +82,16 @@ class FriendlySAM(SharpnessAware):
 
     def _commit_momentum(self, buckets: list, fresh: list) -> None:
         """m <- lam m + (1 - lam) g (m_0 = g), kept as it was when the step is skipped (device flag)."""
-        for b, first in zip(buckets, fresh):
+        for b, new in zip(buckets, fresh):
             lam = b.group["lam"]
             m, g = b.extra["momentum"].views, b.extra["grad"].views
-            if first:  # a skipped first step drops m altogether (_finish_step)
-                ops.combine_(m, g, 0.0, 1.0, backend=b.backend)
-            else:
+            if any(new):
+                first = [i for i, f in enumerate(new) if f]
+                # m_0 = g; on a skipped step these entries are dropped altogether (_finish_step)
+                ops.combine_([m[i] for i in first], [g[i] for i in first], 0.0, 1.0, backend=b.backend)
+                old = [i for i, f in enumerate(new) if not f]
+                m, g = [m[i] for i in old], [g[i] for i in old]
+            if m:
                 ops.combine_(m, g, self.unless_skipped(lam, 1.0), self.unless_skipped(1.0 - lam, 0.0),
                              backend=b.backend)
 
