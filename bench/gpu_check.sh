@@ -23,7 +23,7 @@
 #   bash bench/gpu_check.sh --dry-run   # CPU: same stages, Triton under the interpreter, the
 #                                       # CUDA build and the sanitizer skipped, tiny bench (CI)
 # Caps (seconds) can be overridden: TOTAL_S, CAP_BUILD, CAP_TESTS_CUDA, CAP_TESTS_GPU, CAP_MEMCHECK,
-# CAP_BENCH; SKIP_BENCH=1 leaves the bench out.
+# CAP_BENCH; SKIP_BENCH=1 leaves the bench out, SKIP_BUILD=1 the build (a rerun on the same machine).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -77,7 +77,7 @@ run_stage() {  # run_stage NAME CAP NOTE_FN CMD...: log to $LOG/NAME.log under `
 pytest_note() {  # counts from pytest -v lines (also when the run was cut short by its cap)
   local p f s e
   p=$(grep -c ' PASSED' "$1"); f=$(grep -c ' FAILED' "$1"); s=$(grep -c ' SKIPPED' "$1"); e=$(grep -c ' ERROR' "$1")
-  echo "passed $p, failed $f, skipped $s, errors $e ($1)"
+  echo "passed $p, failed $f, skipped $s, errors $e$([ "$2" = 5 ] && echo ', no test collected') ($1)"
 }
 
 has() { $PY -c "import $1" >/dev/null 2>&1; }
@@ -102,18 +102,27 @@ fi
 CAP_BUILD=${CAP_BUILD:-240}
 if [ $DRY = 1 ]; then
   note_row build skip 0 "dry run: no CUDA build on CPU (the CUDA sources compile in .ci/compile_cuda.sh)"
+elif [ "${SKIP_BUILD:-0}" = 1 ]; then
+  note_row build skip 0 "SKIP_BUILD=1 (a rerun on the same machine: the build of the first run stays)"
 else
   TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$($PY -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())' 2>/dev/null)}
   export TORCH_CUDA_ARCH_LIST
   command -v ninja >/dev/null || has ninja || echo "ninja absent: the extension's sources compile one after another"
   build() {
     echo "TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST"
-    if $PY -m pip --version >/dev/null 2>&1 &&
-      $PY -m pip install --no-deps --no-build-isolation -v -e .; then
-      return 0
+    local pip_log=$LOG/.pip_install.log
+    if $PY -m pip --version >/dev/null 2>&1; then
+      $PY -m pip install --no-deps --no-build-isolation -v -e . 2>&1 | tee "$pip_log"
+      [ "${PIPESTATUS[0]}" = 0 ] && return 0
+      # a failed compile would only fail again: fall back only when pip stopped before compiling
+      # (an externally managed python, no editable support, ...)
+      if grep -q 'nvcc' "$pip_log"; then return 1; fi
+      echo "pip install -e . stopped before compiling"
+    else
+      echo "pip is absent"
     fi
-    # no pip, or no editable install: build in place and map sharpfused.kernels as the install would
-    echo "pip install -e . failed or pip is absent: setup.py build_ext --inplace"
+    # build in place, and map sharpfused.kernels to kernels/ as the editable install would
+    echo "fallback: setup.py build_ext --inplace"
     $PY setup.py build_ext --inplace || return 1
     [ -e sharpfused/kernels ] || ln -s ../kernels sharpfused/kernels
   }
@@ -155,7 +164,19 @@ run_stage import 60 import_note import_check
 # parametrized with a cuda device or carries test_cuda_backend.py's `gpu` mark
 export GPU_FILES="tests/test_cuda_backend.py tests/test_triton_backend.py tests/test_primitives.py
   tests/test_algorithms.py tests/test_bisam_loss.py"
-PYTEST="$PY -m pytest -p no:cacheprovider -o addopts= -v -rfEs"
+PYTEST="gpu_pytest -p no:cacheprovider -o addopts= -v -rfEs"
+gpu_pytest() {  # pytest; on a GPU machine a run where no test passed (all skipped) is a failure
+  local out=$LOG/.pytest_$$.out
+  $PY -m pytest "$@" 2>&1 | tee "$out"
+  local rc=${PIPESTATUS[0]}
+  if [ "$DRY" = 0 ] && [ "$rc" = 0 ] && ! grep -q ' PASSED' "$out"; then
+    echo "no GPU test passed here (all skipped: see the reasons above)"
+    rc=3
+  fi
+  rm -f "$out"
+  return "$rc"
+}
+export -f gpu_pytest
 if ! has pytest; then
   for s in select tests-cuda tests-gpu; do
     note_row $s skip 0 "pytest is not installed for $PY (no registry here): GPU tests not run; exercise, memcheck and bench still check the kernels"
@@ -279,6 +300,10 @@ sys.exit(1 if bad else 0)
 PY
 CAP_MEMCHECK=${CAP_MEMCHECK:-90}
 exercise_note() {
+  if ! grep -q 'mismatches against' "$1"; then  # it stopped before the checks
+    echo "$(tail -n 1 "$1" | cut -c1-150) ($1)"
+    return
+  fi
   echo "$(grep '^exercised' "$1" | cut -c11- | paste -sd ';' - | cut -c1-110); $(grep 'mismatches against' "$1")"
   grep '^MISMATCH' "$1" | head -n 5 | cut -c10-
   grep -m 1 'ERROR SUMMARY' "$1" | sed 's/^=* *//'
@@ -298,7 +323,9 @@ elif [ -z "$SANITIZER" ]; then
 elif ! "$SANITIZER" --version >/dev/null 2>&1; then
   note_row memcheck skip 0 "$SANITIZER --version fails here: $("$SANITIZER" --version 2>&1 | tail -n 1 | cut -c1-80)"
 else
-  run_stage memcheck "$(cap_for "$CAP_MEMCHECK" 90)" exercise_note \
+  # without the caching allocator every tensor is its own allocation: an access past a tensor's
+  # end is then outside any allocation, which memcheck reports
+  PYTORCH_NO_CUDA_MEMORY_CACHING=1 run_stage memcheck "$(cap_for "$CAP_MEMCHECK" 90)" exercise_note \
     "$SANITIZER" --tool memcheck --error-exitcode 1 --target-processes application-only $PY "$LOG/exercise.py"
 fi
 
