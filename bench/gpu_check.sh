@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one call on a lent GPU machine (one H100/H200, its own python3 with torch, Triton and numpy,
 # no package registry): staged, each stage under its own time cap, the whole run under TOTAL_S
-# (default 470 s), and a stage that fails or runs out of time never stops the next one.
+# (default 480 s), and a stage that fails or runs out of time never stops the next one.
 #
 #   build         pip install --no-deps --no-build-isolation -e . (TORCH_CUDA_ARCH_LIST = this GPU)
 #   import        sharpfused, sharpfused._C, and which backends can run on CUDA tensors
@@ -38,7 +38,7 @@ if [ $DRY = 1 ]; then
   export CUDA_VISIBLE_DEVICES=""  # a dry run is the CPU flow even where a GPU is present
   export TRITON_INTERPRET=1
 else
-  TOTAL_S=${TOTAL_S:-470}
+  TOTAL_S=${TOTAL_S:-480}
   unset TRITON_INTERPRET  # tests/conftest.py turns the interpreter off where a GPU is visible
 fi
 declare -a rows
