@@ -698,3 +698,57 @@ for fn, consts in cases:
         assert "div.rn.f64" in ptx and "sqrt.rn.f64" in ptx and "approx.f64" not in ptx, "fp64 not IEEE"
     print("kernel", fn.__name__, len(re.findall(r"ld\.global(?:\.\w+)*\.v4", k.asm["ptx"])))
 """
+
+
+# ------------------------------------------------------------------------------------ CUDA graphs
+@pytest.mark.parametrize("device", DEVICES)
+def test_sam_adamw_step_captured_in_a_cuda_graph(device):
+    """sq_norm -> device scale -> perturb_, then restore_adamw_ with a device step, lr, grad_coef
+    and found_inf: captured once in a CUDA graph and replayed with new device values (on CPU, where
+    there are no graphs, the same calls run eagerly). Replays match the torch backend; a replay
+    with found_inf set restores w bit-exactly and leaves m and v as they were."""
+    sizes = (1, 7, 0, 1000, 4099)
+    w, g = rand(sizes, torch.float32, device), rand(sizes, torch.float32, device)
+    backup = [torch.empty_like(x) for x in w]
+    m, v = [torch.zeros_like(x) for x in w], [torch.zeros_like(x) for x in w]
+    found, step = torch.zeros((), device=device), torch.ones((), device=device)
+    coef, lr = torch.full((), 0.5, device=device), torch.full((), 1e-2, device=device)
+    w0 = clone(w)
+
+    def sam_step():
+        scale = 0.05 / (K.sq_norm(g).sqrt() + 1e-12)
+        K.perturb_(w, g, backup, scale, 0.0, None)
+        K.restore_adamw_(w, backup, g, m, v, step, lr, 0.9, 0.999, 1e-8, 0.1, coef, found)
+
+    if device == "cuda":
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up outside the graph: compiles, builds the tables
+            sam_step()
+        torch.cuda.current_stream().wait_stream(side)
+        for x, x0, a, b in zip(w, w0, m, v):  # back to the start
+            x.copy_(x0), a.zero_(), b.zero_()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            sam_step()
+        replay = graph.replay
+    else:
+        replay = sam_step
+    for x, x0, a, b in zip(w, w0, m, v):  # capture may have run the kernels: start again
+        x.copy_(x0), a.zero_(), b.zero_()
+    step.fill_(2.0)
+    replay()
+    wt, mt, vt = clone(w0), [torch.zeros_like(x) for x in w0], [torch.zeros_like(x) for x in w0]
+    T.restore_adamw_(wt, w0, g, mt, vt, 2, 1e-2, 0.9, 0.999, 1e-8, 0.1, 0.5, None)
+    assert rel_err(w, wt) < 1e-6 and rel_err(m, mt) < 1e-6 and rel_err(v, vt) < 1e-6
+    assert all(torch.equal(b, x0) for b, x0 in zip(backup, w0))  # the backup is the unperturbed w
+    w1, m1, v1 = clone(w), clone(m), clone(v)
+    found.fill_(1.0)
+    step.fill_(3.0)
+    for x in g:
+        x.fill_(float("nan"))
+    replay()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    same = lambda a, b: all(torch.equal(x.view(torch.int32), y.view(torch.int32)) for x, y in zip(a, b))  # noqa: E731
+    assert same(w, w1) and same(m, m1) and same(v, v1)
