@@ -7,6 +7,7 @@ import torch
 # under the interpreter. With a GPU they run compiled on CUDA tensors and the interpreter stays
 # off, also against an inherited TRITON_INTERPRET=1: under it a kernel given a CUDA table reads
 # device addresses as host pointers and the process segfaults. tests/helpers.py: TRITON_DEVICES.
+# (CUDA_VISIBLE_DEVICES= hides the GPU: the CPU flow, interpreter on, on a GPU machine.)
 _GPU = torch.cuda.is_available()
 if _GPU:
     os.environ["TRITON_INTERPRET"] = "0"
