@@ -19,7 +19,13 @@ import torch
 from . import helpers
 
 ROOT = Path(__file__).resolve().parent.parent
-GPU_FILES = ["test_cuda_backend.py", "test_triton_backend.py", "test_primitives.py", "test_algorithms.py", "test_bisam_loss.py"]
+GPU_FILES = [
+    "test_cuda_backend.py",
+    "test_triton_backend.py",
+    "test_primitives.py",
+    "test_algorithms.py",
+    "test_bisam_loss.py",
+]
 
 SIMULATE = r"""
 import os, sys
