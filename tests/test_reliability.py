@@ -308,11 +308,30 @@ def test_a_copy_taken_between_the_passes_finishes_the_step(name):
     opt.first_step(zero_grad=True)
     other = copy.deepcopy({"model": model, "opt": opt})
     m2, o2 = other["model"], other["opt"]
-    for m, o in ((model, opt), (m2, o2)):
+    # the copy finishes first: its pending commits must land in the copy, not in the original
+    for m, o in ((m2, o2), (model, opt)):
         F.cross_entropy(m(x), y).backward()
         o.second_step(zero_grad=True)
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), m2.parameters()))
+    same(flat_state(o2), flat_state(opt))
     pickle.dumps(o2)  # picklable too
+
+
+@pytest.mark.parametrize("name", ["ssam", "looksam", "friendly"])
+def test_a_mid_step_copy_that_alone_finishes_leaves_the_original_untouched(name):
+    torch.manual_seed(0)
+    model = MLP()
+    opt = make(name, model.parameters())
+    steps(name, model, opt, batches(3))  # SSAM: the next step refreshes its mask
+    x, y = data("mlp", n=16, seed=9)
+    F.cross_entropy(model(x), y).backward()
+    before = flat_state(opt)
+    opt.first_step(zero_grad=True)
+    m2, o2 = (lambda d: (d["m"], d["o"]))(copy.deepcopy({"m": model, "o": opt}))
+    F.cross_entropy(m2(x), y).backward()
+    o2.second_step(zero_grad=True)
+    opt.abort_step()
+    same(flat_state(opt), before)
 
 
 # ------------------------------------------------------------------ param groups
@@ -331,6 +350,74 @@ def test_add_param_group_with_a_bad_value_adds_nothing():
     w = weights(model)
     steps("sam", model, opt, batches(1))
     assert all(not torch.equal(a, b) for a, b in zip(model.parameters(), w))  # every group trains
+
+
+@pytest.mark.parametrize("cls, base", [(GSAM, torch.optim.RMSprop), (sharpfused.XSAM, torch.optim.RMSprop),
+                                       (SAM, torch.optim.Adadelta)])
+def test_a_hyperparameter_named_like_the_base_optimizers_is_refused(cls, base):
+    """Param groups are shared: GSAM's alpha would replace RMSprop's, SAM's rho Adadelta's."""
+    with pytest.raises(ValueError, match="has the same name as"):
+        cls(MLP().parameters(), base, lr=1e-3)
+
+
+@pytest.mark.parametrize("name", ["xsam-k3", "bsam", "sampa"])
+def test_a_parameter_losing_its_gradient_in_a_later_pass_is_stepped_with_zero(name):
+    torch.manual_seed(0)
+    model = MLP()
+    opt = make(name, model.parameters())
+    b = model.net[2].bias
+    x, y = data("mlp", n=16)
+    inner = closure_for(name, model, x, y)
+    calls = []
+
+    def cl(*args):
+        loss = inner(*args)
+        if calls:
+            b.grad = None  # b has a gradient in the first pass only
+        calls.append(1)
+        return loss
+
+    w = weights(model)
+    opt.step(cl)
+    assert not bool(opt.last_step_skipped)
+    assert all(not torch.equal(p, q) for p, q in zip(model.parameters(), w))
+
+
+def test_sampa_parameter_that_first_gets_a_gradient_later_is_checked_and_joins():
+    torch.manual_seed(0)
+    model = MLP()
+    opt = make("sampa", model.parameters())
+    b = model.net[2].bias
+    x, y = data("mlp", n=16)
+    for t in range(3):
+        inner = closure_for("sampa", model, x, y)
+        calls = []
+
+        def cl(inner=inner, t=t, calls=calls):
+            loss = inner()
+            if t == 0:
+                b.grad = None  # no gradient for b in step 0
+            if t == 1 and len(calls) == 0:
+                b.grad.view(-1)[0] = float("inf")  # b's first x~-pass gradient is not finite
+            calls.append(1)
+            return loss
+
+        wb = b.detach().clone()
+        opt.step(cl)
+        if t == 1:
+            assert bool(opt.last_step_skipped)  # seen although b is outside the step's buckets
+            assert torch.equal(b.detach(), wb)
+    assert "grad_y" in opt.state[b]  # it joined after a completed step
+
+
+def test_ssam_masks_stay_uint8_through_a_checkpoint():
+    torch.manual_seed(0)
+    model = MLP()
+    opt = make("ssam", model.parameters())
+    steps("ssam", model, opt, batches(2))
+    other = make("ssam", copy.deepcopy(model).parameters())
+    other.load_state_dict(copy.deepcopy(opt.state_dict()))
+    assert all(other.state[p]["mask"].dtype == torch.uint8 for p in other.param_groups[0]["params"])
 
 
 # ------------------------------------------------------------------ hyperparameters

@@ -230,6 +230,13 @@ class SharpnessAware(Optimizer):
         else:
             self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
         self.param_groups = self.base_optimizer.param_groups
+        clash = sorted(set(self.hyper) & set(self.base_optimizer.defaults))
+        if clash:
+            raise ValueError(
+                f"{type(self).__name__}'s hyperparameter {', '.join(map(repr, clash))} has the same name as "
+                f"{type(self.base_optimizer).__name__}'s: the param groups are shared, so one would silently "
+                "take the other's value; use another base optimizer (e.g. torch.optim.SGD or AdamW)"
+            )
         for k, v in self.base_optimizer.defaults.items():
             self.defaults.setdefault(k, v)
         self._base_ready = True
@@ -433,10 +440,12 @@ class SharpnessAware(Optimizer):
     def _clear_pending(self) -> None:
         #: (bucket, state name, params whose entry this step created)
         self._created: list[tuple[Bucket, str, list[Tensor]]] = []
-        #: run at the end of a completed step with the host skip flag (None when not read)
-        self._commits: list[Callable[[Optional[bool]], None]] = []
-        #: run when a step is aborted (in reverse order)
-        self._rollbacks: list[Callable[[], None]] = []
+        #: (method name, args): ``getattr(self, name)(*args, skipped)`` at the end of a completed step,
+        #: with the host skip flag (None when not read). Names, not closures, so that a copy taken
+        #: mid-step commits into itself.
+        self._commits: list[tuple[str, tuple]] = []
+        #: (method name, args): ``getattr(self, name)(*args)`` when a step is aborted (in reverse order)
+        self._rollbacks: list[tuple[str, tuple]] = []
         #: a commit of this step needs the skip flag on the host
         self._commit_needs_host = False
         self._local = None  # m-sharpness: set again by new_step for the step it starts
@@ -463,8 +472,8 @@ class SharpnessAware(Optimizer):
         flag = self.last_step_skipped
         if flag is not None and (self._created or self._commit_needs_host):
             skipped = bool(flag)
-        for commit in self._commits:
-            commit(skipped)
+        for name, args in self._commits:
+            getattr(self, name)(*args, skipped)
         if skipped:
             self._drop_created()
         self._clear_pending()
@@ -723,12 +732,18 @@ class SharpnessAware(Optimizer):
                 "first_step() (perturb, after the first backward), a second forward/backward at the "
                 "perturbed weights, then second_step() (restore and update); or use step(closure)"
             )
-        for b in self._buckets:  # a parameter perturbed in pass 1 with no gradient in pass 2
+        self.fill_missing_grads(self._buckets)
+        self.update_pass(self._buckets)
+        return self._buckets
+
+    @staticmethod
+    def fill_missing_grads(buckets: list[Bucket]) -> None:
+        """A parameter of the step's buckets with no gradient in a later pass gets a zero gradient
+        (it is then restored and stepped with the rest); call after each later pass's backward."""
+        for b in buckets:
             for p in b.sources:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
-        self.update_pass(self._buckets)
-        return self._buckets
 
     def _end_second(self, zero_grad: bool) -> None:
         self._finish_step()
@@ -753,8 +768,8 @@ class SharpnessAware(Optimizer):
             if self._buckets:
                 self.restore(self._buckets)
             self.zero_grad(set_to_none=True)  # gradients of the half-done step (at w + e) are stale
-        for undo in reversed(self._rollbacks):
-            undo()
+        for name, args in reversed(self._rollbacks):
+            getattr(self, name)(*args)
         self._drop_created()
         self._clear_pending()
         self._perturbed = False

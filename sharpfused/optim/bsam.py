@@ -68,6 +68,7 @@ class BSAM(SharpnessAware):
         if not self._perturbed or self._phase != 1:
             raise RuntimeError("BSAM.bilateral_step() goes between first_step() and second_step(), once")
         buckets = self._buckets
+        self.fill_missing_grads(buckets)
         self.update_pass(buckets)  # the g_max pass enters the update (averaged here if it ran local)
         if buckets:
             self.copy(buckets, lambda b: b.buffer("gmax").views, lambda b: b.grads())

@@ -70,6 +70,9 @@ class FriendlySAM(SharpnessAware):
             ops.combine_(g, b.grads(), 0.0, c, backend=b.backend)
             grads, ms = b.grads(), m.views
             if any(new):
+                if inv is not None:  # the new ones' d = g, unscaled like the rest
+                    fresh_g = [x for x, f in zip(grads, new) if f]
+                    ops.combine_(fresh_g, fresh_g, c, 0.0, backend=b.backend)
                 old = [i for i, f in enumerate(new) if not f]
                 grads, ms = [grads[i] for i in old], [ms[i] for i in old]
             if grads:  # d = g - sigma m (up to the loss scale: the perturbation is normalized)
@@ -77,10 +80,10 @@ class FriendlySAM(SharpnessAware):
         if buckets:
             self.perturb(buckets, self.global_norm(buckets))
             self.average_local(buckets, "grad")  # m-sharpness: m follows the replicas' mean g (no-op otherwise)
-        self._commits.append(lambda skipped: self._commit_momentum(buckets, fresh))
+        self._commits.append(("_commit_momentum", (buckets, fresh)))
         self._end_first(zero_grad)
 
-    def _commit_momentum(self, buckets: list, fresh: list) -> None:
+    def _commit_momentum(self, buckets: list, fresh: list, skipped: Optional[bool]) -> None:
         """m <- lam m + (1 - lam) g (m_0 = g), kept as it was when the step is skipped (device flag)."""
         for b, new in zip(buckets, fresh):
             lam = b.group["lam"]

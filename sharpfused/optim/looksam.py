@@ -83,11 +83,11 @@ class LookSAM(SharpnessAware):
         """The step counter moves when the step completes (a host value: it counts attempted steps,
         except that a skipped step that created g_v -- the first -- does not count)."""
 
-        def commit(skipped: Optional[bool]) -> None:
-            if not skipped:
-                self.state["looksam"] = {"step": count + 1}
+        self._commits.append(("_commit_count", (count,)))
 
-        self._commits.append(commit)
+    def _commit_count(self, count: int, skipped: Optional[bool]) -> None:
+        if not skipped:
+            self.state["looksam"] = {"step": count + 1}
 
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False) -> None:

@@ -75,6 +75,41 @@ class SAMPa(SharpnessAware):
         super().__init__(params, base_optimizer, dict(rho=rho, lam=lam), backend, **base_kwargs)
         self.last_y_loss: Any = None
 
+    def _outside_grads(self, buckets: list) -> dict:
+        """Gradients of the x~ pass for parameters outside this step's buckets (they had no gradient
+        at its start, so grad_y = 0 for them: x~ = y = x there). Checked for finiteness; copied."""
+        extra = self._unbucketed_grads(buckets)
+        if not extra:
+            return {}
+        if self.process_group is not None:
+            raise RuntimeError(
+                "SAMPa with process_group: a parameter got a gradient in this step that it had not at the "
+                "step's start (a changing set of parameters with gradients); the two-process form needs the "
+                "same set in every step (give unused parameters zero gradients, or use process_group=None)"
+            )
+        for backend, grads in extra:
+            self.note_finite(ops.sq_norm(grads, backend=backend))
+        inside = {id(p) for b in buckets for p in b.sources}
+        return {p: p.grad.detach().clone() for g in self.param_groups for p in g["params"]
+                if p.grad is not None and id(p) not in inside}
+
+    def _join_later(self, outside: dict) -> None:
+        """.grad of those parameters <- lam grad f(y) + (1 - lam) grad f(x~), like the rest; their
+        grad f(y) becomes their grad_y when the step completes (so they join the next step's buckets)."""
+        gys = {}
+        for p, gx in outside.items():
+            lam = next(g["lam"] for g in self.param_groups if any(q is p for q in g["params"]))
+            gy = p.grad if p.grad is not None else torch.zeros_like(gx)
+            gys[p] = gy.detach().clone()
+            p.grad = gy * lam + gx * (1.0 - lam)
+        self._commits.append(("_commit_grad_y", (gys,)))
+        self._commit_needs_host = True  # a step that creates state reads the skip flag once
+
+    def _commit_grad_y(self, gys: dict, skipped: Optional[bool]) -> None:
+        if not skipped:
+            for p, gy in gys.items():
+                self.state[p]["grad_y"] = gy
+
     def first_step(self, zero_grad: bool = False) -> None:
         raise RuntimeError("SAMPa places the weights before each of its passes itself: use step(closure)")
 
@@ -110,16 +145,20 @@ class SAMPa(SharpnessAware):
             for b in buckets:  # x~ = x + rho grad_y / ||grad_y||   (x saved for exact restore)
                 ops.perturb_(b.params, gy(b), b.backup.views, inv.to(b.device) * b.group["rho"], backend=b.backend)
             loss = None
+            outside: dict = {}  # parameters with a gradient now but none at the step's start (LayerDrop)
             if rank in (None, 0):
                 self.zero_grad()
                 loss = closure()
+                self.fill_missing_grads(buckets)
                 self.copy(buckets, gx, lambda b: b.grads())
+                outside = self._outside_grads(buckets)
             if rank in (None, 1):
                 for b in buckets:  # y = x - lr grad_y
                     ops.restore_(b.params, b.backup.views, backend=b.backend)
                     ops.perturb_(b.params, gy(b), None, -b.group["lr"], backend=b.backend)
                 self.zero_grad()
                 self.last_y_loss = detached(closure())
+                self.fill_missing_grads(buckets)
                 if rank is not None:
                     loss = self.last_y_loss
             if rank is not None:
@@ -147,6 +186,8 @@ class SAMPa(SharpnessAware):
                 self._clear_pending()
                 self.zero_grad(set_to_none=True)
             raise
+        if outside:
+            self._join_later(outside)
         self.restore_and_base_step(buckets)
         self._finish_step()  # a skipped first step leaves no grad_y behind
         self._opt_called = True

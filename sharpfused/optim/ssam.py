@@ -97,6 +97,27 @@ class SSAM(SharpnessAware):
             saved.append((masks, old))
         return saved
 
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """As the base class; masks come back as uint8 (torch's loader casts state to the parameter dtype)."""
+        super().load_state_dict(state_dict)
+        for st in self.state.values():
+            mask = st.get("mask") if isinstance(st, dict) else None
+            if isinstance(mask, torch.Tensor) and mask.dtype != torch.uint8:
+                st["mask"] = mask.to(torch.uint8)
+
+    @staticmethod
+    def _undo_refresh(saved: list) -> None:
+        for masks, old in saved:
+            if old is not None:
+                for m, part in zip(masks, old.split([m.flat.numel() for m in masks])):
+                    m.flat.copy_(part)
+
+    def _commit_refresh(self, saved: list, refresh: bool, since: Optional[int], skipped: Optional[bool]) -> None:
+        if refresh and skipped:
+            self._undo_refresh(saved)  # new masks (state created by this step) are dropped by _finish_step
+            return
+        self.state["ssam"] = {"since_refresh": 1 if refresh else since + 1}
+
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False) -> None:
         """Perturb the masked weights: w <- w + m * rho g/(||g||+eps) (after the first backward).
@@ -113,20 +134,8 @@ class SSAM(SharpnessAware):
             refresh = not valid or since is None or since >= self.mask_every
             saved = self._refresh(buckets, keep_on_nonfinite=False) if refresh else []
 
-            def undo() -> None:
-                for masks, old in saved:
-                    if old is not None:
-                        for m, part in zip(masks, old.split([m.flat.numel() for m in masks])):
-                            m.flat.copy_(part)
-
-            def commit(skipped: Optional[bool]) -> None:
-                if refresh and skipped:
-                    undo()  # new masks (state created by this step) are dropped by _finish_step
-                    return
-                self.state["ssam"] = {"since_refresh": 1 if refresh else since + 1}
-
-            self._rollbacks.append(undo)
-            self._commits.append(commit)
+            self._rollbacks.append(("_undo_refresh", (saved,)))
+            self._commits.append(("_commit_refresh", (saved, refresh, since)))
             self._commit_needs_host = refresh  # one host read on refresh steps only
             inv = self.inverse_norm(self.global_norm(buckets))
             for b in buckets:

@@ -98,6 +98,7 @@ class XSAM(SharpnessAware):
                 f"XSAM.ascent_step(): {self._ascents} of steps={self.steps} ascent steps are done; call "
                 "first_step() first, and ascent_step() only steps - 1 times"
             )
+        self.fill_missing_grads(self._buckets)
         self._ascend(self._buckets, save=False)
         self._ascents += 1
         self._next_pass(zero_grad)
