@@ -367,9 +367,9 @@ else
   }
   bench_note() { $PY - "$1" <<'PY'
 import sys
-# key ratios of this run, from its markdown rows: the best sharpfused step against the eager
-# baselines, and the worst primitive's fraction of the copy bandwidth
-best, worst = {}, {}
+# key ratios of this run, from its markdown rows: the best sharpfused SAM step against the eager
+# baselines, and the primitive furthest below the copy bandwidth on its best sharpfused backend
+best, prim = {}, {}
 for ln in open(sys.argv[1]):
     c = [x.strip() for x in ln.strip().strip("|").split("|")]
     if len(c) < 15 or c[0] not in ("step", "primitive") or not c[6].startswith("sharpfused"):
@@ -381,15 +381,17 @@ for ln in open(sys.argv[1]):
             best[key] = (loop, fe, c[6])
     elif c[0] == "primitive":
         frac = float(c[-1].rstrip("%"))
-        if frac < worst.get(key, (1e9, ""))[0]:
-            worst[key] = (frac, c[1] + " " + c[6])
+        ops_ = prim.setdefault(key, {})
+        if frac > ops_.get(c[1], (-1.0, ""))[0]:
+            ops_[c[1]] = (frac, c[6])
+worst = {k: min((f, f"{op}, {p}") for op, (f, p) in v.items()) for k, v in prim.items()}
 parts = []
 for key in sorted(set(best) | set(worst), key=lambda k: (k[0] != "gpt2-small", k[0], k[1] != "float32")):
     s = f"{key[0]} {key[1]}:"
     if key in best:
         s += f" SAM {best[key][0]:.1f}x loop {best[key][1]:.1f}x foreach ({best[key][2]});"
     if key in worst:
-        s += f" min prim {worst[key][0]:.0f}% copy ({worst[key][1]})"
+        s += f" primitives >= {worst[key][0]:.0f}% of copy BW (lowest: {worst[key][1]})"
     parts.append(s)
 print("\n".join(parts) or "no rows")
 PY
