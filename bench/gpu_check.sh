@@ -160,11 +160,15 @@ import_note() {
 run_stage import 60 import_note import_check
 
 # ------------------------------------------------------------------ (b) the GPU tests
-# the files with GPU tests, the CUDA backend's first; tests/conftest.py marks a test `gpu` when it is
-# parametrized with a cuda device or carries test_cuda_backend.py's `gpu` mark
+# tests/conftest.py marks a test `gpu` when it is parametrized with a cuda device or carries
+# test_cuda_backend.py's `gpu` mark. These files must have GPU tests, and run first in this order
+# (the CUDA backend's in its own stage); the other test files follow, for GPU tests added later.
 export GPU_FILES="tests/test_cuda_backend.py tests/test_triton_backend.py tests/test_primitives.py
   tests/test_algorithms.py tests/test_bisam_loss.py"
-PYTEST="gpu_pytest -p no:cacheprovider -o addopts= -v -rfEs"
+OTHER_FILES=$(for f in tests/test_*.py; do case " $(echo $GPU_FILES) " in *" $f "*) ;; *) echo "$f" ;; esac; done)
+export TEST_FILES="$(echo $GPU_FILES $OTHER_FILES)"
+# a file that fails to import is reported (an ERROR line) and the others still run
+PYTEST="gpu_pytest -p no:cacheprovider -o addopts= -v -rfEs --continue-on-collection-errors"
 gpu_pytest() {  # pytest; on a GPU machine a run where no test passed (all skipped) is a failure
   local out=$LOG/.pytest_$$.out
   $PY -m pytest "$@" 2>&1 | tee "$out"
@@ -183,7 +187,7 @@ if ! has pytest; then
   done
 else
   select_tests() {  # collect the GPU tests; in a dry run as a GPU machine would (torch.cuda.is_available patched)
-    $PY - "$DRY" $GPU_FILES <<'PY'
+    $PY - "$DRY" "$(echo $GPU_FILES | wc -w)" $TEST_FILES <<'PY'
 import collections, sys
 import torch
 if sys.argv[1] == "1":
@@ -197,12 +201,17 @@ class Count:
         self.ids = [i.nodeid for i in session.items]
 
 c = Count()
-rc = pytest.main(["-p", "no:cacheprovider", "-o", "addopts=", "-q", "--collect-only", "-m", "gpu", *sys.argv[2:]], plugins=[c])
+files, required = sys.argv[3:], sys.argv[3 : 3 + int(sys.argv[2])]
+rc = pytest.main(["-p", "no:cacheprovider", "-o", "addopts=", "-q", "--collect-only", "--continue-on-collection-errors", "-m", "gpu",
+                  *files], plugins=[c])
 per = collections.Counter(i.split("::")[0] for i in c.ids)
-for f in sys.argv[2:]:
+shown = [f for f in files if f in required or per.get(f)]
+for f in shown:
     print(f"gpu tests {f}: {per.get(f, 0)}")
-print(f"gpu tests total: {len(c.ids)}: " + ", ".join(f"{f.split('test_')[-1][:-3]} {per.get(f, 0)}" for f in sys.argv[2:]))
-missing = [f for f in sys.argv[2:] if not per.get(f)]
+print(f"gpu tests total: {len(c.ids)}: " + ", ".join(f"{f.split('test_', 1)[-1][:-3]} {per.get(f, 0)}" for f in shown))
+missing = [f for f in required if not per.get(f)]
+if missing:
+    print("no GPU test in", ", ".join(missing))
 sys.exit(1 if rc not in (0,) or missing else 0)
 PY
   }
@@ -217,7 +226,7 @@ PY
     run_stage tests-gpu "$(cap_for "$CAP_TESTS_GPU" 110)" pytest_note $PYTEST tests/test_triton_backend.py \
       tests/test_bisam_loss.py -k "test_restore_bit_exact or test_one_launch_per_group or test_public_function_uses_kernel"
   else
-    run_stage tests-gpu "$(cap_for "$CAP_TESTS_GPU" 110)" pytest_note $PYTEST -m gpu ${GPU_FILES#tests/test_cuda_backend.py}
+    run_stage tests-gpu "$(cap_for "$CAP_TESTS_GPU" 110)" pytest_note $PYTEST -m gpu ${TEST_FILES#tests/test_cuda_backend.py}
   fi
 fi
 
