@@ -74,10 +74,13 @@ run_stage() {  # run_stage NAME CAP NOTE_FN CMD...: log to $LOG/NAME.log under `
   return $rc
 }
 
-pytest_note() {  # counts from pytest -v lines (also when the run was cut short by its cap)
-  local p f s e
-  p=$(grep -c ' PASSED' "$1"); f=$(grep -c ' FAILED' "$1"); s=$(grep -c ' SKIPPED' "$1"); e=$(grep -c ' ERROR' "$1")
-  echo "passed $p, failed $f, skipped $s, errors $e$([ "$2" = 5 ] && echo ', no test collected') ($1)"
+pytest_note() {  # counts from pytest -v lines of the stage's log or its shards' (also when cut short)
+  local logs=() p f s e x
+  for x in "${1%.log}".[0-9]*.log; do [ -f "$x" ] && logs+=("$x"); done
+  [ ${#logs[@]} = 0 ] && logs=("$1")  # else the stage log only repeats the shards' tails
+  p=$(cat "${logs[@]}" | grep -c ' PASSED'); f=$(cat "${logs[@]}" | grep -c ' FAILED')
+  s=$(cat "${logs[@]}" | grep -c ' SKIPPED'); e=$(cat "${logs[@]}" | grep -c ' ERROR')
+  echo "passed $p, failed $f, skipped $s, errors $e$([ "$2" = 5 ] && echo ', no test collected') (${logs[*]})"
 }
 
 has() { $PY -c "import $1" >/dev/null 2>&1; }
@@ -168,9 +171,10 @@ export GPU_FILES="tests/test_cuda_backend.py tests/test_triton_backend.py tests/
 OTHER_FILES=$(for f in tests/test_*.py; do case " $(echo $GPU_FILES) " in *" $f "*) ;; *) echo "$f" ;; esac; done)
 export TEST_FILES="$(echo $GPU_FILES $OTHER_FILES)"
 # a file that fails to import is reported (an ERROR line) and the others still run
-PYTEST="gpu_pytest -p no:cacheprovider -o addopts= -v -rfEs --continue-on-collection-errors"
+PYTEST_OPTS="-p no:cacheprovider -o addopts= -v -rfEs --continue-on-collection-errors"
+PYTEST="gpu_pytest $PYTEST_OPTS"
 gpu_pytest() {  # pytest; on a GPU machine a run where no test passed (all skipped) is a failure
-  local out=$LOG/.pytest_$$.out
+  local out=$LOG/.pytest_$BASHPID.out
   $PY -m pytest "$@" 2>&1 | tee "$out"
   local rc=${PIPESTATUS[0]}
   if [ "$DRY" = 0 ] && [ "$rc" = 0 ] && ! grep -q ' PASSED' "$out"; then
@@ -181,6 +185,29 @@ gpu_pytest() {  # pytest; on a GPU machine a run where no test passed (all skipp
   return "$rc"
 }
 export -f gpu_pytest
+shards() {  # shards NAME "FILES;FILES;..." OPTS...: one pytest per group of files, all at once (each
+  # process compiles its Triton kernels one at a time on the host: 16 cores), $LOG/NAME.<i>.log each
+  local name=$1 groups=$2 i=0 rc=0 r p g
+  shift 2
+  local pids=() gs=()
+  IFS=';' read -ra gs <<<"$groups"
+  for g in "${gs[@]}"; do
+    i=$((i + 1))
+    gpu_pytest "$@" $g >"$LOG/$name.$i.log" 2>&1 &
+    pids+=($!)
+  done
+  for p in "${pids[@]}"; do
+    wait "$p"
+    r=$?
+    [ $r != 0 ] && rc=$r
+  done
+  for p in $(seq 1 $i); do
+    echo "-- $name shard $p: ${gs[$((p - 1))]}"
+    tail -n 6 "$LOG/$name.$p.log"
+  done
+  return $rc
+}
+export -f shards
 if ! has pytest; then
   for s in select tests-cuda tests-gpu; do
     note_row $s skip 0 "pytest is not installed for $PY (no registry here): GPU tests not run; exercise, memcheck and bench still check the kernels"
@@ -223,10 +250,14 @@ PY
   run_stage tests-cuda "$(cap_for "$CAP_TESTS_CUDA" 170)" pytest_note $PYTEST -m gpu tests/test_cuda_backend.py
   if [ $DRY = 1 ]; then
     # no GPU: the Triton tests under the interpreter, a few of each kind (the whole file is CI's job)
-    run_stage tests-gpu "$(cap_for "$CAP_TESTS_GPU" 110)" pytest_note $PYTEST tests/test_triton_backend.py \
-      tests/test_bisam_loss.py -k "test_restore_bit_exact or test_one_launch_per_group or test_public_function_uses_kernel"
+    run_stage tests-gpu "$(cap_for "$CAP_TESTS_GPU" 110)" pytest_note shards tests-gpu \
+      "tests/test_triton_backend.py;tests/test_bisam_loss.py" $PYTEST_OPTS \
+      -k "test_restore_bit_exact or test_one_launch_per_group or test_public_function_uses_kernel"
   else
-    run_stage tests-gpu "$(cap_for "$CAP_TESTS_GPU" 110)" pytest_note $PYTEST -m gpu ${TEST_FILES#tests/test_cuda_backend.py}
+    # two processes: the Triton backend's own tests, and every backend's tests on CUDA tensors
+    REST=${TEST_FILES#tests/test_cuda_backend.py tests/test_triton_backend.py}
+    run_stage tests-gpu "$(cap_for "$CAP_TESTS_GPU" 110)" pytest_note shards tests-gpu \
+      "tests/test_triton_backend.py tests/test_bisam_loss.py;${REST/tests\/test_bisam_loss.py/}" $PYTEST_OPTS -m gpu
   fi
 fi
 
