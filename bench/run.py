@@ -133,6 +133,8 @@ def step_bytes(algo: str) -> int:
         finally:
             for n, f in saved.items():
                 setattr(ops_mod, n, f)
+        if not calls:  # the step no longer calls through sharpfused.ops: nothing was counted
+            raise RuntimeError(f"step_bytes({algo!r}): no sharpfused.ops primitive was called; fix the byte model")
         _STEP_BYTES[algo] = sum(calls)
     return _STEP_BYTES[algo]
 

@@ -59,6 +59,18 @@ def test_bf16_step_rows_and_byte_model():
     assert abs(r["gbps"] - n * 2 * run.PRIMITIVE_BYTES["restore_"] / r["median_ms"] / 1e6) < 1e-9
 
 
+def test_step_byte_model_counts_what_the_code_moves():
+    """Bytes per element of each step as counted from the primitives it calls (the final gradient
+    check's sq_norm included), never below the minimum; docs/benchmarks.md has the same table."""
+    got = {a: run.step_bytes(a) for a in run.algorithms()}
+    assert got == {"SAM": 11, "ASAM": 12, "GSAM": 18, "SAM-AdamW": 13}, f"update docs/benchmarks.md: {got}"
+    assert all(got[a] >= run.STEP_MIN_BYTES[a] for a in got)
+    rows = run.measure(TINY, "tiny", torch.float32, torch.device("cpu"), repeat=1, warmup=1, copy_gbps=10.0,
+                       prims=[], algos=["GSAM"])  # fmt: skip
+    assert all(r["bytes"] == 18 and r["min_bytes"] == 17 for r in rows)
+    assert "| 18b (min 17b) |" in run.format_table(rows)
+
+
 def test_shape_sets():
     assert len(shapes.resnet50()) == 161 and abs(shapes.numel(shapes.resnet50()) - 25.56e6) < 0.01e6
     assert len(shapes.gpt2_small()) == 148 and abs(shapes.numel(shapes.gpt2_small()) - 124.44e6) < 0.01e6
