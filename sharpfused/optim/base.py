@@ -592,6 +592,21 @@ class SharpnessAware(Optimizer):
                     by.setdefault((g.device, g.dtype), []).append(g)
         return [(ops.resolve(self.backend, dev), gs) for (dev, _), gs in by.items()]
 
+    def _later_buckets(self, buckets: list[Bucket]) -> list[Bucket]:
+        """Buckets (this step only) of the parameters with a gradient outside ``buckets``; backup = w."""
+        inside = {id(p) for b in buckets for p in b.sources}
+        by: dict[tuple, list[Tensor]] = {}
+        for gi, group in enumerate(self.param_groups):
+            for p in group["params"]:
+                if p.grad is not None and id(p) not in inside:
+                    by.setdefault((gi, p.device, p.dtype, reduction_key(p)), []).append(p)
+        out = []
+        for (gi, dev, _, red), ps in by.items():
+            b = Bucket(self.param_groups[gi], gi, ps, ops.resolve(self.backend, dev), red)
+            ops.restore_(b.backup.views, b.params, backend=b.backend)
+            out.append(b)
+        return out
+
     def restore_and_base_step(self, buckets: list[Bucket]) -> None:
         """Restore w exactly and take the base optimizer's step with the gradients now in ``.grad``.
 
@@ -611,10 +626,13 @@ class SharpnessAware(Optimizer):
             self.skipped_steps = torch.zeros((), dtype=torch.int64, device=skip.device)
         self.skipped_steps.add_(skip)
         kind = self._fused_kind()
-        fused = kind is not None and self._grad_key() == self._bucket_key
+        later = self._later_buckets(buckets) if kind is not None and extra else []
+        # parameters that got a gradient only in a later pass (not perturbed) are stepped by the same
+        # fused primitive, from a backup of their current weights
+        fused = kind is not None and all(self._prepare_base_state(b, kind) for b in buckets + later)
         if fused:
-            fused = all(self._prepare_base_state(b, kind) for b in buckets)
-        if not fused:
+            buckets = buckets + later
+        else:
             self.restore(buckets)
             for b in buckets:
                 b.base_state = None  # base.step() may create or replace state tensors
