@@ -13,6 +13,7 @@
 #   memcheck      compute-sanitizer --tool memcheck over the same script
 #   bench         bench/run.py on GPT-2 small then ResNet-50, fp32 and bf16: the seven primitives
 #                 (124M elements on GPT-2 small), SAM/ASAM/GSAM/SAM-AdamW steps, copy bandwidth
+#   racecheck     compute-sanitizer --tool racecheck over the exercise script, in the time left
 #
 # The last lines printed are the table: stage, status (ok, FAIL:rc, TIMEOUT, skip), seconds, note.
 # Logs, the CSV and the PNGs go to $OUT when set (else a fresh temp dir); the CSV also to
@@ -356,12 +357,16 @@ if [ $DRY = 1 ]; then
 else
   run_stage exercise "$(cap_for 60 110)" exercise_note $PY "$LOG/exercise.py"
 fi
+SAN_WHY=""  # why compute-sanitizer cannot run here (empty: it can)
 if [ $DRY = 1 ]; then
-  note_row memcheck skip 0 "dry run: no GPU for compute-sanitizer (the exercise script ran on CPU, Triton interpreted)"
+  SAN_WHY="dry run: no GPU for compute-sanitizer (the exercise script ran on CPU, Triton interpreted)"
 elif [ -z "$SANITIZER" ]; then
-  note_row memcheck skip 0 "compute-sanitizer not found on PATH or in /usr/local/cuda*/bin"
+  SAN_WHY="compute-sanitizer not found on PATH or in /usr/local/cuda*/bin"
 elif ! "$SANITIZER" --version >/dev/null 2>&1; then
-  note_row memcheck skip 0 "$SANITIZER --version fails here: $("$SANITIZER" --version 2>&1 | tail -n 1 | cut -c1-80)"
+  SAN_WHY="$SANITIZER --version fails here: $("$SANITIZER" --version 2>&1 | tail -n 1 | cut -c1-80)"
+fi
+if [ -n "$SAN_WHY" ]; then
+  note_row memcheck skip 0 "$SAN_WHY"
 else
   # without the caching allocator every tensor is its own allocation: an access past a tensor's
   # end is then outside any allocation, which memcheck reports
@@ -445,6 +450,19 @@ PY
   if [ $DRY = 0 ]; then  # this run's CSV and PNGs beside the logs
     find "$RESULTS" -maxdepth 1 -type f -newer "$LOG/.bench_start" -exec cp {} "$LOG/" \;
   fi
+fi
+
+# ------------------------------------------------------------------ racecheck, with what is left
+# (shared-memory races of the reductions); after the bench, which must not be crowded out
+LEFT=$((TOTAL_S - (SECONDS - T_START) - 5))
+if [ -n "$SAN_WHY" ]; then
+  note_row racecheck skip 0 "$SAN_WHY"
+elif [ $LEFT -lt 30 ]; then
+  note_row racecheck skip 0 "${LEFT}s of the ${TOTAL_S}s left: too little for racecheck"
+else
+  [ $LEFT -gt 120 ] && LEFT=120
+  run_stage racecheck $LEFT exercise_note \
+    "$SANITIZER" --tool racecheck --error-exitcode 1 --target-processes application-only $PY "$LOG/exercise.py"
 fi
 
 # ------------------------------------------------------------------ the table
