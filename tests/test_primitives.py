@@ -7,7 +7,7 @@ from sharpfused import ops
 from sharpfused.backends import torch_ops
 
 from . import reference as ref
-from .helpers import ODD_SIZES, rand_list, rel_err
+from .helpers import ODD_SIZES, first_mismatch, rand_list, rel_err
 
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 # fp32 within ~1e-6; low precision: a few units of the dtype's rounding
@@ -434,3 +434,247 @@ def test_sq_norm_of_a_large_low_precision_gradient_stays_finite(dtype):
     total = ops.sq_norm(xs)
     assert torch.isfinite(total)
     assert rel_err(total, ref.sq_norm(xs)) < TOL[dtype]
+
+
+# ------------------------------------------------------------------ non-contiguous tensors in tiles
+def _noncontig(shapes_and_kinds, dtype, seed):
+    """Non-contiguous tensors (channels_last, transposed, a strided slice) and contiguous copies
+    of the same values."""
+    torch.manual_seed(seed)
+    out, dense = [], []
+    for shape, kind in shapes_and_kinds:
+        x = torch.randn(shape, dtype=torch.float64).to(dtype)
+        if kind == "cl":
+            y = x.contiguous(memory_format=torch.channels_last)
+        elif kind == "t":
+            y = x.t().contiguous().t()  # same values, transposed strides
+        elif kind == "slice":
+            y = torch.zeros(shape[0], 2 * shape[1], dtype=dtype)[:, ::2]
+            y.copy_(x)
+        else:
+            y = x.clone()
+        out.append(y)
+        dense.append(x.contiguous())
+    return out, dense
+
+
+NONCONTIG = [((9, 5, 3, 3), "cl"), ((40, 300), "t"), ((7,), "c"), ((6, 70), "slice"), ((2, 3, 50, 3), "cl"), ((0, 4), "t")]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("tile", [37, 4096, 1 << 18])
+def test_noncontiguous_tensors_are_tiled_along_their_dims(monkeypatch, dtype, tile):
+    """A non-contiguous tensor larger than a tile is cut along its leading dims (a row larger than
+    the tile along the next dims): every elementwise result equals the run on contiguous copies of
+    the same values bit for bit, and reductions match the float64 reference."""
+    monkeypatch.setattr(torch_ops, "CPU_TILE", tile)
+    monkeypatch.setattr(torch_ops, "CPU_OUT_MIN", 64)
+    x, xd = _noncontig(NONCONTIG, dtype, 1)
+    y, yd = _noncontig(NONCONTIG, dtype, 2)
+    w, wd = _noncontig(NONCONTIG, dtype, 3)
+    assert not all(t.is_contiguous() for t in x)
+    opm = torch.float64 if dtype == torch.float64 else torch.float32
+    for args in [(None, 0.0), (w, 0.01)]:
+        total, per = ops.sq_norm(x, args[0], args[1], per_tensor=True)
+        rt, rp = ref.sq_norm(x, args[0], args[1], per_tensor=True)
+        assert rel_err(total, rt) < TOL[dtype] and rel_err(per, rp) < TOL[dtype]
+    assert rel_err(ops.dot_norms(x, y), ref.dot_norms(x, y)) < TOL[dtype]
+
+    def same(a, b):
+        assert all(torch.equal(u, v) for u, v in zip(a, b)), first_mismatch([u.contiguous() for u in a], b)
+
+    for eta in (None, 0.0, 0.01):
+        for scale in (0.37, torch.tensor(0.37, dtype=opm)):
+            p, pd = [t.clone() for t in w], [t.clone() for t in wd]
+            b, bd = [torch.empty_like(t) for t in w], [torch.empty_like(t) for t in wd]
+            ops.perturb_(p, x, b, scale, eta)
+            ops.perturb_(pd, xd, bd, scale, eta)
+            same(p, pd)
+            same(b, w)
+    for c1, c2 in ((0.7, -1.3), (torch.tensor(0.7, dtype=opm), torch.tensor(-1.3, dtype=opm))):
+        g, gd = [t.clone() for t in x], [t.clone() for t in xd]
+        ops.combine_(g, y, c1, c2)
+        ops.combine_(gd, yd, c1, c2)
+        same(g, gd)
+    for nesterov in (False, True):
+        p, pd = [t.clone() for t in w], [t.clone() for t in wd]
+        buf, bufd = [t.clone() for t in y], [t.clone() for t in yd]
+        kw = dict(lr=0.1, momentum=0.9, dampening=0.0, weight_decay=0.01, nesterov=nesterov, init_momentum=False)
+        ops.restore_sgd_(p, w, x, buf, **kw)
+        ops.restore_sgd_(pd, wd, xd, bufd, **kw)
+        same(p, pd)
+        same(buf, bufd)
+    p, pd = [t.clone() for t in w], [t.clone() for t in wd]
+    m, md = [t.clone() for t in y], [t.clone() for t in yd]
+    v, vd = [t.abs() for t in x], [t.abs() for t in xd]
+    kw = dict(step=3, lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1)
+    ops.restore_adamw_(p, w, y, m, v, **kw)
+    ops.restore_adamw_(pd, wd, yd, md, vd, **kw)
+    same(p, pd)
+    same(m, md)
+    same(v, vd)
+
+
+# ------------------------------------------------------------------ bf16/fp16: scalars stay in float32
+def _bounded(n, norm, seed):
+    """n elements of magnitude within 3x of each other with the given L2 norm (no fp16 overflow)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, generator=g, dtype=torch.float64).sign() * (0.5 + torch.rand(n, generator=g, dtype=torch.float64))
+    return x / x.norm() * norm
+
+
+LOW_TOL = {torch.float16: 2e-3, torch.bfloat16: 8e-3}  # a few units of the dtype's rounding
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("gnorm", [3.2e5, 1e7])
+@pytest.mark.parametrize("algo", ["SAM", "ASAM", "SSAM"])
+def test_low_precision_perturbation_radius_at_large_gradient_norms(dtype, gnorm, algo):
+    """rho/||g|| is far below fp16's smallest normal (6e-5) here: the perturbation must still have
+    radius rho (the scale taken in float32, w + scale*g rounded once). Weights are tiny, so the
+    rounding of w + e is that of e: the radius is right to the dtype's relative rounding."""
+    import sharpfused as sf
+
+    n, rho, eta = 65536, 0.05, 1.0  # ASAM: T = |w| + eta ~ 1, so that e_i ~ 2e-4 is an fp16 normal
+    g64 = _bounded(n, gnorm, 0)
+    w0 = (torch.randn(n, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) * 1e-5).to(dtype)
+    p = torch.nn.Parameter(w0.clone())
+    p.grad = g64.to(dtype)
+    assert torch.isfinite(p.grad).all()
+    if algo == "SSAM":
+        opt = sf.SSAM([p], torch.optim.SGD, lr=0.1, rho=rho, sparsity=0.5, backend="torch")
+    else:
+        opt = sf.SAM([p], torch.optim.SGD, lr=0.1, rho=rho, adaptive=algo == "ASAM", eta=eta, backend="torch")
+    opt.first_step()
+    e = p.detach().double() - w0.double()
+    g = p.grad.double()
+    w = w0.double()
+    if algo == "ASAM":
+        t = w.abs() + eta
+        want = rho * t * t * g / ((t * g).norm() + 1e-12)
+        radius, want_radius = (e / t).norm(), rho
+    elif algo == "SSAM":
+        mask = opt.state[p]["mask"].double()
+        assert 0 < mask.sum() < n
+        want = rho * mask * g / (g.norm() + 1e-12)
+        radius, want_radius = e.norm(), want.norm()
+    else:
+        want = rho * g / (g.norm() + 1e-12)
+        radius, want_radius = e.norm(), rho
+    assert abs(float(radius) / float(want_radius) - 1) < LOW_TOL[dtype], (float(radius), float(want_radius))
+    assert rel_err(e, want) < LOW_TOL[dtype]
+    opt.second_step()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("tensor_scale", [False, True])
+@pytest.mark.parametrize("masked", [False, True])
+def test_low_precision_tiny_perturb_scale(dtype, tensor_scale, masked):
+    """perturb_ with a scale fp16 cannot hold (1e-8 is below its smallest subnormal, 6e-8): w + s*g
+    is computed with s in float32 and rounded once (w = 0 here, so w + e is e rounded once)."""
+    shapes = [(4099,), (33, 5), (70001,)]
+    g = [((torch.rand(s, dtype=torch.float64) + 0.2) * 5e4 * torch.randn(s).sign()).to(dtype) for s in shapes]
+    w = [torch.zeros(s, dtype=dtype) for s in shapes]
+    mask = [torch.rand(s) > 0.5 for s in shapes] if masked else None
+    scale = 1e-8
+    p = [x.clone() for x in w]
+    ops.perturb_(p, g, None, torch.tensor(scale) if tensor_scale else scale, None, mask)
+    assert rel_err(p, ref.perturb(w, g, scale, None, mask)) < LOW_TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("tensor_coef", [False, True])
+@pytest.mark.parametrize(
+    "c1,c2,gs,ss", [(1e-8, 1e-4, 1e4, 1.0), (7e4, -1e-8, 1e-4, 1e4), (1e-8, 1e-8, 1e4, 1e4)],
+    ids=["tiny-c1", "huge-c1", "tiny-both"],
+)
+def test_low_precision_combine_tiny_and_huge_coefficients(dtype, tensor_coef, c1, c2, gs, ss):
+    """c1*g + c2*saved with coefficients bf16/fp16 cannot hold (1e-8; 7e4 > fp16's 65504), in float32."""
+    shapes = [(4099,), (70001,)]
+    g = [((torch.rand(s, dtype=torch.float64) + 0.5) * gs).to(dtype) for s in shapes]
+    sv = [((torch.rand(s, dtype=torch.float64) + 0.5) * ss).to(dtype) for s in shapes]
+    want = ref.combine(g, sv, c1, c2)
+    a, b = (torch.tensor(c1), torch.tensor(c2)) if tensor_coef else (c1, c2)
+    ops.combine_(g, sv, a, b)
+    assert rel_err(g, want) < LOW_TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("device_path", [False, True])
+@pytest.mark.parametrize("nesterov,dampening", [(False, 0.0), (True, 0.0), (False, 0.1)])
+def test_low_precision_sgd_tiny_lr(monkeypatch, dtype, device_path, nesterov, dampening):
+    """lr = 1e-7 is not an fp16 number (it would round to 1.19e-7): the step must use it unrounded,
+    on the CPU per-tensor path (large and small tensors) and on the device path."""
+    if device_path:
+        monkeypatch.setattr(torch_ops, "HOST_BRANCH_ON_CPU", False)
+    shapes = [(70001,), (33, 5), (300, 1000)]
+    b = [((torch.rand(s, dtype=torch.float64) - 0.5) * 1e-5).to(dtype) for s in shapes]
+    g = [((torch.rand(s, dtype=torch.float64) + 0.5) * 1e3).to(dtype) for s in shapes]
+    buf = [(x.double() * 0.5).to(dtype) for x in g]
+    buf0 = [x.double() for x in buf]
+    hp = dict(lr=1e-7, momentum=0.9, dampening=dampening, weight_decay=1e-4, nesterov=nesterov)
+    p = [x.clone() for x in b]
+    ops.restore_sgd_(p, b, g, buf, init_momentum=False, found_inf=torch.tensor(0.0) if device_path else None, **hp)
+    # float64: d = g + wd*b; buf = 0.9 buf + (1-damp) d; step = d + 0.9 buf (nesterov) or buf
+    d = [x.double() + 1e-4 * y.double() for x, y in zip(g, b)]
+    bf = [0.9 * x + (1 - dampening) * y for x, y in zip(buf0, d)]
+    step = [y + 0.9 * z for y, z in zip(d, bf)] if nesterov else bf
+    w = [y.double() - 1e-7 * z for y, z in zip(b, step)]
+    assert rel_err(buf, bf) < LOW_TOL[dtype]
+    assert rel_err(p, w) < LOW_TOL[dtype]
+
+
+# ------------------------------------------------------------------ bf16/fp16 AdamW: math in fp32, one rounding
+def _adamw_run(backend, dtype, w0, grads, hp):
+    w, m, v = w0.clone(), torch.zeros_like(w0), torch.zeros_like(w0)
+    out = []
+    for t, g in enumerate(grads, 1):
+        b = w.clone()
+        ops.perturb_([w], [g], None, 0.5, backend=backend)  # the update must start at the backup
+        ops.restore_adamw_([w], [b], [g], [m], [v], step=t, backend=backend, **hp)
+        out.append((w.clone(), m.clone(), v.clone()))
+    return out
+
+
+def _spacing(x: torch.Tensor) -> torch.Tensor:
+    """The dtype's spacing at each element of x (x in bf16/fp16), as float64."""
+    up = torch.nextafter(x, torch.full_like(x, float("inf")))
+    return (up.double() - x.double()).abs()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_adamw_small_gradients(dtype):
+    """g ~ 1e-4: g^2 (1e-8) times 1-beta2 underflows fp16, so the stored exp_avg_sq is 0; the update
+    must use this step's float32 v (as the kernels do), not v rounded: w then moves by about lr,
+    matching torch.optim.AdamW on float32 copies to the dtype's rounding (it moved by ~60 with
+    the rounded v: m/eps)."""
+    hp = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01)
+    gen = torch.Generator().manual_seed(0)
+    w0 = torch.randn(4099, generator=gen).to(dtype)
+    # each element's gradient keeps its sign over the steps: m does not cancel, where the torch
+    # backend's b1*m + (1-b1)*g and the kernels' lerp could round a near-zero m apart, which
+    # fp16's tiny denominators (v stored as 0) would magnify into visible steps
+    sign = torch.randn(4099, generator=gen).sign()
+    grads = [(sign * (0.5 + torch.rand(4099, generator=gen)) * 1e-4).to(dtype) for _ in range(3)]
+    ours = _adamw_run("torch", dtype, w0, grads, hp)
+    p32 = torch.nn.Parameter(w0.float())
+    opt = torch.optim.AdamW([p32], lr=hp["lr"], betas=(hp["beta1"], hp["beta2"]), eps=hp["eps"],
+                            weight_decay=hp["weight_decay"])
+    p32.grad = grads[0].float()
+    opt.step()
+    w1, m1, v1 = ours[0]
+    assert (w1.double() - w0.double()).abs().median() < 2 * hp["lr"]
+    # one rounding of the float32 result: within one spacing of the dtype
+    assert ((w1.double() - p32.detach().double()).abs() <= _spacing(w1)).all()
+    st = opt.state[p32]  # the state as torch.optim keeps it: the float32 values rounded to the dtype
+    for ours_st, theirs in ((m1, st["exp_avg"]), (v1, st["exp_avg_sq"])):
+        assert ours_st.dtype == dtype
+        assert ((ours_st.double() - theirs.double()).abs() <= _spacing(ours_st)).all()
+    if dtype == torch.float16:
+        assert (v1 == 0).all()  # the case of the issue: every stored v underflowed
+    if ops.unavailable_reason("triton", torch.device("cpu")) is None:
+        theirs = _adamw_run("triton", dtype, w0, grads, hp)
+        for (a, am, av), (b, bm, bv) in zip(ours, theirs):
+            assert ((a.double() - b.double()).abs() <= 2 * _spacing(a)).all()
+            assert ((am.double() - bm.double()).abs() <= 2 * _spacing(am)).all()
+            assert ((av.double() - bv.double()).abs() <= 2 * _spacing(av)).all()

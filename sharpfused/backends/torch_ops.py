@@ -1,25 +1,44 @@
 """The ``torch`` backend: every primitive as a few ``torch._foreach_*`` calls per (device, dtype).
 
-Intermediates that are as large as the parameters live in a cached opmath workspace
-(float32, or float64 for float64 inputs), allocated on the first call for a list of shapes
-and reused after: a step allocates no parameter-sized memory after the first one.
-Low-precision results are computed in opmath and rounded once, when written back.
+Tiles and scratch. A primitive that needs opmath scratch (float32, or float64 for float64
+inputs) cuts its lists into tiles of at most ``tile_size(device)`` elements (``CPU_TILE`` on CPU,
+``DEVICE_TILE`` elsewhere) and runs its foreach ops tile by tile over scratch slots of that many
+elements, allocated once per (device, dtype, slot) and reused: a step allocates nothing after its
+first call, and the scratch is a fixed amount whatever the model -- at most three opmath slots
+and one slot in the parameter dtype per (device, dtype) in use: on CPU at most 4 MiB for an
+fp32, bf16 or fp16 model (1 MiB slots, cache-sized, so the scratch passes cost no memory
+traffic; 1-2 MiB in the usual steps), 6 MiB more for float64; 16 MiB per float32 slot on other
+devices. A contiguous tensor is cut into 1-D views at any element (a tile packs several
+tensors); a non-contiguous one (channels_last) along its leading dims. In fp32/fp64, elementwise
+results are the bits of an untiled run.
 
-On CPU three things differ, all measured with bench/run.py (bench/NOTES.md):
+No cache holds a caller's tensor. The tile plans are cached by the lists' shapes and contiguity
+and hold only sizes; the views of the caller's tensors (gradients, weights) are made per call and
+dropped when it returns, so a freed gradient is freed, and a new tensor at a freed address can
+never meet a stale view. The other caches hold only views of the module's own scratch.
 
-* Tiles. A primitive that needs opmath scratch cuts its lists into tiles of at most
-  ``CPU_TILE`` elements (1-D views of contiguous tensors) and runs its foreach ops tile by tile
-  over scratch of ``CPU_TILE`` elements that stays in cache, so the conversion and scratch
-  passes cost no memory traffic. In fp32/fp64, elementwise results are the bits of an untiled run.
+Scalars stay in opmath: no op whose output is bf16/fp16 takes a scalar that torch would round to
+that dtype first (``_foreach_mul_(xs, number)``, ``add(..., alpha=)`` and ``add(number)`` do;
+``mul_(number)``, a product with a 0-d CPU float32 tensor and ``addcmul(..., value=)`` do not), so
+a radius rho/||g|| of 1e-9 reaches an fp16 weight as 1e-9. Low-precision results are computed in
+opmath and rounded once, when written back; optimizer states (AdamW's moments, SGD's momentum
+buffer) are kept in the parameter dtype, as torch.optim keeps them, and the update uses this
+step's opmath values, as the Triton and CUDA kernels do.
+
+On CPU two more things differ, both measured with bench/run.py (bench/NOTES.md):
+
 * bfloat16 sums of squares use torch's bf16 kernels (ASAM's T*x rounded to bf16; float32
   accumulation, each tensor's norm rounded to bf16; see ``_sq_norm_group``, ``_sq_norm_tile``).
   fp16 keeps the exact path: its norm could overflow.
-* Restore fused into SGD. ``w <- backup - lr * d`` is one ``torch.add(..., out=w)`` per large
-  tensor (foreach has no ``out=``), saving the separate restore pass.
+* Restore fused into SGD. ``w <- backup - lr * d`` is one ``out=`` op per large tensor (per
+  tile-sized piece of it when d needs scratch; foreach has no ``out=``), saving the separate
+  restore pass; bf16/fp16 round each op to the dtype as torch.optim.SGD does (its scalars in
+  float32).
 """
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Optional
@@ -28,20 +47,44 @@ import torch
 from torch import Tensor
 
 _LOW = (torch.float16, torch.bfloat16)
-_WORKSPACES: OrderedDict[tuple, tuple[Tensor, list[Tensor]]] = OrderedDict()
-_MAX_WORKSPACES = 16
 
 #: Elements per tile on CPU (an opmath scratch slot of 1 MiB in float32: cache-sized).
 CPU_TILE = 1 << 18
-_SCRATCH: dict[tuple, Tensor] = {}  # (device, dtype, slot) -> CPU_TILE elements
+#: Elements per tile on other devices (16 MiB per float32 slot; fewer launches per step).
+DEVICE_TILE = 1 << 22
+#: A pass that needs no scratch and is tiled on CPU only so that a second read of a tile comes
+#: from cache (perturb_'s backup copy, then the update) takes tiles this many times larger:
+#: fewer views to make per call.
+CPU_PASS_TILES = 4
+_SCRATCH: dict[tuple, Tensor] = {}  # (device, dtype, slot) -> tile_size elements
+# views of a scratch slot shaped like a tile's tensors: (device, dtype, slot, shapes) -> (flat, views)
 _SCRATCH_VIEWS: OrderedDict[tuple, tuple[Tensor, list[Tensor]]] = OrderedDict()
-_TILINGS: OrderedDict[tuple, list] = OrderedDict()
-_MAX_TILINGS = 32
-_MAX_SCRATCH_VIEWS = 4096
+_MAX_SCRATCH_VIEWS = 1 << 15  # views kept in all (Python objects only: no memory of their own)
+_scratch_views_held = 0
+# tile plans: (device, tile size, shapes, contiguity) -> _Plan (sizes only, never a tensor)
+_PLANS: OrderedDict[tuple, _Plan] = OrderedDict()
+_MAX_PLANS = 64
+_ONES: dict[tuple, Tensor] = {}  # (device, dtype) -> a 0-d 1 (addcmul's value= keeps a scalar in opmath)
+#: calls that needed more scratch than a tile (none: every primitive tiles; a test checks it)
+untiled_scratch_calls = 0
 
 
 def opmath(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def tile_size(device: torch.device) -> int:
+    return CPU_TILE if device.type == "cpu" else DEVICE_TILE
+
+
+def clear_caches() -> None:
+    """Drop every cache and scratch slot of this module (they are rebuilt on the next call)."""
+    global _scratch_views_held
+    _SCRATCH.clear()
+    _SCRATCH_VIEWS.clear()
+    _scratch_views_held = 0
+    _PLANS.clear()
+    _ONES.clear()
 
 
 def _views(flat: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
@@ -52,45 +95,54 @@ def _views(flat: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
     return views
 
 
-def _scratch_flat(like: Sequence[Tensor], dtype: torch.dtype, slot: int, n: int) -> tuple[Tensor, list[Tensor]]:
-    """Views of the shared CPU scratch slot (for lists of at most CPU_TILE elements, as a tile is)."""
-    dev = like[0].device
+def _scratch_base(dev: torch.device, dtype: torch.dtype, slot: int, size: int = 0) -> Tensor:
+    """The 1-D scratch slot ``(dev, dtype, slot)``: a tile's elements, or ``size`` when larger."""
+    global _scratch_views_held
+    size = max(size, tile_size(dev))
     base = _SCRATCH.get((dev, dtype, slot))
-    if base is None or base.numel() < CPU_TILE:
-        base = _SCRATCH[(dev, dtype, slot)] = torch.empty(CPU_TILE, dtype=dtype, device=dev)
+    if base is None or base.numel() < size:
+        if base is not None:  # views of the old slot would keep it alive: drop them
+            for k in [k for k in _SCRATCH_VIEWS if k[:3] == (dev, dtype, slot)]:
+                _scratch_views_held -= len(_SCRATCH_VIEWS.pop(k)[1])
+        base = _SCRATCH[(dev, dtype, slot)] = torch.empty(size, dtype=dtype, device=dev)
+    return base
+
+
+def _scratch_flat(like: Sequence[Tensor], dtype: torch.dtype, slot: int, n: int) -> tuple[Tensor, list[Tensor]]:
+    """Views of the shared scratch slot (for lists of at most a tile's elements, as a tile is)."""
+    global _scratch_views_held
+    dev = like[0].device
+    base = _scratch_base(dev, dtype, slot)
     key = (dev, dtype, slot, tuple(t.shape for t in like))
     hit = _SCRATCH_VIEWS.get(key)
-    if hit is not None and hit[0].data_ptr() == base.data_ptr():
+    if hit is not None:
         _SCRATCH_VIEWS.move_to_end(key)
         return hit
     flat = base[:n]
     hit = _SCRATCH_VIEWS[key] = (flat, _views(flat, like))
-    if len(_SCRATCH_VIEWS) > _MAX_SCRATCH_VIEWS:
-        _SCRATCH_VIEWS.popitem(last=False)
+    _scratch_views_held += len(like)
+    while _scratch_views_held > _MAX_SCRATCH_VIEWS and len(_SCRATCH_VIEWS) > 1:
+        _scratch_views_held -= len(_SCRATCH_VIEWS.popitem(last=False)[1][1])
     return hit
 
 
 def _workspace_flat(like: Sequence[Tensor], dtype: torch.dtype, slot: int = 0) -> tuple[Tensor, list[Tensor]]:
+    global untiled_scratch_calls
     n = sum(t.numel() for t in like)
-    if like[0].device.type == "cpu" and n <= CPU_TILE:
+    if n <= tile_size(like[0].device):
         return _scratch_flat(like, dtype, slot, n)
-    key = (like[0].device, dtype, slot, tuple(t.shape for t in like))
-    hit = _WORKSPACES.get(key)
-    if hit is None:
-        flat = torch.empty(n, dtype=dtype, device=like[0].device)
-        hit = _WORKSPACES[key] = (flat, _views(flat, like))
-        if len(_WORKSPACES) > _MAX_WORKSPACES:
-            _WORKSPACES.popitem(last=False)
-    else:
-        _WORKSPACES.move_to_end(key)
-    return hit
+    # never reached by the primitives, which tile every list that needs scratch: a temporary,
+    # freed after the call (a cached parameter-sized workspace would be memory the contract forbids)
+    untiled_scratch_calls += 1
+    flat = torch.empty(n, dtype=dtype, device=like[0].device)
+    return flat, _views(flat, like)
 
 
 def _workspace(like: Sequence[Tensor], dtype: torch.dtype, slot: int = 0) -> list[Tensor]:
-    """Opmath scratch tensors shaped like ``like`` (one flat allocation per key, kept and reused).
+    """Scratch tensors shaped like ``like`` (a tile: views of one fixed scratch slot, reused).
 
-    Contents are garbage and valid until the next primitive call. Slots 0 and 1 are two
-    independent scratch lists for operations that need two opmath operands at once.
+    Contents are garbage and valid until the next primitive call. Slots 0, 1 and 2 are
+    independent scratch lists for operations that need several opmath operands at once.
     """
     return _workspace_flat(like, dtype, slot)[1]
 
@@ -108,6 +160,15 @@ def _opm(xs: Sequence[Tensor], dtype: torch.dtype, slot: int) -> list[Tensor]:
     return ws
 
 
+def _one(t: Tensor) -> Tensor:
+    """A 0-d 1 of ``t``'s dtype and device (cached)."""
+    key = (t.device, t.dtype)
+    one = _ONES.get(key)
+    if one is None:
+        one = _ONES[key] = torch.ones((), dtype=t.dtype, device=t.device)
+    return one
+
+
 def _groups(first: Sequence[Tensor], *others: Optional[Sequence[Tensor]]):
     """Split parallel lists by (device, dtype) of ``first``; yields (dtype, [sublists...])."""
     if not first:
@@ -123,59 +184,131 @@ def _groups(first: Sequence[Tensor], *others: Optional[Sequence[Tensor]]):
         yield dtype, [[first[i] for i in ii], *[None if o is None else [o[i] for i in ii] for o in others]]
 
 
-def _tiles(lists: Sequence[Optional[Sequence[Tensor]]]) -> Optional[list[tuple[list, Tensor]]]:
-    """CPU lists cut into tiles of at most CPU_TILE elements: per tile, (the parallel sublists of
-    1-D views -- None for an absent list -- and the index of each view's tensor). None when the
-    tensors are not on the CPU, one is not contiguous or all are empty (the caller runs untiled)."""
-    first = lists[0]
-    if first[0].device.type != "cpu":
-        return None
-    if any(lst is not None and not all(t.is_contiguous() for t in lst) for lst in lists):
-        return None
-    # contiguous: the address and size fix what a 1-D view covers, whatever the shape
-    key = (CPU_TILE,) + tuple(
-        None if lst is None else tuple((t.data_ptr(), t.numel(), t.dtype) for t in lst) for lst in lists
-    )
-    hit = _TILINGS.get(key)
-    if hit is not None:
-        _TILINGS.move_to_end(key)
-        return hit
-    tiles: list[tuple[list, Tensor]] = []
-    cur: list[list[Tensor]] = [[] for _ in lists]
-    idx: list[int] = []
-    used = 0
+def _cut(shape: Sequence[int], dim: int, room: int):
+    """Narrowings ``((dim, start, length), ...)`` that cut a tensor of ``shape`` along its leading
+    dims into pieces of at most ``room`` elements, each as many whole rows of ``dim`` as fit."""
+    inner = math.prod(shape[dim + 1 :])
+    if inner <= room:
+        k = max(1, room // inner)
+        for s in range(0, shape[dim], k):
+            yield ((dim, s, min(k, shape[dim] - s)),)
+    else:
+        for s in range(shape[dim]):
+            for rest in _cut(shape, dim + 1, room):
+                yield ((dim, s, 1),) + rest
 
-    def close() -> None:
-        nonlocal cur, idx, used
-        tiles.append(([None if lst is None else c for lst, c in zip(lists, cur)], torch.tensor(idx)))
-        cur, idx, used = [[] for _ in lists], [], 0
 
-    for i, t in enumerate(first):
-        n, a = t.numel(), 0
-        flats = [None if lst is None else lst[i].view(-1) for lst in lists]
-        while a < n:
-            b = min(n, a + CPU_TILE - used)
-            for c, f in zip(cur, flats):
-                if f is not None:
-                    c.append(f[a:b])
-            idx.append(i)
-            used += b - a
-            a = b
-            if used == CPU_TILE:
+class _Plan:
+    """How a list of tensors is cut into tiles: sizes only, so it can be shared by any lists of
+    these shapes and layouts. ``tiles[k]`` lists the pieces of tile k: ``(0, i, None)`` tensor i
+    whole, ``(1, i, j)`` the j-th 1-D piece of contiguous tensor i (``splits[i]`` holds the sizes),
+    ``(2, i, narrowings)`` a piece of non-contiguous tensor i; ``index[k]`` each piece's tensor."""
+
+    __slots__ = ("tiles", "index", "splits")
+
+    def __init__(self, shapes: Sequence[torch.Size], flat_ok: Sequence[bool], size: int) -> None:
+        self.tiles: list[list[tuple]] = []
+        self.index: list[tuple[int, ...]] = []
+        self.splits: dict[int, list[int]] = {}
+        cur: list[tuple] = []
+        idx: list[int] = []
+        used = 0
+
+        def close() -> None:
+            nonlocal cur, idx, used
+            if cur:
+                self.tiles.append(cur)
+                self.index.append(tuple(idx))
+            cur, idx, used = [], [], 0
+
+        for i, shape in enumerate(shapes):
+            n = math.prod(shape)
+            if n == 0:
+                continue
+            if n <= size - used:  # the whole tensor fits the open tile
+                cur.append((0, i, None))
+                idx.append(i)
+                used += n
+            elif flat_ok[i]:  # 1-D pieces: the first fills the open tile
+                sizes = self.splits[i] = []
+                a = 0
+                while a < n:
+                    b = min(n, a + size - used)
+                    cur.append((1, i, len(sizes)))
+                    idx.append(i)
+                    sizes.append(b - a)
+                    used += b - a
+                    a = b
+                    if used == size:
+                        close()
+            else:  # along the leading dims; a tile holds at most one piece of a tensor
+                for spec in _cut(shape, 0, size):
+                    m = math.prod(ln for _, _, ln in spec) * math.prod(shape[spec[-1][0] + 1 :])
+                    if used + m > size or (idx and idx[-1] == i):
+                        close()
+                    cur.append((2, i, spec))
+                    idx.append(i)
+                    used += m
+            if used == size:
                 close()
-    if used:
         close()
-    if not tiles:  # every tensor empty: nothing to tile
+
+
+def _tiles(
+    lists: Sequence[Optional[Sequence[Tensor]]], size: Optional[int] = None
+) -> Optional[list[tuple[list, tuple[int, ...]]]]:
+    """Parallel lists cut into tiles of at most ``size`` (default ``tile_size``) elements: per tile,
+    (the parallel sublists -- None for an absent list -- and the index of each piece's tensor).
+    The views are made here, per call, from a cached plan. None when every tensor is empty."""
+    first = lists[0]
+    size = size or tile_size(first[0].device)
+    present = [lst for lst in lists if lst is not None]
+    contig = tuple(tuple(t.is_contiguous() for t in lst) for lst in present)
+    shapes = tuple(t.shape for t in first)
+    key = (first[0].device, size, shapes, contig)
+    plan = _PLANS.get(key)
+    if plan is None:
+        flat_ok = [all(c[i] for c in contig) for i in range(len(first))]
+        plan = _PLANS[key] = _Plan(shapes, flat_ok, size)
+        if len(_PLANS) > _MAX_PLANS:
+            _PLANS.popitem(last=False)
+    else:
+        _PLANS.move_to_end(key)
+    if not plan.tiles:
         return None
-    _TILINGS[key] = tiles
-    if len(_TILINGS) > _MAX_TILINGS:
-        _TILINGS.popitem(last=False)
-    return tiles
+    parts = [
+        None if lst is None else {i: lst[i].view(-1).split_with_sizes(sz) for i, sz in plan.splits.items()}
+        for lst in lists
+    ]
+    return [
+        (
+            [
+                None
+                if lst is None
+                else [
+                    lst[i] if kind == 0 else split[i][arg] if kind == 1 else _narrowed(lst[i], shapes[i], arg)
+                    for kind, i, arg in pieces
+                ]
+                for lst, split in zip(lists, parts)
+            ],
+            index,
+        )
+        for pieces, index in zip(plan.tiles, plan.index)
+    ]
 
 
-def _tiled(lists: Sequence[Optional[Sequence[Tensor]]]):
-    """Yields the parallel sublists of each tile (CPU), or ``lists`` once (other devices)."""
-    tiles = _tiles(lists)
+def _narrowed(t: Tensor, shape: torch.Size, spec: tuple) -> Tensor:
+    """The piece ``spec`` (narrowings, see ``_cut``) of ``t``, a tensor of ``shape``."""
+    if t.shape != shape:
+        raise ValueError(f"parallel lists differ in shape: {tuple(shape)} and {tuple(t.shape)}")
+    for d, s, ln in spec:
+        t = t.narrow(d, s, ln)
+    return t
+
+
+def _tiled(lists: Sequence[Optional[Sequence[Tensor]]], size: Optional[int] = None):
+    """Yields the parallel sublists of each tile, or ``lists`` once when every tensor is empty."""
+    tiles = _tiles(lists, size)
     if tiles is None:
         yield list(lists)
         return
@@ -183,17 +316,57 @@ def _tiled(lists: Sequence[Optional[Sequence[Tensor]]]):
         yield sub
 
 
+def _pieces(ts: Sequence[Optional[Tensor]], size: int):
+    """Parallel pieces of at most ``size`` elements of the parallel tensors ``ts`` (None stays None)."""
+    t0 = ts[0]
+    if t0.numel() <= size:
+        yield list(ts)
+        return
+    if all(t is None or t.is_contiguous() for t in ts):
+        n = t0.numel()
+        sizes = [size] * (n // size) + ([n % size] if n % size else [])
+        splits = [None if t is None else t.view(-1).split_with_sizes(sizes) for t in ts]
+        for k in range(len(sizes)):
+            yield [None if sp is None else sp[k] for sp in splits]
+        return
+    for spec in _cut(t0.shape, 0, size):
+        out = []
+        for t in ts:
+            if t is not None:
+                for d, s, ln in spec:
+                    t = t.narrow(d, s, ln)
+            out.append(t)
+        yield out
+
+
 def _mul_(xs: list[Tensor], s) -> None:
+    """xs <- xs * s, s a number or a 0-d tensor, taken in opmath (a bf16/fp16 ``xs`` only on the
+    CPU: a product with a 0-d CPU float32 tensor reads it unrounded, a foreach product with a
+    number would round it to the dtype)."""
     if isinstance(s, Tensor):
-        torch._foreach_mul_(xs, s.to(xs[0].dtype))
+        torch._foreach_mul_(xs, s.to(opmath(xs[0].dtype)))
     elif s != 1:
-        torch._foreach_mul_(xs, float(s))
+        if xs[0].dtype in _LOW and xs[0].device.type == "cpu":
+            torch._foreach_mul_(xs, torch.tensor(float(s), dtype=torch.float32))
+        else:
+            torch._foreach_mul_(xs, float(s))
 
 
 def _axpy_(ws: list[Tensor], x: Sequence[Tensor], s) -> None:
-    """ws <- ws + s * x (s a number or a 0-d tensor; x of ws's dtype)."""
+    """ws <- ws + s * x (s a number or a 0-d tensor; x of ws's dtype), s taken in opmath.
+
+    For a bf16/fp16 ``ws`` (with a number s) this is ``addcmul(ws, x, 1, value=s)``: computed in
+    float32 and rounded once, where ``add(alpha=s)`` would first round s itself to the dtype."""
     if isinstance(s, Tensor):
-        torch._foreach_addcmul_(ws, x, [s.to(ws[0].dtype)] * len(ws))
+        if ws[0].dtype in _LOW:
+            if s.device.type != "cpu":
+                raise RuntimeError("internal: a device scalar with bf16/fp16 tensors must go through opmath scratch")
+            s = float(s)
+        else:
+            torch._foreach_addcmul_(ws, x, [s.to(ws[0].dtype)] * len(ws))
+            return
+    if ws[0].dtype in _LOW:
+        torch._foreach_addcmul_(ws, x, [_one(ws[0])] * len(ws), value=float(s))
     else:
         torch._foreach_add_(ws, x, alpha=float(s))
 
@@ -249,15 +422,16 @@ def _sq_norm_group(x, w, eta, dtype) -> Tensor:
 
 
 def _sq_norm_tile(x, w, eta, dtype) -> Tensor:
-    """Sum of squares of one CPU tile: T*x into the cached scratch, then one dot product."""
-    if dtype == torch.bfloat16 and w is not None:
+    """Sum of squares of one tile: T*x into the scratch, then one dot product."""
+    if dtype == torch.bfloat16 and w is not None and x[0].device.type == "cpu":
         # torch's bf16 arithmetic, as for the unweighted bf16 norm (_sq_norm_group): T*x rounded
         # to bf16, each norm accumulated in float32 and rounded to bf16
         ws = _workspace(x, dtype, 0)
         torch._foreach_copy_(ws, w)
         if eta:
             torch._foreach_abs_(ws)
-            torch._foreach_add_(ws, float(eta))
+            one = [_one(ws[0])] * len(ws)
+            torch._foreach_addcmul_(ws, one, one, value=float(eta))  # |w| + eta, eta unrounded
         torch._foreach_mul_(ws, x)
         return _sum_squares(ws).sum()
     flat, ws = _workspace_flat(x, opmath(dtype), 0)
@@ -271,16 +445,18 @@ def _sq_norm_tile(x, w, eta, dtype) -> Tensor:
 def sq_norm(xs, weights=None, eta=0.0, per_tensor=False):
     totals, parts, order = [], [], []
     for dtype, (x, w) in _groups(xs, weights):
-        tiles = _tiles([x, w]) if (w is not None or dtype == torch.float16) else None
-        if tiles is None:
+        # scratch needed: ASAM's T*x, an fp16 list (exact path), a bf16 list off the CPU (float32 copy)
+        scratch = w is not None or dtype == torch.float16 or (dtype == torch.bfloat16 and x[0].device.type != "cpu")
+        tiles = _tiles([x, w]) if scratch else None
+        if tiles is None:  # the list itself (opmath, or bf16 on CPU), or every tensor empty
             per = _sq_norm_group(x, w, eta, dtype)
             totals.append(per.sum())
-        else:  # CPU: one dot product per tile; per-tensor sums only when asked for
+        else:  # one dot product per tile; per-tensor sums only when asked for
             totals.append(torch.stack([_sq_norm_tile(tx, tw, eta, dtype) for (tx, tw), _ in tiles]).sum())
             if per_tensor:
                 per = torch.zeros(len(x), dtype=opmath(dtype), device=x[0].device)
-                for (tx, tw), idx in tiles:  # gathered from the tiles in a fixed order
-                    per.index_add_(0, idx, _sq_norm_group(tx, tw, eta, dtype))
+                for (tx, tw), idx in tiles:  # gathered from the tiles in a fixed order (an index once per tile)
+                    per.index_add_(0, torch.tensor(idx, device=per.device), _sq_norm_group(tx, tw, eta, dtype))
         if per_tensor:
             parts.append(per)
             order.append(x)
@@ -307,11 +483,13 @@ def perturb_(params, grads, backup, scale, eta=None, mask=None):
                 torch._foreach_copy_(b, p)
             continue
         # on CPU the backup is taken tile by tile, so the update reads w from cache
-        for tp, tg, tb, tm in _tiled([p, g, b, m]):
+        plain = eta is None and m is None and s_host is not None  # no scratch: larger tiles, fewer views
+        size = CPU_PASS_TILES * CPU_TILE if plain and p[0].device.type == "cpu" else None
+        for tp, tg, tb, tm in _tiled([p, g, b, m], size):
             if tb is not None:
                 torch._foreach_copy_(tb, tp)
-            if eta is None and tm is None and s_host is not None:
-                # w + scale*g in one op (for bf16/fp16, torch computes the add in float32 and rounds once)
+            if plain:
+                # w + scale*g in one op (bf16/fp16: computed in float32 with scale unrounded, rounded once)
                 _axpy_(tp, tg, s_host)
             else:
                 _perturb_scratch_(tp, tg, tm, scale, s_host, eta, dtype)
@@ -509,46 +687,52 @@ def _sgd_scratch_(p, b, g, buf, lr, momentum, dampening, weight_decay, nesterov,
     if skip is not None:
         flat.masked_fill_(skip, 0.0)
     if momentum:
+        # the buffer is kept in the parameter dtype; the update uses its opmath value of this step
         if init:
             torch._foreach_copy_(buf, d)  # zeros on a skipped step
+            bb = d
         elif dtype in _LOW:
             bb = _opm(buf, dtype, 1)
             _mul_(bb, keep_buf)
             _axpy_(bb, d, 1.0 - float(dampening))
             torch._foreach_copy_(buf, bb)
         else:
+            bb = buf
             _mul_(buf, keep_buf)
             _axpy_(buf, d, 1.0 - float(dampening))
         if nesterov:
-            _axpy_(d, _opm(buf, dtype, 1), momentum)
-        else:
-            torch._foreach_copy_(d, buf)
+            _axpy_(d, bb, momentum)
+        elif bb is not d:
+            torch._foreach_copy_(d, bb)
     _mul_(d, -lr)
     _store_delta_(p, flat, d, b, skip, dtype)
 
 
 def _sgd_short_(p, b, g, buf, lr, momentum, dampening, weight_decay, nesterov, init, grad_coef, dtype) -> None:
-    """Not skipped, in the parameter dtype: the fewest foreach passes (d is g itself unless it must change)."""
-    d = g
-    if grad_coef is not None or weight_decay or (momentum and nesterov):
-        d = _workspace(p, dtype, 0)
-        torch._foreach_copy_(d, g)
-        if grad_coef is not None:
-            _mul_(d, grad_coef)
-        if weight_decay:
-            _axpy_(d, b, weight_decay)
-    if momentum:
-        if init:
-            torch._foreach_copy_(buf, d)
-        else:
-            torch._foreach_mul_(buf, float(momentum))
-            _axpy_(buf, d, 1.0 - float(dampening))
-        if nesterov:
-            _axpy_(d, buf, momentum)
-        else:
-            d = buf
-    torch._foreach_copy_(p, b)
-    _axpy_(p, d, -lr)
+    """Not skipped, in the parameter dtype: the fewest foreach passes (d is g itself unless it must
+    change; then d lives in a scratch tile, the lists taken tile by tile)."""
+    need_d = grad_coef is not None or weight_decay or (momentum and nesterov)
+    for tp, tb, tg, tbuf in _tiled([p, b, g, buf]) if need_d else [(p, b, g, buf)]:
+        d = tg
+        if need_d:
+            d = _workspace(tp, dtype, 0)
+            torch._foreach_copy_(d, tg)
+            if grad_coef is not None:
+                _mul_(d, grad_coef)
+            if weight_decay:
+                _axpy_(d, tb, weight_decay)
+        if momentum:
+            if init:
+                torch._foreach_copy_(tbuf, d)
+            else:
+                _mul_(tbuf, float(momentum))
+                _axpy_(tbuf, d, 1.0 - float(dampening))
+            if nesterov:
+                _axpy_(d, tbuf, momentum)
+            else:
+                d = tbuf
+        torch._foreach_copy_(tp, tb)
+        _axpy_(tp, d, -lr)
 
 
 #: On CPU, tensors of at least this many elements take per-tensor ``out=`` ops in restore_sgd_
@@ -558,7 +742,11 @@ CPU_OUT_MIN = 1 << 14
 
 def _sgd_cpu_(p, b, g, buf, lr: float, momentum, dampening, weight_decay, nesterov, init, grad_coef, dtype) -> None:
     """CPU, not skipped, host scalars: w <- backup - lr * d in one op per large tensor, where
-    d = momentum buffer (or the Nesterov direction) updated from grad_coef * g + weight_decay * backup."""
+    d = momentum buffer (or the Nesterov direction) updated from grad_coef * g + weight_decay * backup.
+    When d is neither the buffer nor g itself it lives in a scratch slot of a float32 tile's bytes
+    (2^18 float32, 2^19 bf16/fp16 elements): a larger tensor is then taken piece by piece, with no
+    parameter-sized workspace. bf16/fp16 round each op to the dtype, as torch.optim.SGD does, but
+    take their scalars in float32 (``addcmul(..., value=s)``; ``add(alpha=s)`` would round s first)."""
     big = [i for i, t in enumerate(p) if t.numel() >= CPU_OUT_MIN]
     if len(big) < len(p):
         small = [i for i, t in enumerate(p) if t.numel() < CPU_OUT_MIN]
@@ -567,27 +755,42 @@ def _sgd_cpu_(p, b, g, buf, lr: float, momentum, dampening, weight_decay, nester
                     grad_coef, dtype)
     if not big:
         return
-    pb = [p[i] for i in big]
     need_d = grad_coef is not None or weight_decay or (momentum and nesterov)
-    ws = _workspace(pb, dtype, 0) if need_d else None
     damp = float(dampening)
-    for k, i in enumerate(big):
-        src = g[i]
-        if grad_coef is not None:
-            src = torch.mul(src, grad_coef, out=ws[k])
-        if weight_decay:
-            src = torch.add(src, b[i], alpha=weight_decay, out=ws[k])
-        upd = src
-        if momentum:
-            bf = buf[i]
-            if init:
-                bf.copy_(src)
-            elif damp == 0.0:
-                torch.add(src, bf, alpha=momentum, out=bf)  # buf <- d + momentum * buf
-            else:
-                bf.mul_(momentum).add_(src, alpha=1.0 - damp)
-            upd = torch.add(src, bf, alpha=momentum, out=ws[k]) if nesterov else bf
-        torch.add(b[i], upd, alpha=-lr, out=p[i])
+    low = dtype in _LOW
+    if low:
+        one = _one(p[big[0]])
+
+        def axpy(x: Tensor, y: Tensor, s: float, out: Tensor) -> Tensor:  # out <- x + s * y
+            return torch.addcmul(x, y, one, value=s, out=out)
+    else:
+
+        def axpy(x: Tensor, y: Tensor, s: float, out: Tensor) -> Tensor:
+            return torch.add(x, y, alpha=s, out=out)
+
+    size = CPU_TILE * 4 // p[big[0]].element_size()
+    base = _scratch_base(p[0].device, dtype, 0, size) if need_d else None
+    for i in big:
+        ts = [p[i], b[i], g[i], None if buf is None else buf[i]]
+        for pp, bb, gg, bf in _pieces(ts, size) if need_d else (ts,):
+            ws = base[: pp.numel()].view(pp.shape) if need_d else None
+            src = gg
+            if grad_coef is not None:
+                src = torch.mul(src, grad_coef, out=ws)
+            if weight_decay:
+                src = axpy(src, bb, weight_decay, ws)
+            upd = src
+            if momentum:
+                if init:
+                    bf.copy_(src)
+                elif damp == 0.0:
+                    axpy(src, bf, momentum, bf)  # buf <- d + momentum * buf
+                elif low:
+                    bf.mul_(momentum).addcmul_(src, one, value=1.0 - damp)
+                else:
+                    bf.mul_(momentum).add_(src, alpha=1.0 - damp)
+                upd = axpy(src, bf, momentum, ws) if nesterov else bf
+            axpy(bb, upd, -lr, pp)
 
 
 def restore_adamw_(
@@ -617,24 +820,29 @@ def restore_adamw_(
 
 def _adamw_scratch_(p, b, g, m, v, lr, eps, weight_decay, bc1, inv_bc2_sqrt, grad_coef, skip, mw, vw, dtype):
     flat, d = _sanitized_grad(p, g, grad_coef, skip, dtype)
-    # moments stay in the parameter dtype, as torch.optim.AdamW keeps them
-    for state, (keep, w) in ((m, mw), (v, vw)):
+    # The moments are kept in the parameter dtype, as torch.optim.AdamW keeps them, updated in
+    # opmath (scratch slots 1 and 2 for bf16/fp16) and rounded once; the update uses this step's
+    # opmath values, as the kernels do (fp16 would flush a small g^2 in v to zero: 1/eps steps).
+    new = []
+    for state, (keep, w), slot in ((m, mw, 1), (v, vw, 2)):
         if state is v:
             torch._foreach_mul_(d, d)  # g'^2; g' is not needed after m
-        st = _opm(state, dtype, 1) if dtype in _LOW else state
+        st = _opm(state, dtype, slot) if dtype in _LOW else state
         _mul_(st, keep)
         _axpy_(st, d, w)
         if st is not state:
             torch._foreach_copy_(state, st)
-    torch._foreach_copy_(d, v)  # denominator: sqrt(v)/sqrt(bc2) + eps
+        new.append(st)
+    m_new, v_new = new
+    torch._foreach_copy_(d, v_new)  # denominator: sqrt(v)/sqrt(bc2) + eps
     torch._foreach_sqrt_(d)
     _mul_(d, inv_bc2_sqrt)
     torch._foreach_add_(d, eps)
     torch._foreach_reciprocal_(d)
-    torch._foreach_mul_(d, _opm(m, dtype, 1))  # m / denom
+    torch._foreach_mul_(d, m_new)  # m / denom
     _mul_(d, lr)
     _mul_(d, -1.0 / bc1)  # -lr/bc1 * m/denom
-    w0 = _opm(b, dtype, 1)
+    w0 = _opm(b, dtype, 1)  # slot 1 is free again
     if isinstance(lr, Tensor) or weight_decay:
         _axpy_(d, w0, -lr * weight_decay)  # decoupled decay, accumulated in opmath
     _store_delta_(p, flat, d, b, skip, dtype)
