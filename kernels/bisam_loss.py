@@ -71,8 +71,12 @@ def _bisam_lower_bound_kernel(
     m = float("-inf")
     s = 0.0
     t = 0.0
-    for start in range(0, K, BLOCK):
-        offs = start + tl.arange(0, BLOCK)
+    # while loops, not range(0, K, BLOCK): Triton 3.6's interpreter cannot take a runtime bound in
+    # range() (int() of a 1-element array). multiple_of gives the loop variable the divisibility
+    # that range()'s induction variable had, so the loads vectorize as before (.ci/triton_aot.py)
+    start = 0
+    while start < K:
+        offs = tl.multiple_of(start, BLOCK) + tl.arange(0, BLOCK)
         valid = offs < K
         f = tl.load(x_row + offs, mask=valid, other=0.0).to(tl.float32)
         phi, dphi = _phi(f, fy, a, gamma, VARIANT)
@@ -83,13 +87,15 @@ def _bisam_lower_bound_kernel(
         s = s * rescale + tl.sum(e, 0)
         t = t * rescale + tl.sum(e * dphi, 0)
         m = m_new
+        start += BLOCK
     lse = m + tl.log(s)
     tl.store(LOSS + row, lse / mu)
     if WRITE_GRAD:
         label_term = t / s
         dx_row = DX + row * K
-        for start in range(0, K, BLOCK):
-            offs = start + tl.arange(0, BLOCK)
+        start = 0
+        while start < K:
+            offs = tl.multiple_of(start, BLOCK) + tl.arange(0, BLOCK)
             valid = offs < K
             f = tl.load(x_row + offs, mask=valid, other=0.0).to(tl.float32)
             phi, dphi = _phi(f, fy, a, gamma, VARIANT)
@@ -105,6 +111,7 @@ def _bisam_lower_bound_kernel(
             else:
                 out = d.to(DX.dtype.element_ty)
             tl.store(dx_row + offs, out, mask=valid)
+            start += BLOCK
 
 
 def bisam_lower_bound_fwd(

@@ -74,9 +74,13 @@ def _sq_norm_per_tensor_kernel(partials_ptr, chunk_begin_ptr, out_ptr, BLOCK: tl
     lo = tl.load(chunk_begin_ptr + t)
     hi = tl.load(chunk_begin_ptr + t + 1)
     acc = tl.zeros([BLOCK], dtype=tl.float32)
-    for j in range(lo, hi, BLOCK):
+    # a while loop, not range(lo, hi, BLOCK): Triton 3.6's interpreter cannot take a loaded bound
+    # in range() (int() of a 1-element array); the compiled loop is the same scalar-bound sweep
+    j = lo
+    while j < hi:
         offs = j + tl.arange(0, BLOCK)
         acc += tl.load(partials_ptr + offs, mask=offs < hi, other=0.0)
+        j += BLOCK
     tl.store(out_ptr + t, tl.sum(acc, axis=0))
 
 
