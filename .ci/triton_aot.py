@@ -18,8 +18,13 @@ step, found_inf) are flipped the same way, also with every (dtype, alignment) pa
 
 Vectorization: for every aligned variant of a streaming (multi-tensor table) kernel the PTX
 must hold 16-byte global loads (``ld.global.v4.b32`` and the like), and 16-byte stores when the
-kernel stores; the table lists the widths of every global load/store by count. For bisam,
-"aligned" is a row length K divisible by 16 with a 16-byte aligned logits pointer.
+kernel stores; the table lists the widths of every global load/store by count. Per data stream:
+the variant's unaligned twin (same constexprs, ALIGNED off) issues one scalar instruction per
+element in both the full-block and the tail path, which gives the bytes a full block moves per
+thread; the aligned variant must move all of them with vector instructions ("vector B/thread":
+moved/expected, loads then stores), so one list left scalar fails. For bisam (no full/tail
+split) only the widths count; "aligned" there is a row length K divisible by 16 (with a 16-byte
+aligned logits pointer).
 
 Prints one line per (kernel, variant, arch): ok/FAIL, load and store widths, vector ok/NOVEC.
 Exit status: 1 on any compile failure, 2 when an aligned streaming variant is not vectorized
@@ -219,9 +224,11 @@ def enumerate_variants() -> None:
 _WIDTH = re.compile(r"\b(ld|st)\.global((?:\.[A-Za-z0-9_:]+)*)\s")
 
 
-def widths(ptx: str) -> tuple[Counter, Counter]:
-    """Histograms of global load / store widths in bytes."""
+def widths(ptx: str) -> tuple[Counter, Counter, dict]:
+    """Histograms of global load / store widths in bytes, and per op (ld/st): the bytes moved by
+    vector instructions and the count of scalar ones by width (the 8-byte table entries left out)."""
     lds, sts = Counter(), Counter()
+    split = {"ld": [0, Counter()], "st": [0, Counter()]}
     for op, mods in _WIDTH.findall(ptx):
         parts = mods.split(".")
         vec = 1
@@ -234,7 +241,11 @@ def widths(ptx: str) -> tuple[Counter, Counter]:
         if bits is None:
             continue
         (lds if op == "ld" else sts)[vec * bits // 8] += 1
-    return lds, sts
+        if vec > 1:
+            split[op][0] += vec * bits // 8
+        elif bits != 64:
+            split[op][1][bits // 8] += 1
+    return lds, sts, split
 
 
 VARIANTS: list[dict] = []
@@ -247,11 +258,23 @@ def compile_one(job):
     try:
         src = ASTSource(v["fn"], v["signature"], v["constexprs"], v["attrs"])
         k = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(v["options"]))
-        lds, sts = widths(k.asm["ptx"])
-        return i, arch, True, dict(lds), dict(sts), len(k.asm.get("cubin", b"")), time.time() - t0, ""
+        lds, sts, split = widths(k.asm["ptx"])
+        return i, arch, True, dict(lds), dict(sts), split, time.time() - t0, ""
     except Exception as e:  # noqa: BLE001 -- reported, then the exit status says it
         msg = f"{type(e).__name__}: {e}".strip().splitlines()
-        return i, arch, False, {}, {}, 0, time.time() - t0, " | ".join(msg[:6])
+        return i, arch, False, {}, {}, None, time.time() - t0, " | ".join(msg[:6])
+
+
+def _const(v: dict, name: str):
+    names = [p.name for p in v["fn"].params]
+    return v["constexprs"][(names.index(name),)]
+
+
+def _twin_key(v: dict, arch: int) -> tuple:
+    """A variant's identity without ALIGNED (and the table pointers' divisibility)."""
+    names = [p.name for p in v["fn"].params]
+    cx = tuple((k, str(x)) for k, x in sorted(v["constexprs"].items()) if names[k[0]] != "ALIGNED")
+    return (v["fn"].__name__, arch, tuple(v["signature"].items()), cx, v["options"]["num_warps"])
 
 
 def _hist(h: dict) -> str:
@@ -283,18 +306,40 @@ def main() -> int:
     results.sort(key=lambda r: (VARIANTS[r[0]]["fn"].__name__, VARIANTS[r[0]]["label"], r[1]))
     n_fail = n_novec = 0
     novec = []
-    print(f"{'kernel':28} {'variant':80} {'arch':5} {'result':6} {'ld/st':6} {'16B':5} "
+    # Per-stream check. Unaligned, every element is one scalar instruction in both the full-block
+    # and the tail path: 2E per data stream (E = BLOCK / threads elements per thread), plus a few
+    # scalar-argument loads (< 2E). So the unaligned twin (same constexprs but ALIGNED) tells the
+    # bytes one full block moves per thread, P = sum over widths w of E * w * (count_w // 2E); the
+    # aligned variant must move all of them with vector instructions (its tail stays scalar).
+    twins = {}
+    for i, arch, ok, _l, _s, split, *_ in results:
+        v = VARIANTS[i]
+        if ok and v["aligned"] is False:
+            twins[_twin_key(v, arch)] = split
+
+    def expected(v, split_u, op):
+        e = _const(v, "BLOCK") // (32 * v["options"]["num_warps"])
+        return sum(e * w * (n // (2 * e)) for w, n in split_u[op][1].items())
+
+    print(f"{'kernel':28} {'variant':80} {'arch':5} {'result':6} {'ld/st':6} {'vec':5} {'vector B/thread ld st':22} "
           "global loads / stores: bytes x count")  # fmt: skip
-    for i, arch, ok, lds, sts, _cubin, _dt, err in results:
+    for i, arch, ok, lds, sts, split, _dt, err in results:
         v = VARIANTS[i]
         name = v["fn"].__name__
-        vec = "-"
+        vec, full = "-", ""
         if ok and name in STREAMING and v["aligned"]:
             # reductions store one scalar per program: only their loads stream
             stores = name not in REDUCTIONS and not (
                 name == "_bisam_lower_bound_kernel" and "write_grad" not in v["label"]
             )
             good = max(lds, default=0) >= 16 and (not stores or max(sts, default=0) >= 16)
+            # (bisam has no full/tail split: its twin by BLOCK is another K, so only the widths count)
+            twin = None if name == "_bisam_lower_bound_kernel" else twins.get(_twin_key(v, arch))
+            if twin is not None:
+                pl, ps = expected(v, twin, "ld"), expected(v, twin, "st")
+                vl, vs = split["ld"][0], split["st"][0]
+                full = f"{vl}/{pl} {vs}/{ps}"
+                good = good and vl >= pl and vs >= ps
             vec = "ok" if good else "NOVEC"
             if not good:
                 n_novec += 1
@@ -302,7 +347,10 @@ def main() -> int:
         n_fail += not ok
         res = "ok" if ok else "FAIL"
         width = f"{max(lds, default=0)}/{max(sts, default=0)}"  # widest global load / store, bytes
-        print(f"{name:28} {v['label'][:80]:80} sm_{arch:<2} {res:6} {width:6} {vec:5} {_hist(lds)} / {_hist(sts)}")
+        print(
+            f"{name:28} {v['label'][:80]:80} sm_{arch:<2} {res:6} {width:6} {vec:5} {full:22} "
+            f"{_hist(lds)} / {_hist(sts)}"
+        )
         if not ok:
             print(f"      {err[:600]}")
     print(f"== {len(results)} compiles ({len(VARIANTS)} variants x {len(archs)} archs): {n_fail} failed, "
