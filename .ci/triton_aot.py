@@ -27,7 +27,7 @@ split) only the widths count; "aligned" there is a row length K divisible by 16 
 aligned logits pointer).
 
 Prints one line per (kernel, variant, arch): ok/FAIL, load and store widths, vector ok/NOVEC.
-Exit status: 1 on any compile failure, 2 when an aligned streaming variant is not vectorized
+Exit status: 1 on any compile failure, 2 when an aligned streaming variant is not fully vectorized
 (unless --no-vec-fail), 0 otherwise. Usage: python .ci/triton_aot.py [-j N] [--archs 80,90]
 """
 
@@ -354,7 +354,7 @@ def main() -> int:
         if not ok:
             print(f"      {err[:600]}")
     print(f"== {len(results)} compiles ({len(VARIANTS)} variants x {len(archs)} archs): {n_fail} failed, "
-          f"{n_novec} aligned streaming variant(s) without 16-byte access, {time.time() - t_start:.0f} s")  # fmt: skip
+          f"{n_novec} aligned streaming variant(s) not fully vectorized, {time.time() - t_start:.0f} s")  # fmt: skip
     for s in novec:
         print(f"   not vectorized: {s}")
     per: dict = {}
