@@ -15,7 +15,14 @@ reduction writes one partial per chunk into one partials tensor whatever the num
 and ``chunk_begin`` (int64 ``[n + 1]``) gives each tensor's first global chunk.
 
 Tables are cached, keyed by the device, the data addresses and the numels of every list (and the
-module constants), and rebuilt only when one of those changes.
+module constants), and rebuilt only when one of those changes. A table holds addresses, never a
+tensor, so a hit is right whenever the key matches (a new tensor at a freed address included).
+A table one of whose lists has been freed (gradients after ``zero_grad(set_to_none=True)``, a
+flat buffer of a rebuilt bucket; watched through a weak reference to the storage of the list's
+first tensor) is marked dead; the next table built evicts the dead ones. So the cache holds the
+tables of live lists and of the lists used since the last build, rather than filling up to
+``CACHE_SIZE`` as addresses change: memory stays flat. A dead table hit again (the allocator
+handed the same addresses back, as CUDA's does) is used as it is and watched again.
 
 Module constants are read at call time, so tests may lower them (``monkeypatch.setattr``).
 """
@@ -23,6 +30,7 @@ Module constants are read at call time, so tests may lower them (``monkeypatch.s
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Optional
@@ -80,6 +88,56 @@ class Table:
 
 
 _CACHE: OrderedDict[tuple, Table] = OrderedDict()
+#: keys of cached tables one of whose storages has been freed (evicted at the next build)
+_DEAD: set[tuple] = set()
+#: storage address -> (weak reference to the storage, keys of the cached tables that list it)
+_WATCHED: dict[int, tuple[weakref.ref, set[tuple]]] = {}
+#: key of a cached table -> the storage addresses it watches
+_KEY_PTRS: dict[tuple, list[int]] = {}
+
+
+def _storage_freed(ptr: int, ref: weakref.ref) -> None:
+    entry = _WATCHED.get(ptr)
+    if entry is not None and entry[0] is ref:
+        del _WATCHED[ptr]
+        _DEAD.update(entry[1])
+
+
+def _watch(key: tuple, lists: Sequence[Sequence[Tensor]]) -> None:
+    """Mark table ``key`` dead when the storage of a list's first tensor is freed (a weak reference:
+    no tensor kept; a list is freed as a whole in practice, and one watch per list costs nothing)."""
+    _DEAD.discard(key)
+    ptrs = _KEY_PTRS[key] = []  # a list watched again keeps its (set) entry: nothing repeats
+    for lst in lists:
+        st = next((t.untyped_storage() for t in lst if t.numel()), None)
+        if st is None or not st.data_ptr():
+            continue  # nothing to free
+        ptr = st.data_ptr()
+        entry = _WATCHED.get(ptr)
+        if entry is None or entry[0]() is not st:
+            ref = weakref.ref(st, lambda r, ptr=ptr: _storage_freed(ptr, r))
+            entry = _WATCHED[ptr] = (ref, set())
+        entry[1].add(key)
+        ptrs.append(ptr)
+
+
+def clear_cache() -> None:
+    """Drop every cached table (they are rebuilt on the next launch)."""
+    _CACHE.clear()
+    _DEAD.clear()
+    _WATCHED.clear()
+    _KEY_PTRS.clear()
+
+
+def _evict(key: tuple) -> None:
+    _CACHE.pop(key, None)
+    _DEAD.discard(key)
+    for ptr in _KEY_PTRS.pop(key, ()):
+        entry = _WATCHED.get(ptr)
+        if entry is not None:
+            entry[1].discard(key)
+            if not entry[1]:
+                del _WATCHED[ptr]
 
 
 def _build(lists: Sequence[Sequence[Tensor]], device: torch.device) -> Table:
@@ -149,11 +207,16 @@ def table(lists: Sequence[Sequence[Tensor]]) -> Table:
     )
     tab = _CACHE.get(key)
     if tab is None:
+        for k in list(_DEAD):
+            _evict(k)
         tab = _CACHE[key] = _build(lists, device)
+        _watch(key, lists)
         while len(_CACHE) > CACHE_SIZE:
-            _CACHE.popitem(last=False)
+            _evict(next(iter(_CACHE)))
     else:
         _CACHE.move_to_end(key)
+        if key in _DEAD:  # same addresses, new tensors: the table is right for them
+            _watch(key, lists)
     return tab
 
 
