@@ -83,16 +83,6 @@ ALGOS = {
     "SAMPa": (sf.SAMPa, {}),
 }
 
-#: algorithms whose state lives in flat buffers shared with ``self.state`` (``state_buffer``): when
-#: the gradient set changes, the new bucket gets a new buffer, but the state entries of parameters
-#: outside it stay views of the old buffer and keep all of it alive (optim/base.py, not a backend)
-PINNED_BY_STATE_VIEWS = {"LookSAM", "FriendlySAM", "SSAM", "SAMPa"}
-PINNED = pytest.mark.xfail(
-    strict=True,
-    reason="optim/base.py state_buffer: state views of parameters outside the current bucket pin old flat "
-    "buffers when the gradient set changes (up to +0.5x params here)",
-)
-
 BASES = {
     "sgd": (torch.optim.SGD, dict(lr=0.01)),
     "sgd-momentum": (torch.optim.SGD, dict(lr=0.01, momentum=0.9)),
@@ -257,7 +247,7 @@ def _table_cache_keys():
 def _check(algo: str, base: str, backend: str, layerdrop: bool) -> dict[str, float]:
     run = _Run(algo, base, backend, layerdrop)
     seen = {}
-    check_at = {2, 25, 49, STEPS} if layerdrop else {2, STEPS}
+    check_at = {2, 25, 26, 49, STEPS} if layerdrop else {2, STEPS}
     for s in range(STEPS + 1):
         run.step()  # this is step s
         if s in check_at:
@@ -272,10 +262,21 @@ def _check(algo: str, base: str, backend: str, layerdrop: bool) -> dict[str, flo
             from sharpfused.kernels import table
 
             assert m["n_tables"] <= min(TABLES, table.CACHE_SIZE), f"step {s}: {m['n_tables']} launch tables kept"
-    assert seen[STEPS]["live"] == seen[2]["live"], (
-        f"live memory grew from step 2 to step {STEPS}: {seen[2]['live']} -> {seen[STEPS]['live']} bytes "
-        f"({(seen[STEPS]['live'] - seen[2]['live']) / run.param_bytes:+.3f}x params)"
-    )
+    if layerdrop:
+        # which parameters have gradients changes step to step, and with it the size of a step's
+        # buckets (backup, transient buffers) and when a parameter's state is first made: the
+        # figure moves with the set but must not grow. Steps 26 and 50 have the same set.
+        assert seen[STEPS]["live"] <= max(seen[2]["live"], seen[25]["live"]), (
+            f"live memory grew: {seen[2]['live']} (step 2), {seen[25]['live']} (25) -> {seen[STEPS]['live']}"
+        )
+        assert seen[STEPS]["live"] == seen[26]["live"], (
+            f"live memory grew from step 26 to step {STEPS}: {seen[26]['live']} -> {seen[STEPS]['live']} bytes"
+        )
+    else:
+        assert seen[STEPS]["live"] == seen[2]["live"], (
+            f"live memory grew from step 2 to step {STEPS}: {seen[2]['live']} -> {seen[STEPS]['live']} bytes "
+            f"({(seen[STEPS]['live'] - seen[2]['live']) / run.param_bytes:+.3f}x params)"
+        )
     assert torch_ops.untiled_scratch_calls == 0
     out = {s: round(m["extra"] / run.param_bytes, 4) for s, m in seen.items()}
     last = seen[STEPS]
@@ -290,9 +291,7 @@ def _check(algo: str, base: str, backend: str, layerdrop: bool) -> dict[str, flo
 @pytest.mark.parametrize("layerdrop", [False, True], ids=["fixed", "layerdrop"])
 @pytest.mark.parametrize("base", ["sgd-nesterov-wd", "adamw"])
 @pytest.mark.parametrize("algo", list(ALGOS))
-def test_memory_flat_torch_backend(algo, base, layerdrop, request):
-    if layerdrop and algo in PINNED_BY_STATE_VIEWS:
-        request.applymarker(PINNED)
+def test_memory_flat_torch_backend(algo, base, layerdrop):
     _check(algo, base, "torch", layerdrop)
 
 

@@ -316,12 +316,30 @@ class SharpnessAware(Optimizer):
                 for p in group["params"]:
                     if p.grad is not None:
                         by.setdefault((gi, p.device, p.dtype, reduction_key(p)), []).append(p)
+            old = self._buckets
             self._buckets = [
                 Bucket(self.param_groups[gi], gi, ps, ops.resolve(self.backend, dev), red)
                 for (gi, dev, _, red), ps in by.items()
             ]
             self._bucket_key = key
+            self._unpin(old)
         return self._buckets
+
+    def _unpin(self, old: list[Bucket]) -> None:
+        """State of parameters left out of the new buckets becomes standalone copies, so that views of
+        the old buckets' flat buffers do not keep those buffers alive (memory stays flat when the
+        set of parameters with gradients changes); parameters in the new buckets move to new
+        buffers at their next ``state_buffer``."""
+        if not old:
+            return
+        inside = {id(p) for b in self._buckets for p in b.sources}
+        storages = {buf.flat.untyped_storage().data_ptr() for b in old for buf in b.extra.values()}
+        for b in old:
+            for p in b.sources:
+                st = self.state.get(p) if id(p) not in inside else None
+                for k, v in list((st or {}).items()):
+                    if isinstance(v, Tensor) and local_tensor(v).untyped_storage().data_ptr() in storages:
+                        st[k] = v.clone()
 
     # ---------------------------------------------------------------- building blocks
     def global_norm(self, buckets: list[Bucket], xs: Optional[Callable[[Bucket], list[Tensor]]] = None) -> Tensor:
