@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 
 import pytest
 import torch
@@ -68,3 +69,21 @@ def data(model_kind: str, n=16, seed=1):
     if model_kind == "mlp":
         return torch.randn(n, 10, generator=g), torch.randint(0, 3, (n,), generator=g)
     return torch.randn(n, 1, 6, 6, generator=g), torch.randint(0, 3, (n,), generator=g)
+
+
+def spawn_gloo(worker, *args, nprocs: int = 2) -> None:
+    """``torch.multiprocessing.spawn(worker, (port, *args))`` on a free loopback port; once more on a
+    fresh port when the rendezvous lost its port to another process (a race, not a test failure)."""
+    import torch.multiprocessing as mp
+
+    for attempt in range(2):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        try:
+            mp.spawn(worker, args=(port, *args), nprocs=nprocs, join=True)
+            return
+        except mp.ProcessRaisedException as e:
+            text = str(e)
+            if attempt or not any(w in text for w in ("Address already in use", "EADDRINUSE", "Connection refused")):
+                raise

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import os
-import socket
 
 import pytest
 import torch
@@ -17,7 +16,7 @@ import torch.nn.functional as F
 
 import sharpfused
 
-from .helpers import MLP, data, rel_err
+from .helpers import MLP, data, rel_err, spawn_gloo
 
 dist = pytest.importorskip("torch.distributed")
 if not dist.is_available() or not dist.is_gloo_available():
@@ -227,19 +226,13 @@ def _worker(rank, port, result_path, ckpt_dir):
         torch.save(out, result_path)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    import torch.multiprocessing as mp
 
     tmp = tmp_path_factory.mktemp("distributed")
     result = tmp / "result.pt"
-    mp.spawn(_worker, args=(_free_port(), str(result), str(tmp)), nprocs=WORLD, join=True)
+    spawn_gloo(_worker, str(result), str(tmp), nprocs=WORLD)
     return torch.load(result, weights_only=False)
 
 

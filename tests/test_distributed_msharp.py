@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 
 import pytest
 import torch
@@ -26,7 +25,7 @@ import torch.nn.functional as F
 import sharpfused
 from sharpfused.losses import bisam_lower_bound
 
-from .helpers import MLP, data, rel_err
+from .helpers import MLP, data, rel_err, spawn_gloo
 from .reference import EPS, SGDRef, slerp, topk_mask
 
 dist = pytest.importorskip("torch.distributed")
@@ -227,18 +226,12 @@ def _worker(rank, port, result_path):
         torch.save(out, result_path)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    import torch.multiprocessing as mp
 
     result = tmp_path_factory.mktemp("msharp") / "result.pt"
-    mp.spawn(_worker, args=(_free_port(), str(result)), nprocs=WORLD, join=True)
+    spawn_gloo(_worker, str(result), nprocs=WORLD)
     return torch.load(result, weights_only=False)
 
 

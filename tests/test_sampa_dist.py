@@ -1,16 +1,16 @@
 """SAMPa's two-process form (gloo, CPU): each rank computes one gradient; the result equals the sequential form."""
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
 from sharpfused import SAMPa
+
+from .helpers import spawn_gloo
 
 STEPS = 7
 
@@ -61,15 +61,10 @@ def _worker(rank, port, out_dir):
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="gloo not available")
 def test_two_process_sampa_equals_sequential(tmp_path):
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    spawn_gloo(_worker, str(tmp_path))
     r0 = torch.load(tmp_path / "rank0.pt")
     r1 = torch.load(tmp_path / "rank1.pt")
     for a, b, c in zip(r0["par"], r1["par"], r0["seq"]):
