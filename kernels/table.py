@@ -54,6 +54,8 @@ CACHE_SIZE = 64
 
 #: element types the kernels read and write; anything else (float64 included) goes to torch_ops
 NATIVE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+#: mask element types a companion list may have (read as bytes: SSAM stores its mask as uint8)
+MASKS = (torch.bool, torch.uint8)
 #: same-width integer types, for bit-exact copies
 BITS = {torch.float32: tl.int32, torch.bfloat16: tl.int16, torch.float16: tl.int16}
 
@@ -225,7 +227,7 @@ def groups(first: Sequence[Tensor], *others: Optional[Sequence[Tensor]]):
     """Split parallel lists by device and the dtype of every list's entry.
 
     Yields ``(native, index, [sublists...])``: ``index`` the positions in ``first``, ``native``
-    whether the Triton kernels take this group (float32/bf16/fp16 -- plus bool masks --,
+    whether the Triton kernels take this group (float32/bf16/fp16 -- plus bool/uint8 masks --,
     contiguous, one device); other groups (float64 among them) go to the torch backend.
     """
     if not first:
@@ -248,7 +250,7 @@ def groups(first: Sequence[Tensor], *others: Optional[Sequence[Tensor]]):
             (dev.type == "cuda" or dev.type == "cpu")
             and all(d == dev for d in key[0::2])
             and key[1] in NATIVE
-            and all(d in NATIVE or d == torch.bool for d in key[3::2])
+            and all(d in NATIVE or d in MASKS for d in key[3::2])
             and all(t.is_contiguous() for s in subs if s is not None for t in s)
         )
         yield native, idx, subs
@@ -256,7 +258,7 @@ def groups(first: Sequence[Tensor], *others: Optional[Sequence[Tensor]]):
 
 def tl_dtype(dtype: torch.dtype):
     """Triton element type of a list (bool masks are read as bytes)."""
-    return tl.uint8 if dtype == torch.bool else NATIVE[dtype]
+    return tl.uint8 if dtype in MASKS else NATIVE[dtype]
 
 
 def scalar(s, dummy: Tensor):
