@@ -140,14 +140,11 @@ class LocalStep:
             opt.copy([b], views, lambda b: b.grads())
             self._all_reduce_mean(b.buffer(scratch_name).flat)
             opt.copy([b], lambda b: b.grads(), views)
-        inside = {id(p) for b in buckets for p in b.sources}
-        for group in opt.param_groups:
-            for p in group["params"]:
-                if p.grad is not None and id(p) not in inside:
-                    g = p.grad if p.grad.is_contiguous() else p.grad.contiguous()
-                    self._all_reduce_mean(g)
-                    if g is not p.grad:
-                        p.grad.copy_(g)
+        for _, p in opt.with_grads(outside=buckets):
+            g = p.grad if p.grad.is_contiguous() else p.grad.contiguous()
+            self._all_reduce_mean(g)
+            if g is not p.grad:
+                p.grad.copy_(g)
 
     def update_pass(self, opt: SharpnessAware, buckets: list, scratch_name: str = "local_mean") -> None:
         if _context_for(opt) is not None:  # this backward ran without DDP's averaging too
@@ -421,18 +418,18 @@ def get_optimizer_state_dict(model: nn.Module, optimizer: SharpnessAware, option
 
     base = optimizer.base_optimizer
     fresh = not optimizer.state and not base.state
+    own = None
     if fresh or not base.state:
         # torch's get_optimizer_state_dict also runs a hidden step on a base optimizer without
         # state (_init_optim_state): both only ever see throwaway state
         with _scratch_state(optimizer, step=True):
             if fresh:
                 _initialize_state(optimizer)
+                own = _own_state(model, optimizer)
             base_sd = tsd.get_optimizer_state_dict(model, base, options=options)
-            own = _own_state(model, optimizer) if fresh else None
-        if own is None:
-            own = _own_state(model, optimizer)
     else:
         base_sd = tsd.get_optimizer_state_dict(model, base, options=options)
+    if own is None:  # the optimizer's own (not throwaway) state
         own = _own_state(model, optimizer)
     own["fresh"] = fresh
     return {"base_optimizer": base_sd, "sharpness_aware": own}

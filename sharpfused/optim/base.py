@@ -307,20 +307,33 @@ class SharpnessAware(Optimizer):
                 key.append((id(p), local_tensor(p).data_ptr()))
         return tuple(key)
 
+    def with_grads(self, outside: Optional[list[Bucket]] = None) -> list[tuple[int, Tensor]]:
+        """(group index, parameter) of every parameter with a gradient now, in group order; with
+        ``outside``, only those that are not in these buckets (they got a gradient in a later pass)."""
+        skip = set() if outside is None else {id(p) for b in outside for p in b.sources}
+        return [
+            (gi, p)
+            for gi, group in enumerate(self.param_groups)
+            for p in group["params"]
+            if p.grad is not None and id(p) not in skip
+        ]
+
+    def _make_buckets(self, params: list[tuple[int, Tensor]]) -> list[Bucket]:
+        """One bucket per (param group, device, dtype, sharding) of ``params`` (from :meth:`with_grads`)."""
+        by: dict[tuple, list[Tensor]] = {}
+        for gi, p in params:
+            by.setdefault((gi, p.device, p.dtype, reduction_key(p)), []).append(p)
+        return [
+            Bucket(self.param_groups[gi], gi, ps, ops.resolve(self.backend, dev), red)
+            for (gi, dev, _, red), ps in by.items()
+        ]
+
     def buckets(self) -> list[Bucket]:
         """Buckets of the parameters that have gradients now; rebuilt only when that set changes."""
         key = self._grad_key()
         if key != self._bucket_key:
-            by: dict[tuple, list[Tensor]] = {}
-            for gi, group in enumerate(self.param_groups):
-                for p in group["params"]:
-                    if p.grad is not None:
-                        by.setdefault((gi, p.device, p.dtype, reduction_key(p)), []).append(p)
             old = self._buckets
-            self._buckets = [
-                Bucket(self.param_groups[gi], gi, ps, ops.resolve(self.backend, dev), red)
-                for (gi, dev, _, red), ps in by.items()
-            ]
+            self._buckets = self._make_buckets(self.with_grads())
             self._bucket_key = key
             self._unpin(old)
         return self._buckets
@@ -601,29 +614,18 @@ class SharpnessAware(Optimizer):
     def _unbucketed_grads(self, buckets: list[Bucket]) -> list[tuple[str, list[Tensor]]]:
         """Gradients of parameters outside the buckets (not perturbed: they had no gradient in
         the first pass), grouped by device; empty in the usual case where the set is unchanged."""
-        inside = {id(p) for b in buckets for p in b.sources}
         by: dict[tuple, list[Tensor]] = {}
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None and id(p) not in inside:
-                    g = kernel_view(p.grad)
-                    by.setdefault((g.device, g.dtype), []).append(g)
+        for _, p in self.with_grads(outside=buckets):
+            g = kernel_view(p.grad)
+            by.setdefault((g.device, g.dtype), []).append(g)
         return [(ops.resolve(self.backend, dev), gs) for (dev, _), gs in by.items()]
 
     def _later_buckets(self, buckets: list[Bucket]) -> list[Bucket]:
         """Buckets (this step only) of the parameters with a gradient outside ``buckets``; backup = w."""
-        inside = {id(p) for b in buckets for p in b.sources}
-        by: dict[tuple, list[Tensor]] = {}
-        for gi, group in enumerate(self.param_groups):
-            for p in group["params"]:
-                if p.grad is not None and id(p) not in inside:
-                    by.setdefault((gi, p.device, p.dtype, reduction_key(p)), []).append(p)
-        out = []
-        for (gi, dev, _, red), ps in by.items():
-            b = Bucket(self.param_groups[gi], gi, ps, ops.resolve(self.backend, dev), red)
+        later = self._make_buckets(self.with_grads(outside=buckets))
+        for b in later:
             ops.restore_(b.backup.views, b.params, backend=b.backend)
-            out.append(b)
-        return out
+        return later
 
     def restore_and_base_step(self, buckets: list[Bucket]) -> None:
         """Restore w exactly and take the base optimizer's step with the gradients now in ``.grad``.

@@ -11,6 +11,15 @@ from .. import ops
 from .base import SharpnessAware, check_nonneg, check_rho, check_unit
 
 
+def _split(new: list, *lists: list) -> tuple[list, list]:
+    """Each list cut in two by ``new`` (per parameter: no momentum yet): (the new entries of every
+    list, the others of every list). Without new parameters the lists are passed on as they are."""
+    if not any(new):
+        return [[] for _ in lists], list(lists)
+    return ([[x for x, f in zip(xs, new) if f] for xs in lists],
+            [[x for x, f in zip(xs, new) if not f] for xs in lists])
+
+
 class FriendlySAM(SharpnessAware):
     r"""Friendly SAM (Li et al., "Friendly Sharpness-Aware Minimization", CVPR 2024).
 
@@ -68,13 +77,9 @@ class FriendlySAM(SharpnessAware):
             c = 1.0 if inv is None else inv.to(b.device)
             g = b.buffer("grad").views  # this step's (unscaled) gradient, committed into m at the end
             ops.combine_(g, b.grads(), 0.0, c, backend=b.backend)
-            grads, ms = b.grads(), m.views
-            if any(new):
-                if inv is not None:  # the new ones' d = g, unscaled like the rest
-                    fresh_g = [x for x, f in zip(grads, new) if f]
-                    ops.combine_(fresh_g, fresh_g, c, 0.0, backend=b.backend)
-                old = [i for i, f in enumerate(new) if not f]
-                grads, ms = [grads[i] for i in old], [ms[i] for i in old]
+            (fresh_g, _), (grads, ms) = _split(new, b.grads(), m.views)
+            if fresh_g and inv is not None:  # the new ones' d = g, unscaled like the rest
+                ops.combine_(fresh_g, fresh_g, c, 0.0, backend=b.backend)
             if grads:  # d = g - sigma m (up to the loss scale: the perturbation is normalized)
                 ops.combine_(grads, ms, c, -b.group["sigma"], backend=b.backend)
         if buckets:
@@ -87,13 +92,9 @@ class FriendlySAM(SharpnessAware):
         """m <- lam m + (1 - lam) g (m_0 = g), kept as it was when the step is skipped (device flag)."""
         for b, new in zip(buckets, fresh):
             lam = b.group["lam"]
-            m, g = b.extra["momentum"].views, b.extra["grad"].views
-            if any(new):
-                first = [i for i, f in enumerate(new) if f]
-                # m_0 = g; on a skipped step these entries are dropped altogether (_finish_step)
-                ops.combine_([m[i] for i in first], [g[i] for i in first], 0.0, 1.0, backend=b.backend)
-                old = [i for i, f in enumerate(new) if not f]
-                m, g = [m[i] for i in old], [g[i] for i in old]
+            (m0, g0), (m, g) = _split(new, b.extra["momentum"].views, b.extra["grad"].views)
+            if m0:  # m_0 = g; on a skipped step these entries are dropped altogether (_finish_step)
+                ops.combine_(m0, g0, 0.0, 1.0, backend=b.backend)
             if m:
                 ops.combine_(m, g, self.unless_skipped(lam, 1.0), self.unless_skipped(1.0 - lam, 0.0),
                              backend=b.backend)

@@ -59,7 +59,7 @@ class LookSAM(SharpnessAware):
         buckets = self._begin_first()
         count = self.state.get("looksam", {}).get("step", 0)
         full = count % self.k == 0 or not all([self.state_buffer(b, "g_v")[1] for b in buckets])
-        self._count_step(count)
+        self._commits.append(("_commit_count", (count,)))
         self._reused = not (full or not buckets)
         if full or not buckets:
             if buckets:
@@ -79,13 +79,9 @@ class LookSAM(SharpnessAware):
         self._end_second(zero_grad)
         return False
 
-    def _count_step(self, count: int) -> None:
+    def _commit_count(self, count: int, skipped: Optional[bool]) -> None:
         """The step counter moves when the step completes (a host value: it counts attempted steps,
         except that a skipped step that created g_v -- the first -- does not count)."""
-
-        self._commits.append(("_commit_count", (count,)))
-
-    def _commit_count(self, count: int, skipped: Optional[bool]) -> None:
         if not skipped:
             self.state["looksam"] = {"step": count + 1}
 

@@ -89,16 +89,14 @@ class SAMPa(SharpnessAware):
             )
         for backend, grads in extra:
             self.note_finite(ops.sq_norm(grads, backend=backend))
-        inside = {id(p) for b in buckets for p in b.sources}
-        return {p: p.grad.detach().clone() for g in self.param_groups for p in g["params"]
-                if p.grad is not None and id(p) not in inside}
+        return {p: (gi, p.grad.detach().clone()) for gi, p in self.with_grads(outside=buckets)}
 
     def _join_later(self, outside: dict) -> None:
         """.grad of those parameters <- lam grad f(y) + (1 - lam) grad f(x~), like the rest; their
         grad f(y) becomes their grad_y when the step completes (so they join the next step's buckets)."""
         gys = {}
-        for p, gx in outside.items():
-            lam = next(g["lam"] for g in self.param_groups if any(q is p for q in g["params"]))
+        for p, (gi, gx) in outside.items():
+            lam = self.param_groups[gi]["lam"]
             gy = p.grad if p.grad is not None else torch.zeros_like(gx)
             gys[p] = gy.detach().clone()
             p.grad = gy * lam + gx * (1.0 - lam)
@@ -182,8 +180,7 @@ class SAMPa(SharpnessAware):
         except BaseException:
             with torch.no_grad():
                 self.restore(buckets)  # an exception in a closure: back to x_t, bit-exactly
-                self._drop_created()  # and no state from the step that did not happen
-                self._clear_pending()
+                self.abort_step()  # and no state from the step that did not happen
                 self.zero_grad(set_to_none=True)
             raise
         if outside:

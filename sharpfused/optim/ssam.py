@@ -92,10 +92,15 @@ class SSAM(SharpnessAware):
             old = torch.cat([m.flat for m in masks]) if valid else None
             if valid and keep_on_nonfinite:  # decided on the device
                 flat = torch.where(torch.isfinite(score).all(), flat, old)
-            for m, part in zip(masks, flat.split([m.flat.numel() for m in masks])):
-                m.flat.copy_(part)
+            self._write_masks(masks, flat)
             saved.append((masks, old))
         return saved
+
+    @staticmethod
+    def _write_masks(masks: list, flat: torch.Tensor) -> None:
+        """A group's mask, one flat tensor over its buckets, into their mask buffers."""
+        for m, part in zip(masks, flat.split([m.flat.numel() for m in masks])):
+            m.flat.copy_(part)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """As the base class; masks come back as uint8 (torch's loader casts state to the parameter dtype)."""
@@ -105,12 +110,11 @@ class SSAM(SharpnessAware):
             if isinstance(mask, torch.Tensor) and mask.dtype != torch.uint8:
                 st["mask"] = mask.to(torch.uint8)
 
-    @staticmethod
-    def _undo_refresh(saved: list) -> None:
+    @classmethod
+    def _undo_refresh(cls, saved: list) -> None:
         for masks, old in saved:
             if old is not None:
-                for m, part in zip(masks, old.split([m.flat.numel() for m in masks])):
-                    m.flat.copy_(part)
+                cls._write_masks(masks, old)
 
     def _commit_refresh(self, saved: list, refresh: bool, since: Optional[int], skipped: Optional[bool]) -> None:
         if refresh and skipped:
