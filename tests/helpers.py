@@ -71,9 +71,29 @@ def data(model_kind: str, n=16, seed=1):
     return torch.randn(n, 1, 6, 6, generator=g), torch.randint(0, 3, (n,), generator=g)
 
 
-def spawn_gloo(worker, *args, nprocs: int = 2) -> None:
-    """``torch.multiprocessing.spawn(worker, (port, *args))`` on a free loopback port; once more on a
-    fresh port when the rendezvous lost its port to another process (a race, not a test failure)."""
+def _gloo_main(rank, port, nprocs, body, out_dir, args):
+    """One rank: a gloo process group on the loopback port, ``body(rank, *args)``, its result saved."""
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=nprocs)
+    try:
+        out = body(rank, *args)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def run_gloo(body, out_dir, *args, nprocs: int = 2) -> list:
+    """Run ``body(rank, *args)`` (a module-level function) in ``nprocs`` processes of one gloo group
+    and return each rank's result. A free loopback port; once more on a fresh port when the
+    rendezvous lost its port to another process (a race, not a test failure)."""
+    import os
+
     import torch.multiprocessing as mp
 
     for attempt in range(2):
@@ -81,9 +101,34 @@ def spawn_gloo(worker, *args, nprocs: int = 2) -> None:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         try:
-            mp.spawn(worker, args=(port, *args), nprocs=nprocs, join=True)
-            return
+            mp.spawn(_gloo_main, args=(port, nprocs, body, str(out_dir), args), nprocs=nprocs, join=True)
+            break
         except mp.ProcessRaisedException as e:
             text = str(e)
             if attempt or not any(w in text for w in ("Address already in use", "EADDRINUSE", "Connection refused")):
                 raise
+    return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(nprocs)]
+
+
+def optimizer_snapshot(model, opt) -> list:
+    """The weights, then every (entry, value) of the base optimizer's and the algorithm's state in a
+    fixed order (tensors cloned): compare two of them with ``==`` on values / torch.equal."""
+    out = [p.detach().clone() for p in model.parameters()]
+    names = {id(p): n for n, p in model.named_parameters()}
+    for st in (opt.base_optimizer.state, opt.state):
+        for key in sorted(st, key=lambda k: names.get(id(k), str(k))):
+            for entry in sorted(st[key]):
+                v = st[key][entry]
+                out.append((entry, v.detach().clone() if isinstance(v, torch.Tensor) else v))
+    return out
+
+
+def same_values(a, b) -> bool:
+    """Equal bit for bit: tensors by shape and torch.equal, lists/tuples/dicts element by element."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(same_values(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(same_values(a[k], b[k]) for k in a)
+    return a == b

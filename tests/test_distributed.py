@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 import sharpfused
 
-from .helpers import MLP, data, rel_err, spawn_gloo
+from .helpers import MLP, data, optimizer_snapshot, rel_err, run_gloo, same_values
 
 dist = pytest.importorskip("torch.distributed")
 if not dist.is_available() or not dist.is_gloo_available():
@@ -211,29 +211,18 @@ def _fsdp_scenarios(rank, out, ckpt_dir):
                                  template_state=untouched_state)
 
 
-def _worker(rank, port, result_path, ckpt_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+def _worker(rank, ckpt_dir):
     out = {"ddp": {}, "ddp_calls": {}, "fsdp": {}, "fsdp_calls": {}, "ckpt": {}}
-    try:
-        _ddp_scenarios(rank, out)
-        _fsdp_scenarios(rank, out, ckpt_dir)
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
-    if rank == 0:
-        torch.save(out, result_path)
+    _ddp_scenarios(rank, out)
+    _fsdp_scenarios(rank, out, ckpt_dir)
+    return out
 
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-
     tmp = tmp_path_factory.mktemp("distributed")
-    result = tmp / "result.pt"
-    spawn_gloo(_worker, str(result), str(tmp), nprocs=WORLD)
-    return torch.load(result, weights_only=False)
+    return run_gloo(_worker, tmp, str(tmp), nprocs=WORLD)[0]
 
 
 def single_process(name, steps=STEPS):
@@ -357,29 +346,10 @@ def _ckpt_opt(model, name, base):
 
 def _everything(model, opt):
     """Weights, every state tensor and value (base and algorithm), hyperparameters, RNG: as a flat list."""
-    out = [p.detach().clone() for p in model.parameters()]
-    names = {id(p): n for n, p in model.named_parameters()}
-    for st in (opt.base_optimizer.state, opt.state):
-        for key in sorted(st, key=lambda k: names.get(id(k), str(k))):
-            for entry in sorted(st[key]):
-                v = st[key][entry]
-                out.append((entry, v.detach().clone() if isinstance(v, torch.Tensor) else v))
+    out = optimizer_snapshot(model, opt)
     out.append([{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups])
     out.append(torch.random.get_rng_state())
     return out
-
-
-def _same(a, b) -> bool:
-    def eq(x, y):
-        if isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor):
-            return isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.shape == y.shape and torch.equal(x, y)
-        if isinstance(x, (list, tuple)) and isinstance(y, (list, tuple)):
-            return len(x) == len(y) and all(eq(u, v) for u, v in zip(x, y))
-        if isinstance(x, dict) and isinstance(y, dict):
-            return x.keys() == y.keys() and all(eq(x[k], y[k]) for k in x)
-        return x == y
-
-    return eq(a, b)
 
 
 CKPT_CASES = [(n, b) for n in ["SAM", "SSAM", "SSAM-random", "LookSAM", "FriendlySAM"] for b in ["sgd", "adamw"]] + [
@@ -395,7 +365,7 @@ def test_get_optimizer_state_dict_of_a_fresh_optimizer_changes_nothing(name, bas
     opt = _ckpt_opt(model, name, base)
     before = _everything(model, opt)
     sd = sharpfused.distributed.get_optimizer_state_dict(model, opt)
-    assert _same(_everything(model, opt), before)  # weights, state (still none), hyperparameters, RNG
+    assert same_values(_everything(model, opt), before)  # weights, state (still none), hyperparameters, RNG
     assert not opt.state and not opt.base_optimizer.state and all(p.grad is None for p in model.parameters())
     assert sd["sharpness_aware"]["fresh"] is True
     if base != "sgd-plain":  # the template has the entries a trained optimizer has (dcp.load fills them)
@@ -407,7 +377,7 @@ def test_get_optimizer_state_dict_of_a_fresh_optimizer_changes_nothing(name, bas
     model = make_model()
     opt = _ckpt_opt(model, name, base)
     run_steps(model, opt, 4)
-    assert _same(after_call, _everything(model, opt))
+    assert same_values(after_call, _everything(model, opt))
 
 
 @pytest.mark.parametrize("name,base", [("LookSAM", "sgd-plain"), ("FriendlySAM", "sgd-plain"), ("SSAM", "sgd-plain")])
@@ -419,7 +389,7 @@ def test_get_optimizer_state_dict_of_a_trained_optimizer_changes_nothing(name, b
     run_steps(model, opt, 3)
     before = _everything(model, opt)
     sd = sharpfused.distributed.get_optimizer_state_dict(model, opt)
-    assert _same(_everything(model, opt), before)
+    assert same_values(_everything(model, opt), before)
     assert sd["sharpness_aware"]["fresh"] is False and sd["sharpness_aware"]["state"]
 
 
@@ -468,9 +438,9 @@ def test_dcp_resume_single_process_is_bit_identical(tmp_path, name, base):
     opt = _ckpt_opt(model, name, base)
     run_steps(model, opt, 5)
     straight = _everything(model, opt)
-    assert _same(_dcp_resume(tmp_path, name, base, 3, 5)[:-1], straight[:-1])  # the RNG state aside
+    assert same_values(_dcp_resume(tmp_path, name, base, 3, 5)[:-1], straight[:-1])  # the RNG state aside
     # a fresh optimizer's checkpoint, loaded into a fresh one, then trained: fresh training
-    assert _same(_dcp_resume(tmp_path, name, base, 0, 5)[:-1], straight[:-1])
+    assert same_values(_dcp_resume(tmp_path, name, base, 0, 5)[:-1], straight[:-1])
 
 
 @pytest.mark.parametrize("name,base", [("SAM", "sgd"), ("LookSAM", "adamw"), ("FriendlySAM", "sgd")])
@@ -487,7 +457,7 @@ def test_fresh_state_dict_loaded_in_memory_gives_a_fresh_optimizer(name, base):
     model2.load_state_dict(model.state_dict())
     run_steps(model, opt, 3)
     run_steps(model2, opt2, 3)
-    assert _same(_everything(model2, opt2), _everything(model, opt))
+    assert same_values(_everything(model2, opt2), _everything(model, opt))
 
 
 @pytest.mark.parametrize("trained", [False, True])
@@ -505,11 +475,11 @@ def test_torch_dcp_functions_on_a_sharpfused_optimizer_name_ours(name, trained):
     before = _everything(model, opt)
     with pytest.raises(TypeError, match="sharpfused.distributed.get_optimizer_state_dict"):
         tsd.get_optimizer_state_dict(model, opt)
-    assert _same(_everything(model, opt), before) and all(p.grad is None for p in model.parameters())
+    assert same_values(_everything(model, opt), before) and all(p.grad is None for p in model.parameters())
     sd = sharpfused.distributed.get_optimizer_state_dict(model, opt)
     with pytest.raises(TypeError, match="sharpfused.distributed.set_optimizer_state_dict"):
         tsd.set_optimizer_state_dict(model, opt, sd["base_optimizer"])
-    assert _same(_everything(model, opt), before)
+    assert same_values(_everything(model, opt), before)
 
 
 def test_checkpoint_adapter_refused_mid_step():

@@ -16,7 +16,6 @@ simulation of the replicas made here.
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
@@ -25,7 +24,7 @@ import torch.nn.functional as F
 import sharpfused
 from sharpfused.losses import bisam_lower_bound
 
-from .helpers import MLP, data, rel_err, spawn_gloo
+from .helpers import MLP, data, optimizer_snapshot, rel_err, run_gloo, same_values
 from .reference import EPS, SGDRef, slerp, topk_mask
 
 dist = pytest.importorskip("torch.distributed")
@@ -121,32 +120,6 @@ def closure_step(name, model, opt, x, y):
             opt.step(lambda: closure())
 
 
-def snapshot(model, opt):
-    """Parameters, then every tensor and value of the base and the algorithm state, in a fixed order."""
-    out = [p.detach().clone() for p in model.parameters()]
-    names = {id(p): n for n, p in model.named_parameters()}
-    for st in (opt.base_optimizer.state, opt.state):
-        for key in sorted(st, key=lambda k: names.get(id(k), str(k))):
-            for entry in sorted(st[key]):
-                v = st[key][entry]
-                out.append(v.detach().clone() if isinstance(v, torch.Tensor) else v)
-    return out
-
-
-def same(a, b) -> bool:
-    if len(a) != len(b):
-        return False
-    for x, y in zip(a, b):
-        if isinstance(x, torch.Tensor) != isinstance(y, torch.Tensor):
-            return False
-        if isinstance(x, torch.Tensor):
-            if x.shape != y.shape or not torch.equal(x, y):
-                return False
-        elif x != y:
-            return False
-    return True
-
-
 def param_diff(a, b, n) -> float:
     return max(float((x - y).abs().max()) for x, y in zip(a[:n], b[:n]))
 
@@ -183,7 +156,7 @@ def _run(name, rank, step_fn, bad_steps=()):
     rec = dict(identical=[], diff=[], calls=[], skipped=[], error=None)
     for t in range(STEPS):
         x, y = batch(t, rank)
-        before = snapshot(model.module, opt)
+        before = optimizer_snapshot(model.module, opt)
         with Counter() as c:
             try:
                 if bad_steps:
@@ -191,14 +164,14 @@ def _run(name, rank, step_fn, bad_steps=()):
                 else:
                     step_fn(name, model, opt, x, y)
             except Exception as exc:  # a refusal: must leave everything as it was
-                rec["error"] = (type(exc).__name__, str(exc), same(before, snapshot(model.module, opt)))
+                rec["error"] = (type(exc).__name__, str(exc), same_values(before, optimizer_snapshot(model.module, opt)))
                 break
         rec["calls"].append(sorted(c.calls))
         s = opt.last_step_skipped
         rec["skipped"].append(None if s is None else bool(s))
         snaps = [None] * WORLD
-        dist.all_gather_object(snaps, snapshot(model.module, opt))
-        rec["identical"].append(same(snaps[0], snaps[1]))
+        dist.all_gather_object(snaps, optimizer_snapshot(model.module, opt))
+        rec["identical"].append(same_values(snaps[0], snaps[1]))
         rec["diff"].append(param_diff(snaps[0], snaps[1], n))
         skips = [None] * WORLD
         dist.all_gather_object(skips, rec["skipped"][-1])
@@ -207,32 +180,21 @@ def _run(name, rank, step_fn, bad_steps=()):
     return rec
 
 
-def _worker(rank, port, result_path):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+def _worker(rank):
     out = {"manual": {}, "closure": {}, "nonfinite": {}}
-    try:
-        for name in SUPPORTED:
-            out["manual"][name] = _run(name, rank, manual_step)
-        for name in CONFIGS:
-            out["closure"][name] = _run(name, rank, closure_step)
-        for name in SUPPORTED:
-            out["nonfinite"][name] = _run(name, rank, manual_step, bad_steps=(1, 2))
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
-    if rank == 0:
-        torch.save(out, result_path)
+    for name in SUPPORTED:
+        out["manual"][name] = _run(name, rank, manual_step)
+    for name in CONFIGS:
+        out["closure"][name] = _run(name, rank, closure_step)
+    for name in SUPPORTED:
+        out["nonfinite"][name] = _run(name, rank, manual_step, bad_steps=(1, 2))
+    return out
 
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-
-    result = tmp_path_factory.mktemp("msharp") / "result.pt"
-    spawn_gloo(_worker, str(result), nprocs=WORLD)
-    return torch.load(result, weights_only=False)
+    return run_gloo(_worker, tmp_path_factory.mktemp("msharp"), nprocs=WORLD)[0]
 
 
 # ------------------------------------------------------------------ float64 simulation of the replicas

@@ -61,8 +61,7 @@ def weights(model):
 
 def flat_state(opt):
     """Every tensor and value of the optimizer's and the base optimizer's state, for bit comparison."""
-    sd = copy.deepcopy(opt.state_dict())
-    return sd
+    return copy.deepcopy(opt.state_dict())
 
 
 def same(a, b, where="state"):
@@ -83,6 +82,15 @@ def same(a, b, where="state"):
 def steps(name, model, opt, batches):
     for x, y in batches:
         opt.step(closure(name, model, x, y))
+
+
+def trained(name, n=3):
+    """A seeded MLP and ``make(name)``'s optimizer after ``n`` steps (SSAM: step 3 refreshes its mask)."""
+    torch.manual_seed(0)
+    model = MLP()
+    opt = make(name, model.parameters())
+    steps(name, model, opt, batches(n))
+    return model, opt
 
 
 def batches(n, seed=1):
@@ -144,10 +152,7 @@ def test_ssam_builds_its_mask_on_the_first_finite_step():
 @pytest.mark.parametrize("name", ALL)
 @pytest.mark.parametrize("at", [0, 1], ids=["pass1", "pass2"])
 def test_an_exception_in_a_pass_leaves_every_state_as_it_was(name, at):
-    torch.manual_seed(0)
-    model = MLP()
-    opt = make(name, model.parameters())  # SSAM: mask_every=3, so step 3 refreshes the mask
-    steps(name, model, opt, batches(3))
+    model, opt = trained(name)  # SSAM: mask_every=3, so step 3 refreshes the mask
     twin, ref = copy.deepcopy(model), None
     ref = make(name, twin.parameters())
     ref.load_state_dict(copy.deepcopy(opt.state_dict()))
@@ -166,10 +171,7 @@ def test_an_exception_in_a_pass_leaves_every_state_as_it_was(name, at):
 
 @pytest.mark.parametrize("name", ["friendly", "ssam", "looksam"])
 def test_abort_step_after_first_step_restores_the_algorithm_state(name):
-    torch.manual_seed(0)
-    model = MLP()
-    opt = make(name, model.parameters())
-    steps(name, model, opt, batches(3))
+    model, opt = trained(name)
     before, w = flat_state(opt), weights(model)
     x, y = data("mlp", n=16, seed=7)
     F.cross_entropy(model(x), y).backward()
@@ -183,10 +185,7 @@ def test_abort_step_after_first_step_restores_the_algorithm_state(name):
 
 @pytest.mark.parametrize("name", ["friendly", "looksam", "ssam"])
 def test_a_step_whose_second_pass_overflows_keeps_the_algorithm_state(name):
-    torch.manual_seed(0)
-    model = MLP()
-    opt = make(name, model.parameters())
-    steps(name, model, opt, batches(3))  # SSAM: the next step refreshes its mask
+    model, opt = trained(name)  # SSAM: the next step refreshes its mask
     before, w = flat_state(opt), weights(model)
     x, y = data("mlp", n=16, seed=7)
     opt.step(closure(name, model, x, y, float("nan"), 1))
@@ -240,10 +239,7 @@ def test_state_dict_between_the_passes_is_refused():
 
 @pytest.mark.parametrize("name", TWO_PASS)
 def test_load_state_dict_while_perturbed_restores_first(name):
-    torch.manual_seed(0)
-    model = MLP()
-    opt = make(name, model.parameters())
-    steps(name, model, opt, batches(2))
+    model, opt = trained(name, 2)
     sd, w = copy.deepcopy(opt.state_dict()), weights(model)
     twin = copy.deepcopy(model)
     ref = make(name, twin.parameters())
@@ -299,10 +295,7 @@ def test_a_copy_continues_bit_identically(name, how):
 
 @pytest.mark.parametrize("name", TWO_PASS)
 def test_a_copy_taken_between_the_passes_finishes_the_step(name):
-    torch.manual_seed(0)
-    model = MLP()
-    opt = make(name, model.parameters())
-    steps(name, model, opt, batches(2))
+    model, opt = trained(name, 2)
     x, y = data("mlp", n=16, seed=9)
     closure(name, model, x, y)(*([True] if name == "bisam" else []))
     opt.first_step(zero_grad=True)
@@ -319,10 +312,7 @@ def test_a_copy_taken_between_the_passes_finishes_the_step(name):
 
 @pytest.mark.parametrize("name", ["ssam", "looksam", "friendly"])
 def test_a_mid_step_copy_that_alone_finishes_leaves_the_original_untouched(name):
-    torch.manual_seed(0)
-    model = MLP()
-    opt = make(name, model.parameters())
-    steps(name, model, opt, batches(3))  # SSAM: the next step refreshes its mask
+    model, opt = trained(name)  # SSAM: the next step refreshes its mask
     x, y = data("mlp", n=16, seed=9)
     F.cross_entropy(model(x), y).backward()
     before = flat_state(opt)

@@ -1,6 +1,5 @@
 """SAMPa's two-process form (gloo, CPU): each rank computes one gradient; the result equals the sequential form."""
 
-import os
 
 import pytest
 import torch
@@ -10,7 +9,7 @@ from torch import nn
 
 from sharpfused import SAMPa
 
-from .helpers import spawn_gloo
+from .helpers import run_gloo
 
 STEPS = 7
 
@@ -36,37 +35,27 @@ def _train(opt, model, data):
         opt.step(closure)
 
 
-def _worker(rank, port, out_dir):
-    os.environ["OMP_NUM_THREADS"] = "1"
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    try:
-        data = _data()
-        model = _model()
-        opt = SAMPa(model.parameters(), torch.optim.SGD, rho=0.1, lam=0.2, lr=0.1, momentum=0.9,
-                    process_group=dist.group.WORLD, backend="torch")
-        _train(opt, model, data)
-        if rank == 0:  # the sequential form, same process settings
-            seq_model = _model()
-            seq = SAMPa(seq_model.parameters(), torch.optim.SGD, rho=0.1, lam=0.2, lr=0.1, momentum=0.9, backend="torch")
-            _train(seq, seq_model, data)
-            torch.save({"par": [p.detach() for p in model.parameters()],
-                        "seq": [p.detach() for p in seq_model.parameters()],
-                        "grad_y": [opt.state[p]["grad_y"].clone() for p in model.parameters()],
-                        "seq_grad_y": [seq.state[p]["grad_y"].clone() for p in seq_model.parameters()]},
-                       os.path.join(out_dir, "rank0.pt"))
-        else:
-            torch.save({"par": [p.detach() for p in model.parameters()]}, os.path.join(out_dir, "rank1.pt"))
-    finally:
-        dist.destroy_process_group()
+def _worker(rank):
+    data = _data()
+    model = _model()
+    opt = SAMPa(model.parameters(), torch.optim.SGD, rho=0.1, lam=0.2, lr=0.1, momentum=0.9,
+                process_group=dist.group.WORLD, backend="torch")
+    _train(opt, model, data)
+    out = {"par": [p.detach() for p in model.parameters()]}
+    if rank == 0:  # the sequential form, same process settings
+        seq_model = _model()
+        seq = SAMPa(seq_model.parameters(), torch.optim.SGD, rho=0.1, lam=0.2, lr=0.1, momentum=0.9, backend="torch")
+        _train(seq, seq_model, data)
+        out.update(seq=[p.detach() for p in seq_model.parameters()],
+                   grad_y=[opt.state[p]["grad_y"].clone() for p in model.parameters()],
+                   seq_grad_y=[seq.state[p]["grad_y"].clone() for p in seq_model.parameters()])
+    return out
 
 
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="gloo not available")
 def test_two_process_sampa_equals_sequential(tmp_path):
-    spawn_gloo(_worker, str(tmp_path))
-    r0 = torch.load(tmp_path / "rank0.pt")
-    r1 = torch.load(tmp_path / "rank1.pt")
+    r0, r1 = run_gloo(_worker, tmp_path)
     for a, b, c in zip(r0["par"], r1["par"], r0["seq"]):
         assert torch.equal(a, b), "the two ranks diverged"
         assert torch.equal(a, c), "the two-process form differs from the sequential form"
