@@ -11,6 +11,7 @@ checkout or editable install and from a wheel installed without compiling.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import sys
 from collections.abc import Mapping
@@ -88,6 +89,60 @@ def build_decision(
     if missing:
         return False, "; ".join(missing)
     return True, f"torch CUDA {torch_cuda}, nvcc at {nvcc}"
+
+
+def torch_version() -> Optional[str]:
+    """The installed torch's version (``torch.__version__``, e.g. ``2.11.0+cu130``); None without torch."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    return str(torch.__version__)
+
+
+def torch_cuda_tag(torch_ver: str, cuda: str) -> str:
+    """The label naming a torch ABI: ``torch2.11.cu130`` for torch 2.11.x built with CUDA 13.0."""
+    major_minor = ".".join(torch_ver.split("+")[0].split(".")[:2])
+    return f"torch{major_minor}.cu{cuda.replace('.', '')}"
+
+
+def local_version(
+    env: Optional[Mapping[str, str]] = None,
+    torch_ver: Optional[str] = "probe",
+    torch_cuda: Optional[str] = "probe",
+    with_extension: bool = True,
+) -> str:
+    """The PEP 440 local version label of the package being built ('' for none).
+
+    SHARPFUSED_LOCAL_VERSION, when set, is used as given ('' or 'none': no label). Otherwise a
+    build with SHARPFUSED_FORCE_CUDA=1 that compiles the extension gets the torch ABI it was
+    built against (:func:`torch_cuda_tag`, e.g. ``torch2.11.cu130``: the wheel is
+    ``sharpfused-0.1.0+torch2.11.cu130-...``); every other build (pure, ``pip install -e .``)
+    none, so it stays 0.1.0.
+    """
+    env = os.environ if env is None else env
+    label = env.get("SHARPFUSED_LOCAL_VERSION")
+    if label is None:
+        if not (with_extension and env.get("SHARPFUSED_FORCE_CUDA") == "1"):
+            return ""
+        torch_ver = torch_version() if torch_ver == "probe" else torch_ver
+        torch_cuda = torch_cuda_version() if torch_cuda == "probe" else torch_cuda
+        if not torch_ver or not torch_cuda:
+            return ""
+        label = torch_cuda_tag(torch_ver, torch_cuda)
+    label = label.strip()
+    if label.lower() in ("", "none"):
+        return ""
+    if not re.fullmatch(r"[A-Za-z0-9]+([.][A-Za-z0-9]+)*", label):
+        raise ValueError(
+            f"SHARPFUSED_LOCAL_VERSION={label!r} is not a PEP 440 local version label (letters, digits, dots)"
+        )
+    return label
+
+
+def torch_requirement(torch_ver: str) -> str:
+    """The requirement of a wheel holding the extension: the torch minor it was compiled against."""
+    return "torch==" + ".".join(torch_ver.split("+")[0].split(".")[:2]) + ".*"
 
 
 def default_max_jobs() -> int:
