@@ -104,35 +104,98 @@ fi
 
 # ------------------------------------------------------------------ (a) build and import
 CAP_BUILD=${CAP_BUILD:-240}
+# A prebuilt wheel from bench/wheels/ (bench/build_cuda_wheel.sh; the device tool's `carry` brings the
+# ignored folder) is installed when bench/pick_wheel.py finds one for this torch (major.minor and CUDA),
+# python tag, platform, GPU arch and this checkout's csrc/; else the extension is built here.
+WHEEL_DIR=${WHEEL_DIR:-$ROOT/bench/wheels}
+build_note() {  # the decision, the wheel or the build, and the time, from the stage's log
+  local what secs
+  what=$(grep -m 1 '^decision: ' "$1" | cut -c11-)
+  secs=$(grep -m 1 '^took: ' "$1" | cut -c7-)
+  echo "${what:-build}${secs:+, $secs s}$([ "$2" = 0 ] || echo ", rc $2") ($1)"
+}
 if [ $DRY = 1 ]; then
-  note_row build skip 0 "dry run: no CUDA build on CPU (the CUDA sources compile in .ci/compile_cuda.sh)"
+  # no compile on CPU: the selection itself, on fake wheels (both outcomes), and what it says here
+  dry_build() {
+    local pick here t0=$SECONDS
+    $PY "$ROOT/bench/pick_wheel.py" --self-check --csrc "$ROOT/csrc" | tee "$LOG/.pick_self.out" || return 1
+    pick=$($PY "$ROOT/bench/pick_wheel.py" --dir "$WHEEL_DIR" --csrc "$ROOT/csrc" 2>"$LOG/.pick.err")
+    cat "$LOG/.pick.err"
+    here=$(tail -n 1 "$LOG/.pick.err" | sed 's/^pick_wheel: //')
+    echo "decision: dry run, no compile: selection ok ($(cut -c5- "$LOG/.pick_self.out")); here: \
+$([ -n "$pick" ] && echo "would install $(basename "$pick")" || echo "would build ($here)")"
+    echo "took: $((SECONDS - t0))"
+  }
+  export -f dry_build
+  export WHEEL_DIR ROOT
+  run_stage build 60 build_note dry_build
 elif [ "${SKIP_BUILD:-0}" = 1 ]; then
   note_row build skip 0 "SKIP_BUILD=1 (a rerun on the same machine: the build of the first run stays)"
 else
   TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$($PY -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())' 2>/dev/null)}
   export TORCH_CUDA_ARCH_LIST
-  command -v ninja >/dev/null || has ninja || echo "ninja absent: the extension's sources compile one after another"
-  build() {
-    echo "TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST"
-    local pip_log=$LOG/.pip_install.log
-    if $PY -m pip --version >/dev/null 2>&1; then
-      $PY -m pip install --no-deps --no-build-isolation -v -e . 2>&1 | tee "$pip_log"
-      [ "${PIPESTATUS[0]}" = 0 ] && return 0
-      # a failed compile would only fail again: fall back only when pip stopped before compiling
-      # (an externally managed python, no editable support, ...)
-      if grep -q 'nvcc' "$pip_log"; then return 1; fi
-      echo "pip install -e . stopped before compiling"
-    else
-      echo "pip is absent"
-    fi
-    # build in place, and map sharpfused.kernels to kernels/ as the editable install would
-    echo "fallback: setup.py build_ext --inplace"
-    $PY setup.py build_ext --inplace || return 1
-    [ -e sharpfused/kernels ] || ln -s ../kernels sharpfused/kernels
-  }
-  export -f build
-  export TORCH_CUDA_ARCH_LIST
-  run_stage build "$(cap_for "$CAP_BUILD" 220)" "" build
+  PICKED=$($PY bench/pick_wheel.py --dir "$WHEEL_DIR" --csrc csrc ${TORCH_CUDA_ARCH_LIST:+--arch "${TORCH_CUDA_ARCH_LIST%%;*}"} \
+    2>"$LOG/.pick.err")
+  sed 's/^/build: /' "$LOG/.pick.err"
+  export PICKED
+  if [ -n "$PICKED" ]; then
+    install_wheel() {  # the prebuilt wheel: pip install, and its extension beside the checkout's sources
+      local t0=$SECONDS how="pip install --no-deps --no-index"
+      echo "prebuilt wheel: $PICKED"
+      if ! $PY -m pip --version >/dev/null 2>&1; then
+        how="pip absent: only its extension copied"
+      elif ! $PY -m pip install --no-deps --no-index --force-reinstall "$PICKED"; then
+        how="pip install failed, see the log: only its extension copied"
+      fi
+      echo "$how"
+      # the stages run from the checkout, whose sharpfused/ comes first on sys.path: put the wheel's
+      # sharpfused/_C*.so there (as build_ext --inplace would) and map sharpfused.kernels to kernels/
+      $PY - "$PICKED" <<'PY' || return 1
+import re, sys, zipfile
+z = zipfile.ZipFile(sys.argv[1])
+for n in z.namelist():
+    if re.fullmatch(r"sharpfused/_C\.[^/]*\.so", n):
+        z.extract(n, ".")
+        print("extension:", n)
+PY
+      [ -e sharpfused/kernels ] || ln -s ../kernels sharpfused/kernels
+      $PY -c 'import sharpfused._C as C; print("sharpfused._C loads:", C.__file__)' || return 1
+      echo "decision: installed prebuilt $(basename "$PICKED") ($how)"
+      echo "took: $((SECONDS - t0))"
+    }
+    export -f install_wheel
+    run_stage build "$(cap_for "$CAP_BUILD" 220)" build_note install_wheel
+  else
+    command -v ninja >/dev/null || has ninja || echo "ninja absent: the extension's sources compile one after another"
+    export PICK_WHY="$(tail -n 1 "$LOG/.pick.err" | sed 's/^pick_wheel: //')"
+    build() {
+      local t0=$SECONDS
+      echo "TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST"
+      echo "decision: built here (${PICK_WHY:-no prebuilt wheel})"
+      local pip_log=$LOG/.pip_install.log
+      if $PY -m pip --version >/dev/null 2>&1; then
+        $PY -m pip install --no-deps --no-build-isolation -v -e . 2>&1 | tee "$pip_log"
+        [ "${PIPESTATUS[0]}" = 0 ] && { echo "took: $((SECONDS - t0))"; return 0; }
+        # a failed compile would only fail again: fall back only when pip stopped before compiling
+        # (an externally managed python, no editable support, ...)
+        if grep -q 'nvcc' "$pip_log"; then return 1; fi
+        echo "pip install -e . stopped before compiling"
+      else
+        echo "pip is absent"
+      fi
+      # build in place, and map sharpfused.kernels to kernels/ as the editable install would
+      echo "fallback: setup.py build_ext --inplace"
+      $PY setup.py build_ext --inplace || return 1
+      [ -e sharpfused/kernels ] || ln -s ../kernels sharpfused/kernels
+      echo "took: $((SECONDS - t0))"
+    }
+    export -f build
+    run_stage build "$(cap_for "$CAP_BUILD" 220)" build_note build
+  fi
+fi
+if [ "${BUILD_STAGE_ONLY:-0}" = 1 ]; then  # tests/test_cuda_wheel.py: the build stage's row alone
+  printf '%s\n' "${rows[@]}"
+  exit 0
 fi
 import_check() {
   $PY - "$DRY" <<'PY'
