@@ -12,7 +12,9 @@
 #             tensors raises ValueError saying it needs CUDA tensors
 #   size      the wheel's size, under 64 MiB (what the device tool carries with the working tree)
 #   --tests   also: the CPU test subset (tests/test_compile.py, tests/test_sam.py) with this torch
-#             and the pure package (editable, SHARPFUSED_SKIP_CUDA=1) in a venv over the build venv
+#             and the pure package (editable, SHARPFUSED_SKIP_CUDA=1) in a venv over the build venv;
+#             a failure there is reported and fails the script only with WHEEL_TESTS_STRICT=1 (it
+#             tells how far below the tested torch the package works, not whether the wheel is good)
 #
 #   PYTHON=<build venv>/bin/python bash bench/check_cuda_wheel.sh bench/wheels/<wheel> [--tests]
 # Env: TORCH_CUDA_ARCH_LIST [8.0;9.0+PTX], CUOBJDUMP [the build venv's, then PATH's],
@@ -198,7 +200,11 @@ if [ $RUN_TESTS = 1 ]; then
     summary=$(tail -n 1 "$tmp/tests.log")
     grep -E '^(FAILED|ERROR) ' "$tmp/tests.log" | head -n 40
     if [ $trc = 0 ]; then ok "tests with torch $tv (CPU, pure package): $TESTS: $summary"
-    else bad "tests with torch $tv (CPU, pure package): $TESTS: $summary (rc $trc)"; fi
+    elif [ "${WHEEL_TESTS_STRICT:-0}" = 1 ]; then bad "tests with torch $tv (CPU, pure package): $TESTS: $summary (rc $trc)"
+    else
+      echo "check_cuda_wheel: FAIL  tests with torch $tv (CPU, pure package): $TESTS: $summary (rc $trc;" \
+        "reported, not counted: WHEEL_TESTS_STRICT=1 counts it)"
+    fi
     cp "$tmp/tests.log" "${WHEEL%.whl}.tests.log" 2>/dev/null && echo "check_cuda_wheel: test log ${WHEEL%.whl}.tests.log"
   else
     cat "$tmp/pip_tests.log"; bad "could not set up the test venv $TV"

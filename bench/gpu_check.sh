@@ -167,7 +167,9 @@ PY
     run_stage build "$(cap_for "$CAP_BUILD" 220)" build_note install_wheel
   else
     command -v ninja >/dev/null || has ninja || echo "ninja absent: the extension's sources compile one after another"
-    export PICK_WHY="$(tail -n 1 "$LOG/.pick.err" | sed 's/^pick_wheel: //')"
+    PICK_WHY="$(tail -n 1 "$LOG/.pick.err" | sed 's/^pick_wheel: //')"
+    first=$(grep -m 1 '^pick_wheel: refused ' "$LOG/.pick.err" | sed 's/^pick_wheel: refused //')
+    export PICK_WHY="$PICK_WHY${first:+; $first}"
     build() {
       local t0=$SECONDS
       echo "TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST"
@@ -467,7 +469,9 @@ else
           continue
         fi
         echo "bench $set $dt (cap ${left}s)"
-        timeout --kill-after=5 $left $PY bench/run.py --sets $set --dtypes $dt --no-plot $BENCH_ARGS || rc=$?
+        # GPT-2 small also with fresh gradients every step and every launch table rebuilt
+        timeout --kill-after=5 $left $PY bench/run.py --sets $set --dtypes $dt --no-plot $BENCH_ARGS \
+          $([ $set = gpt2-small ] && echo --fresh-grads) || rc=$?
       done
     done
     if has matplotlib; then
@@ -483,7 +487,7 @@ else
 import sys
 # key ratios of this run, from its markdown rows: the best sharpfused SAM step against the eager
 # baselines, and the primitive furthest below the copy bandwidth on its best sharpfused backend
-best, prim = {}, {}
+best, prim, fresh = {}, {}, {}
 for ln in open(sys.argv[1]):
     c = [x.strip() for x in ln.strip().strip("|").split("|")]
     if len(c) < 15 or c[0] not in ("step", "primitive") or not c[6].startswith("sharpfused"):
@@ -493,6 +497,8 @@ for ln in open(sys.argv[1]):
         loop, fe = (float(x.rstrip("x")) if x != "-" else 0.0 for x in (c[10], c[11]))
         if loop > best.get(key, (0, 0, ""))[0]:
             best[key] = (loop, fe, c[6])
+    elif c[0] == "step" and c[1] == "SAM fresh-grads":
+        fresh[key] = max(fresh.get(key, 0.0), float(c[10].rstrip("x")) if c[10] != "-" else 0.0)
     elif c[0] == "primitive":
         frac = float(c[-1].rstrip("%"))
         ops_ = prim.setdefault(key, {})
@@ -504,6 +510,8 @@ for key in sorted(set(best) | set(worst), key=lambda k: (k[0] != "gpt2-small", k
     s = f"{key[0]} {key[1]}:"
     if key in best:
         s += f" SAM {best[key][0]:.1f}x loop {best[key][1]:.1f}x foreach ({best[key][2]});"
+    if key in fresh:
+        s += f" fresh grads {fresh[key]:.1f}x loop;"
     if key in worst:
         s += f" primitives >= {worst[key][0]:.0f}% of copy BW (lowest: {worst[key][1]})"
     parts.append(s)
