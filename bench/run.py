@@ -341,15 +341,33 @@ BASES = {
 }
 
 
-def step_call(cls, kw: dict, shape_list, dtype, device) -> tuple[Callable[[], object], object]:
+def _drop_tables() -> None:
+    """Forget every Triton launch table (layouts kept): what new addresses for every list cost."""
+    table = sys.modules.get("sharpfused.kernels.table")
+    if table is not None:
+        table.drop_tables()
+
+
+def step_call(cls, kw: dict, shape_list, dtype, device, fresh: bool = False) -> tuple[Callable[[], object], object]:
+    """One step (first_step + second_step) on the same gradients every time; ``fresh``: the
+    gradients are other tensors every step (two sets taken in turn, as after
+    ``zero_grad(set_to_none=True)``) and every launch table is rebuilt (the worst case: no address
+    seen before). No extra bytes move: only the host and upload cost of the rebuilds is added."""
     params = make_params(shape_list, dtype, device)
     kw = dict(kw)
     base_cls, base_kw = BASES[kw.pop("base", "sgd")]
     if "rho" not in kw and "rho_max" not in kw:
         kw["rho"] = 0.05
     opt = cls(params, base_cls, **base_kw, **kw)
+    sets = [[p.grad for p in params], [p.grad.clone() for p in params]] if fresh else None
+    turn = [0]
 
     def step() -> None:
+        if sets is not None:
+            turn[0] ^= 1
+            for p, g in zip(params, sets[turn[0]]):
+                p.grad = g
+            _drop_tables()
         opt.first_step()
         opt.second_step()
 
@@ -368,8 +386,10 @@ def measure(
     prims: Optional[list[str]] = None,
     algos: Optional[list[str]] = None,
     on_row: Optional[Callable[[dict], None]] = None,
+    fresh_grads: bool = False,
 ) -> list[dict]:
-    """Time every (primitive or algorithm, provider) on one list; returns rows with speedups."""
+    """Time every (primitive or algorithm, provider) on one list; returns rows with speedups.
+    ``fresh_grads``: each algorithm also as "<algo> fresh-grads" (see step_call)."""
     prims = list(ops.PRIMITIVES) if prims is None else prims
     algos = algorithms() if algos is None else algos
     n = shape_sets.numel(shape_list)
@@ -398,18 +418,19 @@ def measure(
             record("primitive", name, pname, timer(fn, device, warmup, repeat), PRIMITIVE_BYTES[name])
             del fn
             _free(device)
-    for algo in algos:
+    for algo, fresh in [(a, f) for a in algos for f in ([False, True] if fresh_grads else [False])]:
         providers = step_providers(algo, device)
+        op = algo + (" fresh-grads" if fresh else "")
         if device.type == "cpu":  # all providers side by side, timed round-robin (timer_interleaved)
-            calls = [step_call(cls, kw, shape_list, dtype, device)[0] for _, cls, kw in providers]
+            calls = [step_call(cls, kw, shape_list, dtype, device, fresh)[0] for _, cls, kw in providers]
             for (pname, _, _), ms in zip(providers, timer_interleaved(calls, warmup, repeat)):
-                record("step", algo, pname, ms, step_bytes(algo), STEP_MIN_BYTES.get(algo))
+                record("step", op, pname, ms, step_bytes(algo), STEP_MIN_BYTES.get(algo))
             del calls
             _free(device)
             continue
         for pname, cls, kw in providers:  # GPU: one at a time (memory), CUDA events
-            fn, opt = step_call(cls, kw, shape_list, dtype, device)
-            record("step", algo, pname, timer(fn, device, warmup, repeat), step_bytes(algo), STEP_MIN_BYTES.get(algo))
+            fn, opt = step_call(cls, kw, shape_list, dtype, device, fresh)
+            record("step", op, pname, timer(fn, device, warmup, repeat), step_bytes(algo), STEP_MIN_BYTES.get(algo))
             del fn, opt
             _free(device)
     return rows
@@ -486,6 +507,8 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
     ap.add_argument("--no-plot", action="store_true")
     ap.add_argument("--scale", type=int, default=None, help="divide every dimension by N (overrides --quick's factor)")
     ap.add_argument("--results", default=None, help="directory of the CSV and PNGs (default bench/results)")
+    ap.add_argument("--fresh-grads", action="store_true",
+                    help="also time each step with other gradient tensors every step and every launch table rebuilt")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cpu":
@@ -531,7 +554,7 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
         rep = repeat if args.repeat or shape_sets.numel(shape_list) < 5e8 else max(5, repeat // 2)
         for dt_name in args.dtypes.split(","):
             rows += measure(shape_list, label, getattr(torch, dt_name), device, rep, warmup, copy_gbps, prims, algos,
-                            on_row=lambda r: print(format_row(r), flush=True))  # fmt: skip
+                            on_row=lambda r: print(format_row(r), flush=True), fresh_grads=args.fresh_grads)  # fmt: skip
     if not args.no_csv and rows:
         path = csv_path(dev_name, args.results)
         append_csv(rows, path, dev_name)

@@ -35,6 +35,42 @@ def llm_1b() -> list[tuple[int, ...]]:
     return shapes + [(d,), (vocab, d)]
 
 
+def efficientnet_b0() -> list[tuple[int, ...]]:
+    """An EfficientNet-B0-like list (MBConv with squeeze-excitation; 213 tensors, 5.29M elements):
+    many tensors of 4-20 elements (SE biases), so raw offsets in a flat buffer are rarely 16-byte aligned."""
+    shapes: list[tuple[int, ...]] = [(32, 3, 3, 3), (32,), (32,)]
+    cin = 32
+    for expand, k, _stride, cout, repeats in [
+        (1, 3, 1, 16, 1), (6, 3, 2, 24, 2), (6, 5, 2, 40, 2), (6, 3, 2, 80, 3),
+        (6, 5, 1, 112, 3), (6, 5, 2, 192, 4), (6, 3, 1, 320, 1),
+    ]:
+        for _ in range(repeats):
+            hid, sq = cin * expand, max(1, cin // 4)
+            if expand != 1:
+                shapes += [(hid, cin, 1, 1), (hid,), (hid,)]
+            shapes += [(hid, 1, k, k), (hid,), (hid,)]
+            shapes += [(sq, hid, 1, 1), (sq,), (hid, sq, 1, 1), (hid,)]
+            shapes += [(cout, hid, 1, 1), (cout,), (cout,)]
+            cin = cout
+    return shapes + [(1280, 320, 1, 1), (1280,), (1280,), (1000, 1280), (1000,)]
+
+
+def regnety_400mf() -> list[tuple[int, ...]]:
+    """A RegNetY-400MF-like list (group width 8, squeeze-excitation at 1/4 of the block input)."""
+    shapes: list[tuple[int, ...]] = [(32, 3, 3, 3), (32,), (32,)]
+    cin = 32
+    for width, depth in [(48, 1), (104, 3), (208, 6), (440, 6)]:
+        for i in range(depth):
+            se = max(1, round(cin * 0.25))
+            shapes += [(width, cin, 1, 1), (width,), (width,), (width, 8, 3, 3), (width,), (width,)]
+            shapes += [(se, width, 1, 1), (se,), (width, se, 1, 1), (width,)]
+            shapes += [(width, width, 1, 1), (width,), (width,)]
+            if i == 0:
+                shapes += [(width, cin, 1, 1), (width,), (width,)]
+            cin = width
+    return shapes + [(1000, 440), (1000,)]
+
+
 def scaled(shapes: list[tuple[int, ...]], factor: int) -> list[tuple[int, ...]]:
     """Same tensor count, each dimension divided by ``factor`` (at least 1): for quick CPU runs."""
     return [tuple(max(1, s // factor) for s in shape) for shape in shapes]
@@ -50,4 +86,10 @@ def numel(shapes: list[tuple[int, ...]]) -> int:
     return n
 
 
-SETS = {"resnet50": resnet50, "gpt2-small": gpt2_small, "llm-1b": llm_1b}
+SETS = {
+    "resnet50": resnet50,
+    "gpt2-small": gpt2_small,
+    "llm-1b": llm_1b,
+    "efficientnet-b0": efficientnet_b0,
+    "regnety-400mf": regnety_400mf,
+}

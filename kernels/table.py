@@ -8,15 +8,18 @@ may be short; an empty tensor has none). Each Triton program handles one chunk, 
 * ``chunk_tensor``: int64 ``[n_chunks]``, the local tensor index of each chunk
 * ``chunk_start``: int64 ``[n_chunks]``, the element offset of each chunk inside its tensor
 
-all four packed in one device allocation (one host-to-device copy). A table holds at most
+the addresses in one device tensor, the other three (which depend on the numels only: the
+*layout*) in another, shared by every table of the same numels. A table holds at most
 :data:`TABLE_TENSORS` tensors and :data:`TABLE_CHUNKS` chunks; a longer list is split into several
 such tables ("pieces"), each one launch. Chunks are numbered globally across pieces, so a
 reduction writes one partial per chunk into one partials tensor whatever the number of pieces,
 and ``chunk_begin`` (int64 ``[n + 1]``) gives each tensor's first global chunk.
 
 Tables are cached, keyed by the device, the data addresses and the numels of every list (and the
-module constants), and rebuilt only when one of those changes. A table holds addresses, never a
-tensor, so a hit is right whenever the key matches (a new tensor at a freed address included).
+module constants), and rebuilt only when one of those changes. A rebuild for new addresses (fresh
+gradients every step, the default ``zero_grad(set_to_none=True)``) reuses the layout and uploads
+only the addresses: one pinned, non-blocking copy (no host sync); ``STATS`` counts both. A table
+holds addresses, never a tensor, so a hit is right whenever the key matches (a new tensor at a freed address included).
 A table one of whose lists has been freed (gradients after ``zero_grad(set_to_none=True)``, a
 flat buffer of a rebuilt bucket; watched through a weak reference to the storage of the list's
 first tensor) is marked dead; the next table built evicts the dead ones. So the cache holds the
@@ -65,12 +68,11 @@ class Piece:
 
     __slots__ = ("addrs", "numels", "chunk_tensor", "chunk_start", "n_tensors", "n_chunks", "chunk_base")
 
-    def __init__(self, meta: Tensor, n_lists: int, n_tensors: int, n_chunks: int, chunk_base: int) -> None:
-        a = n_lists * n_tensors
-        self.addrs = meta[:a]
-        self.numels = meta[a : a + n_tensors]
-        self.chunk_tensor = meta[a + n_tensors : a + n_tensors + n_chunks]
-        self.chunk_start = meta[a + n_tensors + n_chunks :]
+    def __init__(self, addrs: Tensor, layout: Tensor, n_tensors: int, n_chunks: int, chunk_base: int) -> None:
+        self.addrs = addrs
+        self.numels = layout[:n_tensors]
+        self.chunk_tensor = layout[n_tensors : n_tensors + n_chunks]
+        self.chunk_start = layout[n_tensors + n_chunks :]
         self.n_tensors = n_tensors
         self.n_chunks = n_chunks
         self.chunk_base = chunk_base
@@ -89,7 +91,26 @@ class Table:
         self.n_tensors = n_tensors
 
 
+class Layout:
+    """What a table holds besides addresses: it depends on the numels only (and the constants), so
+    fresh gradients at new addresses (``zero_grad(set_to_none=True)``) reuse it and a rebuild
+    uploads the addresses alone. ``pieces``: per piece (tensor indices, chunks, first global chunk,
+    device view of numels / chunk_tensor / chunk_start); ``chunk_begin``: on the device."""
+
+    __slots__ = ("pieces", "n_chunks", "chunk_begin", "device_memory")
+
+    def __init__(self, pieces: list, n_chunks: int, chunk_begin: Tensor, device_memory: Tensor) -> None:
+        self.pieces = pieces
+        self.n_chunks = n_chunks
+        self.chunk_begin = chunk_begin
+        self.device_memory = device_memory
+
+
 _CACHE: OrderedDict[tuple, Table] = OrderedDict()
+#: layouts by (device, constants, numels): kept across address changes (a few per model)
+_LAYOUTS: OrderedDict[tuple, Layout] = OrderedDict()
+#: counters the tests read: layouts built, address tables uploaded
+STATS = {"layouts": 0, "uploads": 0}
 #: keys of cached tables one of whose storages has been freed (evicted at the next build)
 _DEAD: set[tuple] = set()
 #: storage address -> (weak reference to the storage, keys of the cached tables that list it)
@@ -126,9 +147,17 @@ def _watch(key: tuple, lists: Sequence[Sequence[Tensor]]) -> None:
 def clear_cache() -> None:
     """Drop every cached table (they are rebuilt on the next launch)."""
     _CACHE.clear()
+    _LAYOUTS.clear()
     _DEAD.clear()
     _WATCHED.clear()
     _KEY_PTRS.clear()
+
+
+def drop_tables() -> None:
+    """Drop the address tables but keep the layouts: what new addresses for every list cost (the
+    benchmark's fresh-gradients mode calls this every step, the worst case of a rebuild)."""
+    for k in list(_CACHE):
+        _evict(k)
 
 
 def _evict(key: tuple) -> None:
@@ -142,14 +171,23 @@ def _evict(key: tuple) -> None:
                 del _WATCHED[ptr]
 
 
-def _build(lists: Sequence[Sequence[Tensor]], device: torch.device) -> Table:
-    numels = [t.numel() for t in lists[0]]
-    for lst in lists[1:]:
-        for i, (t, n) in enumerate(zip(lst, numels)):
-            if t.numel() != n:
-                raise ValueError(f"parallel lists differ at tensor {i}: {n} and {t.numel()} elements")
-    n_lists = len(lists)
-    ptrs = [[t.data_ptr() for t in lst] for lst in lists]
+def upload(host: Tensor, device: torch.device) -> Tensor:
+    """A host tensor on ``device`` without blocking the host: pinned staging and a non-blocking copy
+    on CUDA (the pinned block is reused only after the copy has run: torch's host allocator records
+    the copy's stream), the tensor itself on CPU."""
+    if device.type == "cpu":
+        return host
+    if device.type == "cuda":
+        if torch.cuda.is_current_stream_capturing():  # a captured copy would re-read the staging later
+            raise RuntimeError(
+                "sharpfused: a Triton launch table was built during CUDA graph capture (new tensor addresses "
+                "or sizes); run the step once on the same tensors before capturing (the usual warm-up)"
+            )
+        host = host.pin_memory()
+    return host.to(device, non_blocking=True)
+
+
+def _layout(numels: list[int], device: torch.device) -> Layout:
     chunk, cap_t, cap_c = CHUNK, TABLE_TENSORS, TABLE_CHUNKS
     if chunk % BLOCK or BLOCK % 8:
         raise ValueError(f"CHUNK ({chunk}) must be a multiple of BLOCK ({BLOCK}), and BLOCK of 8")
@@ -171,29 +209,60 @@ def _build(lists: Sequence[Sequence[Tensor]], device: torch.device) -> Table:
             used += take
             first += take
     pieces_segs = [s for s in pieces_segs if s]
-    host = []
-    shapes = []
-    for segs in pieces_segs:
-        idx = [s[0] for s in segs]
-        addrs = torch.tensor([ptrs[li][i] for li in range(n_lists) for i in idx], dtype=torch.int64)
-        nums = torch.tensor([numels[i] for i in idx], dtype=torch.int64)
+    host, shapes = [], []
+    for segs in pieces_segs:  # host tensors: these int() reads are no device sync
+        nums = torch.tensor([numels[s[0]] for s in segs], dtype=torch.int64)
         counts = torch.tensor([s[2] for s in segs], dtype=torch.int64)
         firsts = torch.tensor([s[1] for s in segs], dtype=torch.int64)
         local = torch.repeat_interleave(torch.arange(len(segs), dtype=torch.int64), counts)
         seg_start = torch.cumsum(counts, 0) - counts
-        within = torch.arange(int(counts.sum()), dtype=torch.int64) - torch.repeat_interleave(seg_start, counts)
+        n_chunks = sum(s[2] for s in segs)
+        within = torch.arange(n_chunks, dtype=torch.int64) - torch.repeat_interleave(seg_start, counts)
         starts = (within + torch.repeat_interleave(firsts, counts)) * chunk
-        host.append(torch.cat([addrs, nums, local, starts]))
-        shapes.append((len(segs), int(counts.sum())))
+        host.append(torch.cat([nums, local, starts]))
+        shapes.append(([s[0] for s in segs], n_chunks))
     host.append(torch.tensor(begin, dtype=torch.int64))
-    meta = torch.cat(host).to(device)  # one host-to-device copy per table
+    meta = upload(torch.cat(host), device)  # one copy per layout
     pieces, off, base = [], 0, 0
-    for h, (nt, nc) in zip(host, shapes):
-        pieces.append(Piece(meta[off : off + h.numel()], n_lists, nt, nc, base))
+    for h, (idx, nc) in zip(host, shapes):
+        pieces.append((idx, nc, base, meta[off : off + h.numel()]))
         off += h.numel()
         base += nc
+    STATS["layouts"] += 1
+    return Layout(pieces, begin[-1], meta[off:], meta)
+
+
+def _build(lists: Sequence[Sequence[Tensor]], device: torch.device) -> Table:
+    numels = [t.numel() for t in lists[0]]
+    for lst in lists[1:]:
+        for i, (t, n) in enumerate(zip(lst, numels)):
+            if t.numel() != n:
+                raise ValueError(f"parallel lists differ at tensor {i}: {n} and {t.numel()} elements")
+    key = (device, CHUNK, BLOCK, TABLE_TENSORS, TABLE_CHUNKS, tuple(numels))
+    lay = _LAYOUTS.get(key)
+    if lay is None:
+        lay = _LAYOUTS[key] = _layout(numels, device)
+        while len(_LAYOUTS) > CACHE_SIZE:
+            _LAYOUTS.popitem(last=False)
+    else:
+        _LAYOUTS.move_to_end(key)
+    ptrs = [[t.data_ptr() for t in lst] for lst in lists]
+    flat = [ptrs[li][i] for idx, _, _, _ in lay.pieces for li in range(len(lists)) for i in idx]
+    addrs = upload(torch.tensor(flat, dtype=torch.int64), device)  # one copy per table
+    STATS["uploads"] += 1
+    pieces, off = [], 0
+    for idx, nc, base, layout in lay.pieces:
+        a = len(lists) * len(idx)
+        pieces.append(Piece(addrs[off : off + a], layout, len(idx), nc, base))
+        off += a
     aligned = all(p % 16 == 0 for row in ptrs for p in row)
-    return Table(pieces, begin[-1], meta[off:], aligned, len(numels))
+    return Table(pieces, lay.n_chunks, lay.chunk_begin, aligned, len(numels))
+
+
+def cached_tensors() -> list[Tensor]:
+    """The device tensors the caches hold (address tables and layouts): for memory accounting."""
+    out = [pc.addrs for tab in _CACHE.values() for pc in tab.pieces]
+    return out + [lay.device_memory for lay in _LAYOUTS.values()]
 
 
 def table(lists: Sequence[Sequence[Tensor]]) -> Table:

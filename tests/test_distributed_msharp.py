@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 import sharpfused
+from sharpfused.buffers import FlatBuffer
 from sharpfused.losses import bisam_lower_bound
 
 from .helpers import MLP, data, optimizer_snapshot, rel_err, run_gloo, same_values
@@ -35,7 +36,7 @@ WORLD = 2
 STEPS = 4
 N = 16  # full batch; each rank takes N // WORLD rows
 SGD = dict(lr=0.1, momentum=0.9, weight_decay=5e-4)
-BUCKETS = [65, 8]  # numel of the two param groups (weights, biases): one bucket each
+BUCKETS = [65, 8]  # numel of the two param groups (weights, biases): one bucket each (SSAM's scores)
 
 # name -> (class name, algorithm kwargs, the optimizer's all-reduces per step (numels) under m-sharpness)
 CONFIGS = {
@@ -44,12 +45,12 @@ CONFIGS = {
     "BiSAM": ("BiSAM", dict(rho=0.05), lambda t: []),
     "SSAM": ("SSAM", dict(rho=0.05, sparsity=0.5, mask="fisher", mask_every=2), lambda t: BUCKETS if t % 2 == 0 else []),
     "SSAM-random": ("SSAM", dict(rho=0.05, sparsity=0.5, mask="random", mask_every=2), lambda t: BUCKETS if t % 2 == 0 else []),
-    "FriendlySAM": ("FriendlySAM", dict(rho=0.05, sigma=1.0, lam=0.6), lambda t: BUCKETS),
-    "GSAM": ("GSAM", dict(rho_max=0.05, alpha=0.3), lambda t: BUCKETS),
-    "XSAM-a1": ("XSAM", dict(rho=0.15, alpha=1.0, steps=1), lambda t: BUCKETS),
-    "XSAM": ("XSAM", dict(rho=0.15, alpha=0.6, steps=2), lambda t: BUCKETS),
-    "LookSAM": ("LookSAM", dict(rho=0.05, k=2, beta=0.7), lambda t: BUCKETS),
-    "BSAM": ("BSAM", dict(rho_max=0.05), lambda t: BUCKETS),
+    "FriendlySAM": ("FriendlySAM", dict(rho=0.05, sigma=1.0, lam=0.6), lambda t: FLAT),
+    "GSAM": ("GSAM", dict(rho_max=0.05, alpha=0.3), lambda t: FLAT),
+    "XSAM-a1": ("XSAM", dict(rho=0.15, alpha=1.0, steps=1), lambda t: FLAT),
+    "XSAM": ("XSAM", dict(rho=0.15, alpha=0.6, steps=2), lambda t: FLAT),
+    "LookSAM": ("LookSAM", dict(rho=0.05, k=2, beta=0.7), lambda t: FLAT),
+    "BSAM": ("BSAM", dict(rho_max=0.05), lambda t: FLAT),
     "SAMPa": ("SAMPa", dict(rho=0.1, lam=0.2), None),  # refused
 }
 SUPPORTED = [n for n, c in CONFIGS.items() if c[2] is not None]
@@ -68,6 +69,12 @@ def make_model(seed: int = 0) -> torch.nn.Module:
 def groups(model):
     ps = list(model.named_parameters())
     return [{"params": [p for n, p in ps if n.endswith("weight")]}, {"params": [p for n, p in ps if n.endswith("bias")]}]
+
+
+# flat buffers (a first-pass quantity averaged in one all-reduce per bucket) pad each tensor's
+# segment to 16 bytes: the numels of the two buckets' buffers
+FLAT = [FlatBuffer(g["params"]).flat.numel() for g in groups(make_model())]
+assert sorted(FLAT) == [10, 66]  # 50 + 15 -> 50 + 16 and 5 + 3 -> 6 + 4 float64 elements
 
 
 def make_opt(model, name):

@@ -150,7 +150,7 @@ def _table_cache() -> dict[int, int]:
         return {}
     from sharpfused.kernels import table
 
-    return _storages(tab.chunk_begin for tab in table._CACHE.values())
+    return _storages(table.cached_tensors())
 
 
 def _torch_caches() -> dict[int, int]:

@@ -388,6 +388,41 @@ def test_table_cache_rebuilt_on_address_change():
     assert addrs == [ys[0].data_ptr(), ys[1].data_ptr()]  # the empty tensor has no chunk, no entry
 
 
+@needs_interpreter
+def test_fresh_gradients_rebuild_only_the_addresses(monkeypatch):
+    """zero_grad(set_to_none=True) gives new gradient tensors every step: a table is rebuilt only when
+    an address changed, the layout (numels, chunk map) is built once per list shape, and each
+    rebuild is one address upload; results equal a run whose gradients keep their tensors."""
+    tb.clear_cache()
+    shapes = [(33, 5), (7,), (4099,), (0,), (17, 3, 3)]
+    runs = {}
+    for fresh in (False, True):
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+        opt = sharpfused.SAM(params, torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9, backend="triton")
+        pool = [[torch.randn(s) for s in shapes] for _ in range(3)]
+        layouts = []
+        for t in range(6):
+            for p, g in zip(params, pool[t % 3]):
+                p.grad = g.clone() if fresh else g  # fresh: new tensors (new addresses) every pass
+            opt.first_step(zero_grad=True)
+            for p, g in zip(params, pool[(t + 1) % 3]):
+                p.grad = g.clone() if fresh else g
+            opt.second_step(zero_grad=True)
+            layouts.append(tb.STATS["layouts"])
+        runs[fresh] = [p.detach().clone() for p in params]
+        if fresh:
+            assert layouts[1:] == layouts[:1] * 5, f"layouts rebuilt on new addresses: {layouts}"
+    assert all(torch.equal(a, b) for a, b in zip(runs[False], runs[True]))
+    before = dict(tb.STATS)
+    xs = [torch.randn(s) for s in shapes]
+    tb.table([xs])
+    tb.table([[x.clone() for x in xs]])  # same numels, new addresses: an upload, no layout
+    assert tb.STATS["uploads"] == before["uploads"] + 2 and tb.STATS["layouts"] == before["layouts"]
+    tb.table([xs[:2]])  # other numels: a new layout
+    assert tb.STATS["layouts"] == before["layouts"] + 1
+
+
 def test_scalars_are_not_constexpr():
     """Per-step scalars are runtime args or tensors: only block sizes, dtypes and flags are constexpr."""
     allowed_suffix = ("_DT", "_PTR")

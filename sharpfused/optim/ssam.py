@@ -84,12 +84,12 @@ class SSAM(SharpnessAware):
                     [torch.cat([g.reshape(-1) for g in b.grads()]).float().square().to(dev) for b in group_buckets]
                 )
             else:
-                score = torch.rand(sum(m.flat.numel() for m in masks), device=dev)
+                score = torch.rand(sum(m.numel for m in masks), device=dev)
             self.average_local(group_buckets, tensors=[score])  # m-sharpness: one mask for every replica
             keep = round((1.0 - group_buckets[0].group["sparsity"]) * score.numel())
             flat = torch.zeros(score.numel(), dtype=torch.uint8, device=dev)
             flat[torch.topk(score, keep, sorted=False).indices] = 1
-            old = torch.cat([m.flat for m in masks]) if valid else None
+            old = torch.cat([m.dense() for m in masks]) if valid else None
             if valid and keep_on_nonfinite:  # decided on the device
                 flat = torch.where(torch.isfinite(score).all(), flat, old)
             self._write_masks(masks, flat)
@@ -99,8 +99,8 @@ class SSAM(SharpnessAware):
     @staticmethod
     def _write_masks(masks: list, flat: torch.Tensor) -> None:
         """A group's mask, one flat tensor over its buckets, into their mask buffers."""
-        for m, part in zip(masks, flat.split([m.flat.numel() for m in masks])):
-            m.flat.copy_(part)
+        for m, part in zip(masks, flat.split([m.numel for m in masks])):
+            m.assign(part)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """As the base class; masks come back as uint8 (torch's loader casts state to the parameter dtype)."""
