@@ -41,7 +41,11 @@ struct Packed {
   at::ScalarType dtype;
   at::Device device{at::kCUDA};
 
-  Packed(const char* op, std::initializer_list<const TensorList*> ls) {
+  bool byte_list = false;  // the list numbered `bytes` holds uint8/bool tensors (see the constructor)
+
+  // `bytes`: the number of a list whose tensors may instead be uint8 or bool, all of them (one
+  // byte per element; -1: none); byte_list tells whether it was.
+  Packed(const char* op, std::initializer_list<const TensorList*> ls, int bytes = -1) {
     const TensorList& first = **ls.begin();
     TORCH_CHECK(!first.empty(), op, ": takes a non-empty list of tensors");
     TORCH_CHECK(ls.size() <= 5, op, ": at most 5 lists");
@@ -55,12 +59,17 @@ struct Packed {
     for (const TensorList* l : ls) {
       if (l != nullptr) {
         TORCH_CHECK(static_cast<int64_t>(l->size()) == n, op, ": list ", d, " has ", l->size(), " tensors, expected ", n);
+        at::ScalarType want = dtype;
+        if (d == bytes && n > 0 && ((*l)[0].scalar_type() == at::kByte || (*l)[0].scalar_type() == at::kBool)) {
+          want = (*l)[0].scalar_type();
+          byte_list = true;
+        }
         for (int64_t i = 0; i < n; ++i) {
           const at::Tensor& t = (*l)[i];
           TORCH_CHECK(t.device() == device, op, ": list ", d, " tensor ", i, " is on ", t.device(), ", expected ",
                       device);
-          TORCH_CHECK(t.scalar_type() == dtype, op, ": list ", d, " tensor ", i, " has dtype ", t.scalar_type(),
-                      ", expected ", dtype);
+          TORCH_CHECK(t.scalar_type() == want, op, ": list ", d, " tensor ", i, " has dtype ", t.scalar_type(),
+                      ", expected ", want);
           TORCH_CHECK(t.is_contiguous(), op, ": list ", d, " tensor ", i, " is not contiguous");
           TORCH_CHECK(t.numel() == numel[i], op, ": list ", d, " tensor ", i, " has ", t.numel(),
                       " elements, expected ", numel[i]);
@@ -116,11 +125,11 @@ std::vector<at::Tensor> sq_norm(const TensorList& xs, const OptList& weights, co
 
 void perturb_(const TensorList& params, const TensorList& grads, const OptList& backup, const OptTensor& scale,
               double scale_value, bool has_eta, const OptTensor& eta, double eta_value, const OptList& mask) {
-  Packed p("perturb_", {&params, &grads, backup ? &*backup : nullptr, mask ? &*mask : nullptr});
+  // the mask: in the parameter dtype, or all uint8 / all bool (read as bytes)
+  Packed p("perturb_", {&params, &grads, backup ? &*backup : nullptr, mask ? &*mask : nullptr}, 3);
   const c10::cuda::CUDAGuard guard(p.device);
   check(sharpfused::perturb(to_dtype(p.dtype), p.lists, p.scalar("perturb_", scale, scale_value), has_eta,
-                            p.scalar("perturb_", eta, eta_value),
-                            stream()),
+                            p.scalar("perturb_", eta, eta_value), p.byte_list, stream()),
         "perturb_");
 }
 
@@ -182,9 +191,11 @@ void restore_adamw_(const TensorList& params, const TensorList& backup, const Te
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "sharpfused CUDA kernels (multi-tensor apply); use through sharpfused.ops with backend='cuda'";
   m.attr("CHUNK") = sharpfused::kChunk;
+  m.def("large_kernel_params", &sharpfused::large_kernel_params,
+        "whether the current device takes the 32 KB multi-tensor tables (CUDA >= 12.1 driver, Volta+)");
   m.def("sq_norm", &sq_norm, "(total, per_tensor) squared norms of (|w|+eta)*x or x", py::arg("xs"),
         py::arg("weights"), py::arg("eta"), py::arg("eta_value"));
-  m.def("perturb_", &perturb_, "backup <- w; w <- w + scale*T^2*g[*mask]", py::arg("params"), py::arg("grads"),
+  m.def("perturb_", &perturb_, "backup <- w; w <- w + scale*T^2*g[*mask]; mask in the dtype, uint8 or bool", py::arg("params"), py::arg("grads"),
         py::arg("backup"), py::arg("scale"), py::arg("scale_value"), py::arg("has_eta"), py::arg("eta"),
         py::arg("eta_value"), py::arg("mask"));
   m.def("restore_", &restore_, "w <- backup, bit-exact", py::arg("params"), py::arg("backup"));

@@ -10,10 +10,10 @@ template <typename T>
 struct CombineOp {
   DevScalar<acc_t<T>> c1, c2;
 
-  __device__ void operator()(const Table<2>& tab, int t, int64_t start, int64_t len, int64_t) const {
+  __device__ void operator()(const Ptrs<2>& ptrs, int64_t start, int64_t len, int64_t) const {
     using A = acc_t<T>;
-    T* g = static_cast<T*>(tab.ptr[0][t]) + start;
-    const T* saved = static_cast<const T*>(tab.ptr[1][t]) + start;
+    T* g = static_cast<T*>(ptrs.ptr[0]) + start;
+    const T* saved = static_cast<const T*>(ptrs.ptr[1]) + start;
     const A a = c1.get(), b = c2.get();
     for_chunk<T>(len, aligned16(g) && aligned16(saved), [&](auto width, int64_t i) {
       constexpr int K = decltype(width)::value;

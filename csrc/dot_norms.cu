@@ -7,12 +7,12 @@ namespace {
 
 template <typename T>
 struct DotNormsOp {
-  acc_t<T>* partials;  // 3 per block
+  acc_t<T>* partials;  // 3 per chunk
 
-  __device__ void operator()(const Table<2>& tab, int t, int64_t start, int64_t len, int64_t block) const {
+  __device__ void operator()(const Ptrs<2>& ptrs, int64_t start, int64_t len, int64_t chunk) const {
     using A = acc_t<T>;
-    const T* a = static_cast<const T*>(tab.ptr[0][t]) + start;
-    const T* b = static_cast<const T*>(tab.ptr[1][t]) + start;
+    const T* a = static_cast<const T*>(ptrs.ptr[0]) + start;
+    const T* b = static_cast<const T*>(ptrs.ptr[1]) + start;
     A s[3] = {A(0), A(0), A(0)};
     for_chunk<T>(len, aligned16(a) && aligned16(b), [&](auto width, int64_t i) {
       constexpr int K = decltype(width)::value;
@@ -29,7 +29,7 @@ struct DotNormsOp {
     block_sum<3>(s);
     if (threadIdx.x == 0)
 #pragma unroll
-      for (int c = 0; c < 3; ++c) partials[block * 3 + c] = s[c];
+      for (int c = 0; c < 3; ++c) partials[chunk * 3 + c] = s[c];
   }
 };
 

@@ -1,24 +1,46 @@
 // perturb_: backup <- w (optional); w <- w + scale * T^2 * g [* mask], T = |w| + eta (ASAM) or 1.
-// Bytes per element: read w, g (+ mask): 2b (3b); write w, backup: 2b (1b without backup).
+// The mask is in the parameter dtype, or one byte per element (uint8 / bool: SSAM's 0/1 mask as
+// stored; a byte's value converts to opmath exactly, so both give the same bits).
+// Bytes per element: read w, g: 2b (+ mask: 3b in the dtype, 2b + 1 byte as bytes); write w,
+// backup: 2b (1b without backup).
 // scale is read once per block from device memory when it is a tensor (no host sync).
 #include "multi_tensor.cuh"
 
 namespace sharpfused {
 namespace {
 
-template <typename T>
+__device__ __forceinline__ bool aligned_to(const void* p, unsigned bytes) {
+  return (reinterpret_cast<uintptr_t>(p) & (bytes - 1u)) == 0;
+}
+
+// K mask values at p in opmath: elements of T, or bytes (K bytes, one aligned access when K > 1).
+template <int K, typename T>
+__device__ __forceinline__ void load_mask(acc_t<T> (&r)[K], const T* p) {
+  load<K>(r, p);
+}
+template <int K, typename T>
+__device__ __forceinline__ void load_mask(acc_t<T> (&r)[K], const unsigned char* p) {
+  Pack<unsigned char, K> pk = *reinterpret_cast<const Pack<unsigned char, K>*>(p);
+#pragma unroll
+  for (int k = 0; k < K; ++k) r[k] = static_cast<acc_t<T>>(pk.v[k]);
+}
+
+// M: the mask's element type, T or unsigned char.
+template <typename T, typename M>
 struct PerturbOp {
   DevScalar<acc_t<T>> scale;
   bool has_eta;
   DevScalar<acc_t<T>> eta;
 
-  __device__ void operator()(const Table<4>& tab, int t, int64_t start, int64_t len, int64_t) const {
+  __device__ void operator()(const Ptrs<4>& ptrs, int64_t start, int64_t len, int64_t) const {
     using A = acc_t<T>;
-    T* w = static_cast<T*>(tab.ptr[0][t]) + start;
-    const T* g = static_cast<const T*>(tab.ptr[1][t]) + start;
-    T* backup = tab.ptr[2][t] ? static_cast<T*>(tab.ptr[2][t]) + start : nullptr;
-    const T* mask = tab.ptr[3][t] ? static_cast<const T*>(tab.ptr[3][t]) + start : nullptr;
-    const bool vec = aligned16(w) && aligned16(g) && (!backup || aligned16(backup)) && (!mask || aligned16(mask));
+    constexpr unsigned kMaskVec = sizeof(M) * vec_width<T>();  // bytes of mask per 16 bytes of w
+    T* w = static_cast<T*>(ptrs.ptr[0]) + start;
+    const T* g = static_cast<const T*>(ptrs.ptr[1]) + start;
+    T* backup = ptrs.ptr[2] ? static_cast<T*>(ptrs.ptr[2]) + start : nullptr;
+    const M* mask = ptrs.ptr[3] ? static_cast<const M*>(ptrs.ptr[3]) + start : nullptr;
+    const bool vec =
+        aligned16(w) && aligned16(g) && (!backup || aligned16(backup)) && (!mask || aligned_to(mask, kMaskVec));
     const A s = scale.get(), et = has_eta ? eta.get() : A(0);
     for_chunk<T>(len, vec, [&](auto width, int64_t i) {
       constexpr int K = decltype(width)::value;
@@ -38,7 +60,7 @@ struct PerturbOp {
       }
       if (mask) {
         A m[K];
-        load<K>(m, mask + i);
+        load_mask<K, T>(m, mask + i);
 #pragma unroll
         for (int k = 0; k < K; ++k) e[k] *= m[k];
       }
@@ -53,11 +75,15 @@ struct PerturbOp {
 
 }  // namespace
 
-cudaError_t perturb(DType dt, const Lists& lists, Scalar scale, bool has_eta, Scalar eta, cudaStream_t stream) {
+cudaError_t perturb(DType dt, const Lists& lists, Scalar scale, bool has_eta, Scalar eta, bool byte_mask,
+                    cudaStream_t stream) {
   return dispatch(dt, [&](auto tag) -> cudaError_t {
     using T = decltype(tag);
     using A = acc_t<T>;
-    return multi_tensor_apply<4>(lists, PerturbOp<T>{dev_scalar<A>(scale), has_eta, dev_scalar<A>(eta)}, stream);
+    if (byte_mask && lists.ptr[3])
+      return multi_tensor_apply<4>(
+          lists, PerturbOp<T, unsigned char>{dev_scalar<A>(scale), has_eta, dev_scalar<A>(eta)}, stream);
+    return multi_tensor_apply<4>(lists, PerturbOp<T, T>{dev_scalar<A>(scale), has_eta, dev_scalar<A>(eta)}, stream);
   });
 }
 

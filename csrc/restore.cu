@@ -7,9 +7,9 @@ namespace {
 
 template <typename T>
 struct RestoreOp {
-  __device__ void operator()(const Table<2>& tab, int t, int64_t start, int64_t len, int64_t) const {
-    T* w = static_cast<T*>(tab.ptr[0][t]) + start;
-    const T* b = static_cast<const T*>(tab.ptr[1][t]) + start;
+  __device__ void operator()(const Ptrs<2>& ptrs, int64_t start, int64_t len, int64_t) const {
+    T* w = static_cast<T*>(ptrs.ptr[0]) + start;
+    const T* b = static_cast<const T*>(ptrs.ptr[1]) + start;
     for_chunk<T>(len, aligned16(w) && aligned16(b), [&](auto width, int64_t i) {
       constexpr int K = decltype(width)::value;
       *reinterpret_cast<Pack<T, K>*>(w + i) = *reinterpret_cast<const Pack<T, K>*>(b + i);
@@ -29,5 +29,7 @@ cudaError_t restore(DType dt, const Lists& lists, cudaStream_t stream) {
   }
   return cudaErrorInvalidValue;
 }
+
+bool large_kernel_params() { return large_params_available(); }
 
 }  // namespace sharpfused

@@ -64,11 +64,11 @@ struct SgdOp {
   A momentum, dampening, weight_decay;
   bool nesterov, init;
 
-  __device__ void operator()(const Table<4>& tab, int t, int64_t start, int64_t len, int64_t) const {
-    T* w = static_cast<T*>(tab.ptr[0][t]) + start;
-    const T* backup = static_cast<const T*>(tab.ptr[1][t]) + start;
-    const T* g = static_cast<const T*>(tab.ptr[2][t]) + start;
-    T* buf = tab.ptr[3][t] ? static_cast<T*>(tab.ptr[3][t]) + start : nullptr;
+  __device__ void operator()(const Ptrs<4>& ptrs, int64_t start, int64_t len, int64_t) const {
+    T* w = static_cast<T*>(ptrs.ptr[0]) + start;
+    const T* backup = static_cast<const T*>(ptrs.ptr[1]) + start;
+    const T* g = static_cast<const T*>(ptrs.ptr[2]) + start;
+    T* buf = ptrs.ptr[3] ? static_cast<T*>(ptrs.ptr[3]) + start : nullptr;
     if (skipped(found_inf)) {  // uniform over the grid: no divergence
       skip_chunk(w, backup, init ? buf : nullptr, len);
       return;
@@ -115,12 +115,12 @@ struct AdamWOp {
   A beta1, beta2, eps, weight_decay, bc1, bc2_sqrt;
   double beta1_d, beta2_d;  // for the bias corrections from a device step
 
-  __device__ void operator()(const Table<5>& tab, int t, int64_t start, int64_t len, int64_t) const {
-    T* w = static_cast<T*>(tab.ptr[0][t]) + start;
-    const T* backup = static_cast<const T*>(tab.ptr[1][t]) + start;
-    const T* g = static_cast<const T*>(tab.ptr[2][t]) + start;
-    T* m = static_cast<T*>(tab.ptr[3][t]) + start;
-    T* v = static_cast<T*>(tab.ptr[4][t]) + start;
+  __device__ void operator()(const Ptrs<5>& ptrs, int64_t start, int64_t len, int64_t) const {
+    T* w = static_cast<T*>(ptrs.ptr[0]) + start;
+    const T* backup = static_cast<const T*>(ptrs.ptr[1]) + start;
+    const T* g = static_cast<const T*>(ptrs.ptr[2]) + start;
+    T* m = static_cast<T*>(ptrs.ptr[3]) + start;
+    T* v = static_cast<T*>(ptrs.ptr[4]) + start;
     if (skipped(found_inf)) {  // uniform over the grid: no divergence
       skip_chunk<T>(w, backup, nullptr, len);
       return;

@@ -32,7 +32,7 @@ struct Lists {
   void* const* ptr[5];     // up to 5 host arrays of n device addresses (unused lists: nullptr)
 };
 
-// Elements one block handles; a tensor is cut into ceil(numel / kChunk) chunks.
+// Elements of one chunk (the work of one block at a time); a tensor is cut into ceil(numel / kChunk) chunks.
 constexpr int64_t kChunk = 65536;
 
 // Number of chunks of all tensors (= partial sums a reduction writes).
@@ -48,8 +48,10 @@ cudaError_t sq_norm(DType dt, const Lists& lists, Scalar eta, void* partials, vo
                     cudaStream_t stream);
 
 // backup <- w (lists.ptr[2], optional); w <- w + scale * T^2 * g [* mask (lists.ptr[3], optional)],
-// T = |w| + eta when has_eta, else 1. lists: w, g, backup, mask.
-cudaError_t perturb(DType dt, const Lists& lists, Scalar scale, bool has_eta, Scalar eta, cudaStream_t stream);
+// T = |w| + eta when has_eta, else 1. lists: w, g, backup, mask. The mask is in dtype `dt`, or
+// one byte per element when byte_mask (uint8 or bool, a byte's value as the factor).
+cudaError_t perturb(DType dt, const Lists& lists, Scalar scale, bool has_eta, Scalar eta, bool byte_mask,
+                    cudaStream_t stream);
 
 // w <- backup, bit-exact. lists: w, backup.
 cudaError_t restore(DType dt, const Lists& lists, cudaStream_t stream);
@@ -77,5 +79,9 @@ cudaError_t restore_sgd(DType dt, const Lists& lists, Scalar lr, double momentum
 cudaError_t restore_adamw(DType dt, const Lists& lists, Scalar lr, double beta1, double beta2, double eps,
                           double weight_decay, const float* step, double bc1, double bc2_sqrt, Scalar grad_coef,
                           const float* found_inf, cudaStream_t stream);
+
+// Whether the current device takes the large (32 KB) multi-tensor tables: built with CUDA >= 12.1,
+// driver >= 12.1 (r530), compute capability >= 7.0 (multi_tensor.cuh). Host queries only.
+bool large_kernel_params();
 
 }  // namespace sharpfused

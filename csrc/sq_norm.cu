@@ -11,10 +11,10 @@ struct SqNormOp {
   DevScalar<acc_t<T>> eta;
   acc_t<T>* partials;
 
-  __device__ void operator()(const Table<2>& tab, int t, int64_t start, int64_t len, int64_t block) const {
+  __device__ void operator()(const Ptrs<2>& ptrs, int64_t start, int64_t len, int64_t chunk) const {
     using A = acc_t<T>;
-    const T* x = static_cast<const T*>(tab.ptr[0][t]) + start;
-    const T* w = tab.ptr[1][t] ? static_cast<const T*>(tab.ptr[1][t]) + start : nullptr;
+    const T* x = static_cast<const T*>(ptrs.ptr[0]) + start;
+    const T* w = ptrs.ptr[1] ? static_cast<const T*>(ptrs.ptr[1]) + start : nullptr;
     const bool vec = aligned16(x) && (w == nullptr || aligned16(w));
     const A e = w ? eta.get() : A(0);
     A s[1] = {A(0)};
@@ -32,7 +32,7 @@ struct SqNormOp {
       for (int k = 0; k < K; ++k) s[0] += xv[k] * xv[k];
     });
     block_sum<1>(s);
-    if (threadIdx.x == 0) partials[block] = s[0];
+    if (threadIdx.x == 0) partials[chunk] = s[0];
   }
 };
 

@@ -215,6 +215,60 @@ def test_perturb(dtype, case):
 
 @gpu
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mask_dtype", [torch.uint8, torch.bool])
+@pytest.mark.parametrize("asam", [False, True])
+def test_perturb_byte_mask_gives_the_dtype_mask_bits(dtype, mask_dtype, asam, monkeypatch):
+    # SSAM's uint8 mask (and a bool one) go to the kernel as bytes: no torch-backend fallback,
+    # and the very bits of the same call with the mask in the parameter dtype
+    sizes = SIZES + (8 * CHUNK + 1,)
+    w, g = rand(sizes, dtype), rand(sizes, dtype)
+    flat = torch.rand(sum(sizes) + 3, device="cuda") > 0.4
+    # contiguous views of one flat byte buffer (as SSAM's mask buffer): some at odd byte offsets
+    offs = [3 + sum(sizes[:i]) for i in range(len(sizes))]
+    byte_mask = [
+        flat[o : o + n].to(mask_dtype) if mask_dtype is torch.bool else flat.to(torch.uint8)[o : o + n]
+        for o, n in zip(offs, sizes)
+    ]
+    dtype_mask = [m.to(dtype) for m in byte_mask]
+    eta = 0.01 if asam else None
+    w_bytes, w_dtype, w_torch = clone(w), clone(w), clone(w)
+    b_bytes, b_dtype = [torch.empty_like(x) for x in w], [torch.empty_like(x) for x in w]
+    calls = []
+    real = T.perturb_
+    monkeypatch.setattr(T, "perturb_", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    cu("perturb_")(w_bytes, g, b_bytes, 0.37, eta, byte_mask)
+    cu("perturb_")(w_dtype, g, b_dtype, 0.37, eta, dtype_mask)
+    assert not calls, "the byte mask fell back to the torch backend"
+    assert _same_bits(w_bytes, w_dtype) and _same_bits(b_bytes, b_dtype) and _same_bits(b_bytes, w)
+    real(w_torch, g, None, 0.37, eta, dtype_mask)
+    check(w_bytes, w_torch, R.perturb(w, g, 0.37, eta, dtype_mask), dtype, f"perturb {mask_dtype} mask")
+
+
+@gpu
+def test_ssam_on_cuda_calls_no_torch_backend_primitive(monkeypatch):
+    calls = []
+    for prim in ops.PRIMITIVES:
+        real = getattr(T, prim)
+        monkeypatch.setattr(T, prim, lambda *a, _real=real, _name=prim, **k: (calls.append(_name), _real(*a, **k))[1])
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4)).cuda()
+    opt = sharpfused.SSAM(
+        model.parameters(), torch.optim.SGD, rho=0.05, mask_every=2, lr=0.1, momentum=0.9, backend="cuda"
+    )
+    x = torch.randn(5, 8, device="cuda")
+
+    def closure(perturbation=None):
+        loss = model(x).square().mean()
+        loss.backward()
+        return loss
+
+    for _ in range(4):
+        opt.step(closure)
+    assert not calls, f"SSAM on the cuda backend fell back to the torch backend for {sorted(set(calls))}"
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_restore_bit_exact(dtype):
     w, b = rand(SIZES, dtype), rand(SIZES, dtype)
     b[1][3] = float("nan")
@@ -360,6 +414,86 @@ def test_more_tensors_than_one_table():
     cu("restore_adamw_")(x, b, g, m, v, 1, 1e-3, 0.9, 0.999, 1e-8, 0.01)
     T.restore_adamw_(pt, b, g, mt, vt, 1, 1e-3, 0.9, 0.999, 1e-8, 0.01)
     assert rel_err(x, pt) < 1e-6 and rel_err(m, mt) < 1e-6
+
+
+def _kernel_launches(fn):
+    """multi_tensor_kernel launches that fn() makes (torch.profiler), or None when nothing is recorded."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    if not names:
+        return None
+    return sum("multi_tensor_kernel" in n for n in names)
+
+
+@gpu
+def test_1200_small_tensors_one_launch_per_primitive():
+    # views of flat buffers, as a bucket's: the large tables (CUDA >= 12.1, Volta+) hold the 1080
+    # non-empty tensors in one table for up to 5 lists (32-bit offsets: 1247 tensors for 5 lists);
+    # older drivers: ceil(1080 / 171) tables for 2 lists, / 82 for 5 (csrc/tests/pack_tables_test.cu)
+    sizes = [
+        0 if i % 10 == 3 else (1 + i % 3) * CHUNK + i % 7 if i % 97 == 5 else 1 + (i * 37) % 3000 for i in range(1200)
+    ]
+
+    def views(flat):
+        return list(flat.split(sizes))
+
+    flats = [torch.randn(sum(sizes), device="cuda") for _ in range(5)]
+    flats[4].abs_()  # exp_avg_sq
+    w, b, g, m, v = (views(f) for f in flats)
+    large = importlib.import_module("sharpfused._C").large_kernel_params()
+    ref_total, ref_per = R.sq_norm(g, None, 0.0, True)
+    counts = {
+        "sq_norm": _kernel_launches(lambda: cu("sq_norm")(g, None, 0.0, True)),
+        "restore_": _kernel_launches(lambda: cu("restore_")(w, b)),
+        "perturb_": _kernel_launches(lambda: cu("perturb_")(w, g, b, 0.1, None, None)),
+        "restore_adamw_": _kernel_launches(
+            lambda: cu("restore_adamw_")(w, b, g, m, v, 1, 1e-3, 0.9, 0.999, 1e-8, 0.01)
+        ),
+    }
+    if any(c is None for c in counts.values()):
+        pytest.skip("the profiler recorded no CUDA kernels here")
+    want = (
+        {"sq_norm": 1, "restore_": 1, "perturb_": 1, "restore_adamw_": 1}
+        if large
+        else {"sq_norm": 7, "restore_": 7, "perturb_": 11, "restore_adamw_": 14}
+    )
+    assert counts == want
+    total, per = cu("sq_norm")(g, None, 0.0, True)
+    assert rel_err(per, ref_per) < 1e-6 and rel_err(total, ref_total) < 1e-6
+    assert torch.equal(per, cu("sq_norm")(g, None, 0.0, True)[1]), "sq_norm is not deterministic"
+
+
+@gpu
+def test_mixed_dtype_sq_norm_is_graph_capturable():
+    # per-tensor results of two kernel groups go back in list order without an index tensor (no
+    # host-to-device copy inside the call, which stream capture would refuse)
+    x = [
+        torch.randn(n, device="cuda", dtype=d)
+        for n, d in [
+            (100, torch.float32),
+            (50, torch.bfloat16),
+            (7, torch.bfloat16),
+            (3000, torch.float32),
+            (9, torch.float16),
+        ]
+    ]
+    ref_total, ref_per = R.sq_norm(x, None, 0.0, True)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        cu("sq_norm")(x, None, 0.0, True)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        total, per = cu("sq_norm")(x, None, 0.0, True)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert per.shape == (5,) and rel_err(per, ref_per) < 1e-2 and rel_err(total, ref_total) < 1e-2
 
 
 @gpu

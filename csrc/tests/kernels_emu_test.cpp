@@ -22,6 +22,8 @@
 // holds, so a call makes several launches (the launch count is checked). Every buffer has guard
 // bytes around it (0xff: NaN in every dtype, so a read past the end poisons a result), which must
 // be intact after each call; read-only inputs must keep their bits.
+#include <memory>  // first: the emulator's __noinline__ macro would break its attributes
+
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -42,6 +44,7 @@
 #include <string>
 #include <vector>
 
+#include "multi_tensor.cuh"  // the table capacities and test hooks
 #include "sharpfused.h"
 
 using namespace sharpfused;
@@ -131,29 +134,42 @@ int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // ------------------------------------------------------------------ guarded buffers
 constexpr size_t kGuard = 64;
 
-// `bytes` of data at a 16-byte aligned address plus `shift` bytes, with 0xff guard bytes around.
+// `bytes` of data at a 16-byte aligned address plus `shift` bytes, with 0xff guard bytes around:
+// a region of its own store, or of an arena shared by the tensors of one list (like a bucket's
+// flat buffer: the kernels' tables then store the list's addresses as 32-bit offsets).
 struct Mem {
-  std::vector<unsigned char> raw;
-  size_t off = 0, bytes = 0, shift = 0;
+  std::shared_ptr<std::vector<unsigned char>> store;
+  size_t begin = 0, len = 0;  // the region of *store: guards, data, guards
+  size_t off = 0, bytes = 0, shift = 0;  // data at region + off
+  static size_t region(size_t nbytes, size_t sh) { return nbytes + 2 * kGuard + 16 + sh; }
   Mem() = default;
-  Mem(size_t nbytes, size_t sh) : raw(nbytes + 2 * kGuard + 16 + sh, 0xff), bytes(nbytes), shift(sh) {
-    const uintptr_t a = reinterpret_cast<uintptr_t>(raw.data()) + kGuard;
+  Mem(std::shared_ptr<std::vector<unsigned char>> st, size_t b, size_t nbytes, size_t sh)
+      : store(std::move(st)), begin(b), len(region(nbytes, sh)), bytes(nbytes), shift(sh) {
+    const uintptr_t a = reinterpret_cast<uintptr_t>(store->data() + begin) + kGuard;
     off = kGuard + (16 - a % 16) % 16 + sh;
   }
-  Mem(const Mem& o) : Mem(o.bytes, o.shift) {
+  Mem(size_t nbytes, size_t sh)
+      : Mem(std::make_shared<std::vector<unsigned char>>(region(nbytes, sh), 0xff), 0, nbytes, sh) {}
+  // a copy in its own store, or at `b` in `st` (an arena copy)
+  Mem(const Mem& o, std::shared_ptr<std::vector<unsigned char>> st = nullptr)
+      : Mem(st ? st : std::make_shared<std::vector<unsigned char>>(region(o.bytes, o.shift), 0xff), st ? o.begin : 0,
+            o.bytes, o.shift) {
     if (bytes) std::memcpy(data(), o.data(), bytes);
   }
   Mem(Mem&&) = default;
   Mem& operator=(const Mem&) = delete;
   Mem& operator=(Mem&&) = default;
-  unsigned char* data() { return raw.data() + off; }
-  const unsigned char* data() const { return raw.data() + off; }
+  unsigned char* raw() { return store->data() + begin; }
+  const unsigned char* raw() const { return store->data() + begin; }
+  unsigned char* data() { return raw() + off; }
+  const unsigned char* data() const { return raw() + off; }
   bool guards_ok() const {
-    for (size_t i = 0; i < raw.size(); ++i)
-      if ((i < off || i >= off + bytes) && raw[i] != 0xff) return false;
+    const unsigned char* r = raw();
+    for (size_t i = 0; i < len; ++i)
+      if ((i < off || i >= off + bytes) && r[i] != 0xff) return false;
     return true;
   }
-  bool same(const Mem& o) const { return raw.size() == o.raw.size() && off == o.off && raw == o.raw; }
+  bool same(const Mem& o) const { return len == o.len && off == o.off && std::memcmp(raw(), o.raw(), len) == 0; }
 };
 
 // One list of tensors of dtype T: tensor i has numel[i] elements.
@@ -162,8 +178,13 @@ struct TList {
   std::vector<Mem> mem;
   std::vector<void*> ptr;
   std::vector<bool> null_ptr;  // an empty tensor passed as nullptr
+  size_t arena = 0;            // bytes of the list's arena (0: every tensor in its own store)
   TList() = default;
-  TList(const TList& o) : mem(o.mem), null_ptr(o.null_ptr) { relink(); }
+  TList(const TList& o) : null_ptr(o.null_ptr), arena(o.arena) {
+    auto st = arena ? std::make_shared<std::vector<unsigned char>>(arena, 0xff) : nullptr;
+    for (const Mem& m : o.mem) mem.emplace_back(m, st);
+    relink();
+  }
   void relink() {
     ptr.resize(mem.size());
     for (size_t i = 0; i < mem.size(); ++i) ptr[i] = null_ptr[i] ? nullptr : mem[i].data();
@@ -235,6 +256,8 @@ size_t shift_of(int64_t i, int d, size_t elem) {
   }
 }
 
+bool g_arena = false;  // make_state: one arena per list (offset tables) instead of a store per tensor
+
 template <typename T>
 State<T> make_state(const std::vector<int64_t>& numel, int lists) {
   State<T> s;
@@ -242,8 +265,21 @@ State<T> make_state(const std::vector<int64_t>& numel, int lists) {
   for (int d = 0; d < lists; ++d) {
     s.used[d] = true;
     TList<T>& l = s.list[d];
+    std::shared_ptr<std::vector<unsigned char>> st;
+    if (g_arena) {
+      for (size_t i = 0; i < numel.size(); ++i)
+        l.arena += Mem::region(numel[i] * sizeof(T), shift_of(static_cast<int64_t>(i), d, sizeof(T)));
+      st = std::make_shared<std::vector<unsigned char>>(l.arena, 0xff);
+    }
+    size_t at = 0;
     for (size_t i = 0; i < numel.size(); ++i) {
-      l.mem.emplace_back(numel[i] * sizeof(T), shift_of(static_cast<int64_t>(i), d, sizeof(T)));
+      const size_t nb = numel[i] * sizeof(T), sh = shift_of(static_cast<int64_t>(i), d, sizeof(T));
+      if (st) {
+        l.mem.emplace_back(st, at, nb, sh);
+        at += Mem::region(nb, sh);
+      } else {
+        l.mem.emplace_back(nb, sh);
+      }
       l.null_ptr.push_back(numel[i] == 0 && (i + d + g_case) % 2 == 0);
     }
     l.relink();
@@ -357,6 +393,9 @@ struct Check {
 
 int g_failed = 0, g_cases = 0;
 uint64_t g_sched_seed = 1;
+// when >= 0: the launch count a case must make, written as a number by the caller (besides the
+// count the capacity rule gives): a packing regression fails both
+int64_t g_expect_launches = -1;
 
 // Runs `call` on a copy of s0 (ascending schedule), verifies, checks the guards, the launch count
 // (when >= 0), and that a second run (shuffled schedule) gives the same bits.
@@ -373,6 +412,8 @@ void run_case(const std::string& label, const State<T>& s0, Call&& call, Verify&
   verify(s0, s1, c);
   if (!s1.guards_ok()) c.fail("a guard byte around a buffer was overwritten");
   if (launches >= 0 && nl != launches) c.fail("made " + std::to_string(nl) + " launches, expected " + std::to_string(launches));
+  if (g_expect_launches >= 0 && nl != g_expect_launches)
+    c.fail("made " + std::to_string(nl) + " launches, asserted " + std::to_string(g_expect_launches));
   State<T> s2 = s0;
   emu::set_schedule(emu::Schedule::kShuffled, g_sched_seed++);
   const cudaError_t err2 = call(s2);
@@ -399,16 +440,36 @@ std::vector<int64_t> many(int n, int max_size) {
   return v;
 }
 
-// launches of one multi-tensor apply: a table per max_tensors non-empty tensors, while all the
-// chunks fit in one table's 320 blocks (else -1: the caller says)
-int64_t tables(const std::vector<int64_t>& numel, int max_tensors) {
-  int64_t nonempty = 0, chunks = 0;
-  for (int64_t n : numel) {
-    nonempty += n > 0;
-    chunks += cdiv(n, kChunk);
-  }
-  if (chunks > 320) return -1;  // not by this formula
-  return cdiv(nonempty, max_tensors);
+// Table capacities of multi_tensor.cuh (tensors per table for D = 1..5 lists; segments per cleanup
+// table), written out: every launch count below follows from these numbers.
+constexpr int kSmallCap[6] = {0, 269, 171, 125, 99, 82};        // 4 KB, 8-byte addresses
+constexpr int kLargeCap[6] = {0, 2317, 1474, 1081, 853, 705};   // 32764 B, 8-byte addresses
+constexpr int kLargeOffCap[6] = {0, 3244, 2317, 1802, 1474, 1247};  // 32764 B, 32-bit offsets
+constexpr int kSmallSeg = 1007, kLargeSeg = 8174;
+template <int D> constexpr bool caps_ok() {
+  return SmallTable<D>::kMaxTensors == kSmallCap[D] && LargeTable<D>::kMaxTensors == kLargeCap[D] &&
+         LargeOffsetTable<D>::kMaxTensors == kLargeOffCap[D];
+}
+static_assert(caps_ok<1>() && caps_ok<2>() && caps_ok<3>() && caps_ok<4>() && caps_ok<5>(), "table capacities changed");
+static_assert(SmallSegTable::kMaxSegments == kSmallSeg && LargeSegTable::kMaxSegments == kLargeSeg, "segment tables changed");
+
+// Launches of one multi-tensor apply over D lists on the emulated device: one small table when the
+// non-empty tensors fit one, or when the device takes only 4 KB of parameters (then one per small
+// table); else one per large table, offsets when the lists are arenas (g_arena) and the hook allows
+// them. -1 when it depends on where the host allocator put separate buffers (offsets or not).
+int64_t tables(const std::vector<int64_t>& numel, int D) {
+  int64_t nonempty = 0;
+  for (int64_t n : numel) nonempty += n > 0;
+  if (!emu::large_params() || nonempty <= kSmallCap[D]) return cdiv(nonempty, kSmallCap[D]);
+  const int64_t wide = cdiv(nonempty, kLargeCap[D]), off = cdiv(nonempty, kLargeOffCap[D]);
+  if (!table_hooks().offsets) return wide;
+  if (g_arena) return off;
+  return wide == off ? wide : -1;
+}
+// launches of a segment_sum over nseg segments
+int64_t seg_tables(int64_t nseg) {
+  if (nseg > kSmallSeg && emu::large_params()) return cdiv(nseg, kLargeSeg);
+  return cdiv(nseg, kSmallSeg);
 }
 
 // Height of the summation tree of a reduction over a tensor of n elements: elements per thread
@@ -462,15 +523,18 @@ void test_sq_norm(const std::vector<int64_t>& numel, const char* set, bool weigh
   };
   std::string label = std::string("sq_norm ") + (weights ? "(|w|+eta)*x " : "x ") +
                       (eta_mode == 0 ? "" : eta_mode == 1 ? "eta=value " : "eta=device ") + set;
-  const int64_t t = tables(numel, 64);
-  if (launches < 0 && t >= 0) launches = t + cdiv(numel.size(), 400) + 1;
+  const int64_t t = tables(numel, 2);
+  if (launches < 0 && t >= 0) launches = t + seg_tables(static_cast<int64_t>(numel.size())) + 1;
   run_case<T>(label, s0, call, verify, launches);
 }
 
 // ------------------------------------------------------------------ perturb
+// mask: 0 none, 1 in dtype T, 2 one byte per element (SSAM's uint8 / a bool mask: the same bytes).
+// A byte mask holds the 0/1 values of the dtype mask list, and the call must give the very bits of
+// the same call with the dtype mask (run in verify), besides matching the reference.
 template <typename T>
 void test_perturb(const std::vector<int64_t>& numel, const char* set, double scale, bool scale_ptr, bool backup,
-                  bool has_eta, double eta, bool eta_ptr, bool mask, bool poison_g) {
+                  bool has_eta, double eta, bool eta_ptr, int mask, bool poison_g) {
   State<T> s0 = make_state<T>(numel, 4);
   s0.used[2] = backup;
   s0.used[3] = mask;
@@ -479,13 +543,35 @@ void test_perturb(const std::vector<int64_t>& numel, const char* set, double sca
   if (poison_g) poison(s0.list[1]);
   if (backup) fill_bits(s0.list[2]);
   if (mask) fill(s0.list[3], [] { return static_cast<double>(rng() % 3 == 0 ? 0 : 1); });
+  // the byte mask: tensor i shifted by 0, 1 or 3 bytes (the 4/8/2-byte mask vector is then unaligned)
+  std::vector<Mem> bytes;
+  std::vector<void*> bptr;
+  if (mask == 2) {
+    for (size_t i = 0; i < numel.size(); ++i) {
+      bytes.emplace_back(numel[i], (i + g_case) % 3 == 0 ? 0 : (i + g_case) % 3 == 1 ? 1 : 3);
+      for (int64_t j = 0; j < numel[i]; ++j) bytes[i].data()[j] = s0.list[3].r(i, j) != 0 ? 1 : 0;
+    }
+    for (size_t i = 0; i < numel.size(); ++i) bptr.push_back(s0.list[3].ptr[i] ? bytes[i].data() : nullptr);
+  }
+  std::vector<Mem> bytes0(bytes.begin(), bytes.end());
   const int ks = scale_ptr ? scalar_buf<T>(s0, scale) : -1, ke = eta_ptr ? scalar_buf<T>(s0, eta) : -1;
-  auto call = [&](State<T>& s) {
+  auto call_as = [&](State<T>& s, bool as_bytes) {
     const Scalar sc = ks >= 0 ? Scalar{s.s(ks), std::nan("")} : Scalar{nullptr, scale};
     const Scalar et = ke >= 0 ? Scalar{s.s(ke), std::nan("")} : Scalar{nullptr, has_eta ? eta : std::nan("")};
-    return perturb(Ty<T>::dt, s.view(), sc, has_eta, et, nullptr);
+    Lists l = s.view();
+    if (as_bytes) l.ptr[3] = bptr.data();
+    return perturb(Ty<T>::dt, l, sc, has_eta, et, as_bytes, nullptr);
   };
+  auto call = [&](State<T>& s) { return call_as(s, mask == 2); };
   auto verify = [&](const State<T>& b, const State<T>& a, Check& c) {
+    if (mask == 2) {  // the bits of the dtype-mask call; the bytes untouched
+      State<T> d = b;
+      if (call_as(d, false) != cudaSuccess) c.fail("the dtype-mask call failed");
+      c.same_list("w (bytes vs dtype mask)", a.list[0], d.list[0]);
+      if (backup) c.same_list("backup (bytes vs dtype mask)", a.list[2], d.list[2]);
+      for (size_t i = 0; i < bytes.size(); ++i)
+        if (!bytes[i].same(bytes0[i]) || !bytes[i].guards_ok()) c.fail("the byte mask was written");
+    }
     c.same_list("g", a.list[1], b.list[1]);
     if (backup) c.same_list("backup", a.list[2], b.list[0]);  // the raw bits of w
     if (mask) c.same_list("mask", a.list[3], b.list[3]);
@@ -505,9 +591,10 @@ void test_perturb(const std::vector<int64_t>& numel, const char* set, double sca
   };
   char label[160];
   std::snprintf(label, sizeof label, "perturb scale=%g%s%s%s%s%s %s", scale, scale_ptr ? "(device)" : "",
-                backup ? " backup" : "", has_eta ? (eta_ptr ? " eta(device)" : " eta") : "", mask ? " mask" : "",
+                backup ? " backup" : "", has_eta ? (eta_ptr ? " eta(device)" : " eta") : "",
+                mask == 2 ? " mask(uint8)" : mask ? " mask" : "",
                 poison_g ? " g:inf/nan/-0" : "", set);
-  run_case<T>(label, s0, call, verify, tables(numel, 36));
+  run_case<T>(label, s0, call, verify, tables(numel, 4));
 }
 
 // ------------------------------------------------------------------ restore
@@ -521,7 +608,7 @@ void test_restore(const std::vector<int64_t>& numel, const char* set) {
     c.same_list("w", a.list[0], b.list[1]);
     c.same_list("backup", a.list[1], b.list[1]);
   };
-  run_case<T>(std::string("restore (random bits: NaN payloads, -0, inf) ") + set, s0, call, verify, tables(numel, 64));
+  run_case<T>(std::string("restore (random bits: NaN payloads, -0, inf) ") + set, s0, call, verify, tables(numel, 2));
 }
 
 // ------------------------------------------------------------------ dot_norms
@@ -556,7 +643,7 @@ void test_dot_norms(const std::vector<int64_t>& numel, const char* set) {
     c.close_sum("|a|^2", 0, out[1], na.get(), na.get(), height);
     c.close_sum("|b|^2", 0, out[2], nb.get(), nb.get(), height);
   };
-  const int64_t t = tables(numel, 64);
+  const int64_t t = tables(numel, 2);
   run_case<T>(std::string("dot_norms ") + set, s0, call, verify, t < 0 ? -1 : t + 1);
 }
 
@@ -610,7 +697,7 @@ void test_combine(const std::vector<int64_t>& numel, const char* set, double c1,
   char label[160];
   std::snprintf(label, sizeof label, "combine c1=%g c2=%g%s%s %s", c1, c2, ptrs ? " (device)" : "",
                 poison_dropped ? " dropped term inf/nan/-0" : "", set);
-  run_case<T>(label, s0, call, verify, tables(numel, 64));
+  run_case<T>(label, s0, call, verify, tables(numel, 2));
 }
 
 // ------------------------------------------------------------------ restore_sgd
@@ -688,7 +775,7 @@ void test_sgd(const std::vector<int64_t>& numel, const char* set, SgdCfg f) {
                 f.lr_ptr ? "(dev)" : "", f.momentum, f.dampening, f.wd, f.nesterov ? " nesterov" : "",
                 f.init ? " init" : "", f.coef, f.coef_ptr ? "(dev)" : "", f.found_inf < 0 ? "null" : kFlagNames[f.found_inf],
                 set);
-  run_case<T>(label, s0, call, verify, tables(numel, 36));
+  run_case<T>(label, s0, call, verify, tables(numel, 4));
 }
 
 // ------------------------------------------------------------------ restore_adamw
@@ -754,7 +841,7 @@ void test_adamw(const std::vector<int64_t>& numel, const char* set, AdamCfg f) {
   std::snprintf(label, sizeof label, "restore_adamw lr=%g%s b1=%g b2=%g wd=%g t=%d%s coef=%g%s found_inf=%s %s", f.lr,
                 f.lr_ptr ? "(dev)" : "", f.b1, f.b2, f.wd, f.t, f.step_ptr ? "(dev)" : "", f.coef,
                 f.coef_ptr ? "(dev)" : "", f.found_inf < 0 ? "null" : kFlagNames[f.found_inf], set);
-  run_case<T>(label, s0, call, verify, tables(numel, 30));
+  run_case<T>(label, s0, call, verify, tables(numel, 5));
 }
 
 // ------------------------------------------------------------------ all launchers, one dtype
@@ -776,6 +863,11 @@ void run_dtype() {
   test_perturb<T>(kMix, "[mix]", 0.0, false, true, true, 0.01, false, true, true);
   test_perturb<T>(kMix, "[mix]", 0.0, true, false, false, 0, false, false, true);
   test_perturb<T>(m80, "[80 tensors]", 0.02, true, true, false, 0, false, false, false);
+  // the byte mask (SSAM's uint8, a bool mask): the bits of the dtype mask, on both paths
+  test_perturb<T>(kMix, "[mix]", 0.05, false, true, false, 0, false, 2, false);
+  test_perturb<T>(kMix, "[mix]", -0.07, true, true, true, 0.01, false, 2, false);
+  test_perturb<T>(kMix, "[mix]", 0.0, false, true, true, 0.01, false, 2, true);
+  test_perturb<T>(m80, "[80 tensors]", 0.02, true, false, false, 0, false, 2, true);
   // restore
   test_restore<T>(kMix, "[mix]");
   test_restore<T>(m80, "[80 tensors]");
@@ -839,6 +931,75 @@ void run_dtype() {
   a = {};
   a.step_ptr = true, a.t = 2, a.found_inf = 1;  // -0: not skipped
   test_adamw<T>(m80, "[80 tensors]", a);
+}
+
+// ------------------------------------------------------------------ a list of 1200 tensors
+// 1200 tensors: every 10th empty, every 97th of 1-3 chunks and a few elements, the others of
+// 1-700 elements; alignment rotating over tensors and lists (make_state). 1080 non-empty, 1104
+// chunks. Every launcher runs on it, results against the reference, launch counts asserted as
+// numbers (from the capacities kSmallCap / kLargeCap / kLargeOffCap / kSmallSeg / kLargeSeg):
+//  * "large, offsets": arenas (a bucket's flat buffers), a CUDA >= 12.1 device: one launch per
+//    table of 2317 (D=2), 1474 (D=4), 1247 (D=5) tensors: 1 each; sq_norm's per-tensor cleanup
+//    (1200 segments > 1007) one large segment table: 1 + 1 + 1 = 3; dot_norms 1 + 1 = 2.
+//  * "large, 8-byte addresses" (offsets refused by the hook), grid capped at 5 blocks (each block
+//    runs ~220 chunks: the grid-stride loop): D=2 1 (1474), D=4 2 (853), D=5 2 (705).
+//  * "4 KB only" (driver 11.8, or compute capability 6): ceil(1080 / 171) = 7 for D=2, / 99 = 11
+//    for D=4, / 82 = 14 for D=5; sq_norm 7 + ceil(1200 / 1007) + 1 = 10; dot_norms 7 + 1 = 8.
+std::vector<int64_t> many_tensors() {
+  std::vector<int64_t> v;
+  for (int i = 0; i < 1200; ++i)
+    v.push_back(i % 10 == 3 ? 0 : i % 97 == 5 ? (1 + i % 3) * kChunk + i % 7 : 1 + (i * 37) % 700);
+  return v;
+}
+
+struct ManyCounts {
+  int sq_norm, perturb, restore, dot_norms, combine, sgd, adamw;
+};
+
+// reductions: also sq_norm and dot_norms (the slow ones to emulate: a block barrier per chunk)
+template <typename T>
+void test_many(const char* mode, const ManyCounts& n, bool reductions = true) {
+  const std::vector<int64_t> v = many_tensors();
+  char set[120];
+  std::snprintf(set, sizeof set, "[1200 tensors, %s]", mode);
+  g_expect_launches = n.sq_norm;
+  if (reductions) test_sq_norm<T>(v, set, true, 1, 0.01);
+  g_expect_launches = n.perturb;
+  test_perturb<T>(v, set, -0.07, true, true, true, 0.01, false, 2, false);
+  g_expect_launches = n.restore;
+  test_restore<T>(v, set);
+  g_expect_launches = n.dot_norms;
+  if (reductions) test_dot_norms<T>(v, set);
+  g_expect_launches = n.combine;
+  test_combine<T>(v, set, 0.7, -1.3, false, false);
+  SgdCfg s;
+  s.momentum = 0.9, s.nesterov = true, s.wd = 1e-4;
+  g_expect_launches = n.sgd;
+  test_sgd<T>(v, set, s);
+  AdamCfg a;
+  a.step_ptr = true, a.t = 3;
+  g_expect_launches = n.adamw;
+  test_adamw<T>(v, set, a);
+  g_expect_launches = -1;
+}
+
+void run_many() {
+  g_arena = true;
+  test_many<float>("large, offsets", {3, 1, 1, 2, 1, 1, 1});
+  test_many<__nv_bfloat16>("large, offsets", {3, 1, 1, 2, 1, 1, 1}, false);  // 8 elements per 16 bytes
+  table_hooks().offsets = false;
+  table_hooks().max_grid = 5;
+  test_many<float>("large, 8-byte addresses, grid 5", {3, 2, 1, 2, 1, 2, 2});
+  table_hooks() = TableHooks{};
+  emu::set_device(11080, 9);
+  test_many<float>("4 KB only: driver 11.8", {10, 11, 7, 8, 7, 11, 14});
+  emu::set_device(12080, 6);
+  g_expect_launches = 11;
+  test_perturb<__half>(many_tensors(), "[1200 tensors, 4 KB only: compute capability 6]", 0.3, false, true, false, 0,
+                       false, 2, false);
+  g_expect_launches = -1;
+  emu::set_device(12080, 9);
+  g_arena = false;
 }
 
 // ------------------------------------------------------------------ the emulator itself
@@ -915,12 +1076,17 @@ int main(int argc, char** argv) {
   run_dtype<__half>();
   run_dtype<__nv_bfloat16>();
   run_dtype<double>();
-  // more tensors than one segment table holds (kMaxSegments = 400): the per-tensor cleanup takes two launches
+  // more tensors than a small table holds (171 for D = 2): one large table (1 + 1 + 1 launches)
   test_sq_norm<float>(many(410, 40), "[410 tensors]", true, 2, 0.02);
   test_sq_norm<__nv_bfloat16>(many(410, 40), "[410 tensors]", false, 0, 0);
-  // more chunks than one table holds (kMaxBlocks = 320): the big tensor is cut after 319 chunks and
-  // continues in slot 0 of a second launch; its per-tensor sum spans both (2 + 1 + 1 launches)
-  test_sq_norm<__half>({5, 320 * kChunk + 11, 7}, "[321-chunk tensor cut across launches]", true, 1, 0.01, 4);
+  // one tensor of 321 chunks (the old block map held 320): one launch whatever the chunk count, and
+  // with the grid capped at 7 blocks, each block runs ~46 chunks (1 + 1 + 1 launches either way)
+  test_sq_norm<__half>({5, 320 * kChunk + 11, 7}, "[321-chunk tensor]", true, 1, 0.01, 3);
+  table_hooks().max_grid = 7;
+  test_sq_norm<__half>({5, 320 * kChunk + 11, 7}, "[321-chunk tensor, grid 7]", true, 1, 0.01, 3);
+  table_hooks() = TableHooks{};
+  // lists of 1200 tensors, every table format
+  run_many();
   const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   const emu::Stats st = emu::stats();
   std::printf("%d cases, %d failed; %llu launches, %llu blocks emulated in %.1f s\n%s\n", g_cases, g_failed,

@@ -5,9 +5,10 @@ at run time by :func:`sharpfused.build_extension`). One launch covers many tenso
 table of addresses passed by value; reductions are two-stage and deterministic (no atomics).
 
 Kernels run on contiguous float32, bfloat16, float16 and float64 tensors of one dtype per list
-group, math in opmath (float32; float64 for float64). A (device, dtype) group that the kernels
-cannot take -- a non-contiguous tensor, companion lists of another dtype (e.g. a bool mask),
-another dtype -- is handed to :mod:`.torch_ops` for that group, with the same results.
+group, math in opmath (float32; float64 for float64); ``perturb_``'s mask may also be uint8 or
+bool (SSAM stores a uint8 0/1 mask), read by the kernel as one byte per element. A (device,
+dtype) group that the kernels cannot take -- a non-contiguous tensor, companion lists of another
+dtype, another dtype -- is handed to :mod:`.torch_ops` for that group, with the same results.
 
 Per-step scalars (``scale``, ``lr``, ``c1``, ``c2``, ``eta`` and ``grad_coef``) given as tensors are moved to
 the device in opmath and read there by the kernel; Python numbers are passed by value. The fused
@@ -57,16 +58,24 @@ def _check_cuda(xs: Sequence[Tensor]) -> None:
         raise ValueError(f"the 'cuda' backend runs on CUDA tensors only, got a tensor on {xs[0].device}")
 
 
-def _fits(first: Sequence[Tensor], *others: Optional[Sequence[Tensor]]) -> bool:
-    """True when the kernels can take this group: one supported dtype, one device, contiguous."""
+#: mask dtypes the perturb kernel reads as bytes (besides the parameter dtype)
+_BYTE_MASKS = (torch.uint8, torch.bool)
+
+
+def _fits(
+    first: Sequence[Tensor], *others: Optional[Sequence[Tensor]], mask: Optional[Sequence[Tensor]] = None
+) -> bool:
+    """True when the kernels can take this group: one supported dtype, one device, contiguous; a
+    ``mask`` list in that dtype or all uint8 or all bool."""
     dtype, device = first[0].dtype, first[0].device
     if dtype not in _KERNEL_DTYPES:
         return False
-    for lst in (first, *others):
-        if lst is None:
-            continue
+    lists = [(lst, dtype) for lst in (first, *others) if lst is not None]
+    if mask is not None:
+        lists.append((mask, mask[0].dtype if mask[0].dtype in _BYTE_MASKS else dtype))
+    for lst, want in lists:
         for t in lst:
-            if t.dtype != dtype or t.device != device or not t.is_contiguous():
+            if t.dtype != want or t.device != device or not t.is_contiguous():
                 return False
     return True
 
@@ -96,20 +105,39 @@ def sq_norm(xs, weights=None, eta=0.0, per_tensor=False):
     if len(parts) == 1:
         total, per = parts[0]
         return (total, per) if per_tensor else total
-    # mixed dtypes: per-tensor results back in list order, float64 when any input is float64
-    out_dtype = torch.float64 if any(p.dtype == torch.float64 for _, p in parts) else torch.float32
-    pos = {id(t): i for i, t in enumerate(xs)}
-    per = torch.empty(len(xs), dtype=out_dtype, device=xs[0].device)
-    for (_, p), x in zip(parts, order):
-        per[torch.tensor([pos[id(t)] for t in x], device=per.device)] = p.to(out_dtype)
+    per = _in_list_order(xs, order, [p for _, p in parts])
     total = per.sum()
     return (total, per) if per_tensor else total
+
+
+def _in_list_order(xs: Sequence[Tensor], order: list, pers: list[Tensor]) -> Tensor:
+    """Per-tensor results of the groups (``order[k]``: group k's tensors, ``pers[k]``: its results)
+    as one tensor in the order of ``xs``, float64 when any group's is. Slices of the group results
+    joined by one ``torch.cat``: no index tensor, so no host-to-device copy (nor sync) in a step,
+    and nothing that CUDA-graph capture would have to hold."""
+    out_dtype = torch.float64 if any(p.dtype == torch.float64 for p in pers) else torch.float32
+    pers = [p.to(out_dtype) for p in pers]
+    where = {}  # id of a tensor -> (group, position in the group)
+    for k, x in enumerate(order):
+        for j, t in enumerate(x):
+            where[id(t)] = (k, j)
+    pieces, run = [], None  # runs of consecutive positions of one group
+    for t in xs:
+        k, j = where[id(t)]
+        if run is not None and run[0] == k and run[2] == j:
+            run[2] = j + 1
+        else:
+            if run is not None:
+                pieces.append(pers[run[0]][run[1] : run[2]])
+            run = [k, j, j + 1]
+    pieces.append(pers[run[0]][run[1] : run[2]])
+    return torch.cat(pieces)
 
 
 def perturb_(params, grads, backup, scale, eta=None, mask=None):
     _check_cuda(params)
     for dtype, (p, g, b, m) in _groups(params, grads, backup, mask):
-        if not _fits(p, g, b, m):
+        if not _fits(p, g, b, mask=m):
             torch_ops.perturb_(p, g, b, scale, eta, m)
             continue
         st, sv = _scalar(scale, dtype, p[0].device)

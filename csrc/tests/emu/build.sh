@@ -15,11 +15,19 @@ out=${1:?usage: build.sh OUT_DIR}
 CXX=${CXX:-g++}
 mkdir -p "$out/src" "$out/obj"
 
+# A `const __grid_constant__ T name` parameter (T one name, no commas) becomes `const T& name`:
+# read-only, one copy for the grid (emu.h says why).
 for f in "$csrc"/*.cu "$csrc"/*.cuh "$csrc"/*.h; do
-  sed -e 's/<<</ | ::emu::Launch(/g' -e 's/>>>(/) | ::emu::args(/g' "$f" >"$out/src/$(basename "$f")"
+  sed -e 's/<<</ | ::emu::Launch(/g' -e 's/>>>(/) | ::emu::args(/g' \
+    -e 's/const __grid_constant__ \([A-Za-z_][A-Za-z_0-9:]*\) \([A-Za-z_][A-Za-z_0-9]*\)\([,)]\)/const \1\& \2\3/g' \
+    "$f" >"$out/src/$(basename "$f")"
 done
 if grep -n '<<<\|>>>' "$out"/src/*.cu "$out"/src/*.cuh; then
   echo "build.sh: a launch was not rewritten (one launch per line: k<<<cfg>>>(args))" >&2
+  exit 1
+fi
+if grep -n 'const __grid_constant__' "$out"/src/*.cu "$out"/src/*.cuh; then
+  echo "build.sh: a __grid_constant__ parameter was not rewritten (write it as 'const __grid_constant__ T name', T one name)" >&2
   exit 1
 fi
 

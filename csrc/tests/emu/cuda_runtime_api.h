@@ -13,6 +13,15 @@ enum cudaError {
 };
 typedef enum cudaError cudaError_t;
 
+// The toolkit version the emulator stands in for (>= 12.1: kernels may take up to 32764 bytes of
+// parameters). Whether the emulated driver and device take them is set by emu::set_device.
+#define CUDART_VERSION 12080
+
+enum cudaDeviceAttr {
+  cudaDevAttrComputeCapabilityMajor = 75,
+  cudaDevAttrComputeCapabilityMinor = 76,
+};
+
 typedef struct CUstream_st* cudaStream_t;
 
 struct uint3 {
@@ -29,3 +38,7 @@ cudaError_t cudaGetLastError();
 cudaError_t cudaPeekAtLastError();
 const char* cudaGetErrorString(cudaError_t err);
 cudaError_t cudaDeviceSynchronize();  // launches are synchronous: always cudaSuccess
+// One emulated device, 0; its driver version and compute capability are emu::set_device's.
+cudaError_t cudaGetDevice(int* device);
+cudaError_t cudaDriverGetVersion(int* version);
+cudaError_t cudaDeviceGetAttribute(int* value, enum cudaDeviceAttr attr, int device);

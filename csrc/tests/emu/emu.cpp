@@ -66,6 +66,7 @@ struct Runtime {
   unsigned left = 0;             // threads of the block not finished yet
   unsigned block_threads = 0;
   Stats stats;
+  int driver_version = 12080, cc_major = 9;
 };
 
 Runtime& rt() {
@@ -224,6 +225,15 @@ void set_schedule(Schedule s, uint64_t seed) {
 
 Stats stats() { return rt().stats; }
 
+void set_device(int driver_version, int cc_major) {
+  rt().driver_version = driver_version;
+  rt().cc_major = cc_major;
+}
+
+bool large_params() { return rt().driver_version >= 12010 && rt().cc_major >= 7; }
+
+void refuse_launch(cudaError_t err) { rt().last_error = err; }
+
 void syncthreads() { wait_at(rt().block_bar, "__syncthreads"); }
 
 void syncwarp(unsigned mask) {
@@ -296,6 +306,25 @@ cudaError_t cudaGetLastError() {
 cudaError_t cudaPeekAtLastError() { return emu::rt().last_error; }
 
 cudaError_t cudaDeviceSynchronize() { return cudaSuccess; }
+
+cudaError_t cudaGetDevice(int* device) {
+  *device = 0;
+  return cudaSuccess;
+}
+
+cudaError_t cudaDriverGetVersion(int* version) {
+  *version = emu::rt().driver_version;
+  return cudaSuccess;
+}
+
+cudaError_t cudaDeviceGetAttribute(int* value, enum cudaDeviceAttr attr, int device) {
+  if (device != 0) return cudaErrorInvalidValue;
+  switch (attr) {
+    case cudaDevAttrComputeCapabilityMajor: *value = emu::rt().cc_major; return cudaSuccess;
+    case cudaDevAttrComputeCapabilityMinor: *value = 0; return cudaSuccess;
+  }
+  return cudaErrorInvalidValue;
+}
 
 const char* cudaGetErrorString(cudaError_t err) {
   switch (err) {

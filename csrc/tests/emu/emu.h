@@ -25,6 +25,13 @@
 //    and runs the grid. No other text of the sources changes.
 //  * An invalid configuration (empty grid, more than 1024 threads, dynamic shared memory) is not
 //    run and is reported by the next cudaGetLastError(), as cudaErrorInvalidConfiguration.
+//  * Kernel parameters: up to 32764 bytes compile (CUDA >= 12.1); a launch of more than 4096 bytes
+//    on an emulated driver or device that does not take them (emu::set_device: driver < 12.1 or
+//    compute capability < 7) is not run and reported as cudaErrorInvalidValue.
+//  * build.sh also rewrites a `const __grid_constant__ T name` parameter to `const T& name`: a
+//    grid-constant parameter is read-only and one copy serves the whole grid (its address is the
+//    same in every thread), which a reference to the launch's one copy is; it spares copying a
+//    table of up to 32 KB into every emulated thread.
 //
 //  * The test build adds -fsanitize=alignment: a 16-byte Pack access at an address that is not
 //    16-byte aligned (which faults on the GPU) stops the run with the source line.
@@ -74,6 +81,11 @@ enum class Schedule { kAscending, kDescending, kShuffled };
 // permutation per block from `seed`). Ascending by default.
 void set_schedule(Schedule s, uint64_t seed = 0);
 
+// The emulated device's driver version (CUDA's encoding: 12010 = 12.1) and compute capability
+// major: whether kernels may take more than 4096 bytes of parameters. Default: 12080, 9.
+void set_device(int driver_version, int cc_major);
+bool large_params();  // driver >= 12.1 and compute capability >= 7
+
 struct Stats {
   uint64_t launches = 0;  // grids run
   uint64_t blocks = 0;    // blocks run
@@ -105,6 +117,8 @@ struct Launch {
 
 // Runs thunk(ctx) in every thread of every block of cfg (or records a launch error).
 void run_grid(const Launch& cfg, void (*thunk)(void*), void* ctx);
+// Records a launch error for the next cudaGetLastError (the grid is not run).
+void refuse_launch(cudaError_t err);
 
 template <typename... P>
 struct Kernel {
@@ -130,7 +144,12 @@ Args<A&&...> args(A&&... a) {
 template <typename... P, typename... A>
 void operator|(const Kernel<P...>& k, Args<A...>&& a) {
   static_assert(sizeof...(P) == sizeof...(A), "kernel launched with the wrong number of arguments");
-  static_assert((std::size_t{0} + ... + sizeof(P)) <= 4096, "kernel parameters over the classic 4 KB limit");
+  constexpr std::size_t bytes = (std::size_t{0} + ... + sizeof(P));  // (of a reference: its referee's)
+  static_assert(bytes <= 32764, "kernel parameters over the 32764-byte limit of CUDA >= 12.1");
+  if (bytes > 4096 && !large_params()) {  // as a driver < r530 or a pre-Volta device refuses it
+    refuse_launch(cudaErrorInvalidValue);
+    return;
+  }
   using Params = std::tuple<std::decay_t<P>...>;
   // converted to the parameter types once; each thread's call copies them (parameters are by value)
   Params params = std::apply([](auto&&... x) { return Params(std::forward<decltype(x)>(x)...); }, std::move(a.t));
