@@ -8,7 +8,8 @@
 #
 # Env (defaults in brackets):
 #   TORCH_VERSION        torch to build against [2.11.0]; its CUDA is whatever that wheel has
-#   TORCH_INDEX_URL      an index for another CUDA build of torch (e.g. PyTorch's cu126 index) [PyPI]
+#   TORCH_INDEX_URL      an index for another CUDA build of torch (e.g. PyTorch's cu126 index; it must
+#                        also serve torch's nvidia-* dependencies) [pip's default index]
 #   WHEEL_PY_VERSION     python to build for [3.12]; WHEEL_PYTHON: that interpreter's path [found
 #                        on PATH, then ~/.pyenv/versions; else python3, with a warning]
 #   TORCH_CUDA_ARCH_LIST architectures [8.0;9.0+PTX]: SASS for A100 and H100/H200, PTX for newer
@@ -80,12 +81,13 @@ if [ "$have" != "$want_py $TORCH_VERSION" ]; then
   mkdir -p "$(dirname "$VENV")"
   "$BASE_PY" -m venv "$VENV"
   t=$SECONDS
-  "$VPY" -m pip install -q ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL" --extra-index-url https://pypi.org/simple} \
-    "torch==$TORCH_VERSION"
+  "$VPY" -m pip install -q ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "torch==$TORCH_VERSION"
   echo "build_cuda_wheel: torch installed in $((SECONDS - t)) s"
 fi
 "$VPY" -m pip install -q setuptools wheel ninja nvidia-cuda-cuobjdump
-read -r TORCH_FULL TORCH_CUDA < <("$VPY" -c 'import torch; print(torch.__version__, torch.version.cuda)' 2>/dev/null)
+TORCH_INFO=$("$VPY" -c 'import torch; print(torch.__version__, torch.version.cuda)' 2>/dev/null | tail -n 1) \
+  || { echo "build_cuda_wheel: FAIL: torch does not import in $VENV" >&2; exit 1; }
+read -r TORCH_FULL TORCH_CUDA <<<"$TORCH_INFO"
 if [ "$TORCH_CUDA" = None ]; then
   echo "build_cuda_wheel: FAIL: torch $TORCH_FULL in $VENV is a CPU build (no CUDA)" >&2
   exit 1

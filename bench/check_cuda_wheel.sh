@@ -18,7 +18,7 @@
 #
 #   PYTHON=<build venv>/bin/python bash bench/check_cuda_wheel.sh bench/wheels/<wheel> [--tests]
 # Env: TORCH_CUDA_ARCH_LIST [8.0;9.0+PTX], CUOBJDUMP [the build venv's, then PATH's],
-# WHEEL_TESTS_VENV [<build venv>-tests], WHEEL_TESTS ["tests/test_compile.py tests/test_sam.py"].
+# WHEEL_TESTS_VENV [<build venv>-tests], WHEEL_TEST_FILES ["tests/test_compile.py tests/test_sam.py"].
 # One "check_cuda_wheel: ok|FAIL <what>" line per check; exits non-zero when any failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -72,6 +72,8 @@ if len(sos) != 1:
 PY
 if [ $? = 0 ]; then ok "metadata: $(tail -n 1 "$tmp/meta")"; else bad "metadata: $(tr '\n' ' ' <"$tmp/meta")"; fi
 
+site=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')  # the build venv's (torch)
+
 # ------------------------------------------------------------------ the extension's archs
 mkdir -p "$tmp/x"
 (cd "$tmp/x" && "$PY" -m zipfile -e "$WHEEL" .) || bad "unzip $WHEEL"
@@ -79,7 +81,6 @@ SO=$(ls "$tmp"/x/sharpfused/_C.*.so 2>/dev/null | head -n 1)
 if [ -z "$SO" ]; then
   bad "no sharpfused/_C*.so in the wheel"
 else
-  site=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
   CUOBJDUMP=${CUOBJDUMP:-$(ls "$site"/nvidia/cu*/bin/cuobjdump "$site"/nvidia/cuda_cuobjdump/bin/cuobjdump 2>/dev/null | head -n 1)}
   CUOBJDUMP=${CUOBJDUMP:-$(command -v cuobjdump || true)}
   if [ -z "$CUOBJDUMP" ]; then
@@ -188,7 +189,7 @@ fi
 # ------------------------------------------------------------------ the CPU test subset with this torch
 if [ $RUN_TESTS = 1 ]; then
   TV=${WHEEL_TESTS_VENV:-$(dirname "$(dirname "$PY")")-tests}
-  TESTS=${WHEEL_TESTS:-tests/test_compile.py tests/test_sam.py}
+  TESTS=${WHEEL_TEST_FILES:-tests/test_compile.py tests/test_sam.py}
   if overlay_venv "$TV" && PIP_CONSTRAINT=$tmp/constraints.txt "$TV/bin/python" -m pip install -q pytest numpy scikit-learn tqdm \
       >"$tmp/pip_tests.log" 2>&1 && SHARPFUSED_SKIP_CUDA=1 PIP_CONSTRAINT=$tmp/constraints.txt "$TV/bin/python" -m pip install \
       -q --no-deps --no-build-isolation -e "$ROOT" >>"$tmp/pip_tests.log" 2>&1; then

@@ -118,11 +118,14 @@ if [ $DRY = 1 ]; then
   # no compile on CPU: the selection itself, on fake wheels (both outcomes), and what it says here
   dry_build() {
     local pick here t0=$SECONDS
-    $PY "$ROOT/bench/pick_wheel.py" --self-check --csrc "$ROOT/csrc" | tee "$LOG/.pick_self.out" || return 1
+    $PY "$ROOT/bench/pick_wheel.py" --self-check --csrc "$ROOT/csrc" >"$LOG/.pick_self.out" 2>&1
+    local rc=$?
+    cat "$LOG/.pick_self.out"
+    [ $rc = 0 ] || { echo "decision: the selection's self-check failed: $(tail -n 1 "$LOG/.pick_self.out")"; return 1; }
     pick=$($PY "$ROOT/bench/pick_wheel.py" --dir "$WHEEL_DIR" --csrc "$ROOT/csrc" 2>"$LOG/.pick.err")
     cat "$LOG/.pick.err"
     here=$(tail -n 1 "$LOG/.pick.err" | sed 's/^pick_wheel: //')
-    echo "decision: dry run, no compile: selection ok ($(cut -c5- "$LOG/.pick_self.out")); here: \
+    echo "decision: dry run, no compile: selection ok ($(tail -n 1 "$LOG/.pick_self.out" | cut -c5-)); here: \
 $([ -n "$pick" ] && echo "would install $(basename "$pick")" || echo "would build ($here)")"
     echo "took: $((SECONDS - t0))"
   }
