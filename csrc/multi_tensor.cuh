@@ -42,10 +42,15 @@ constexpr int kThreads = 512;  // threads per block, every kernel
 // Kernel-parameter space: the classic limit, and the CUDA >= 12.1 one (Volta+, driver r530+).
 constexpr int kClassicParamBytes = 4096;
 constexpr int kLargeParamBytes = 32764;
+// The large tables are compiled with a CUDA >= 12.1 toolkit. Every device arch built must then be
+// sm_70 or newer (nvcc refuses > 4 KB of parameters below Volta); a build for older archs passes
+// -DSHARPFUSED_LARGE_PARAMS=0 and keeps the 4 KB tables only.
+#ifndef SHARPFUSED_LARGE_PARAMS
 #if defined(CUDART_VERSION) && CUDART_VERSION >= 12010
 #define SHARPFUSED_LARGE_PARAMS 1
 #else
 #define SHARPFUSED_LARGE_PARAMS 0
+#endif
 #endif
 // Room left beside a table for the kernel's other argument, the op (checked per op).
 constexpr int kOpBytes = 256;

@@ -209,6 +209,7 @@ int main() {
   expect("resnet50 D=5 large params, flat buffers (offsets, 1247)", launches<5>(rn, true, false, &k), 1);
   g_bad += k != TableKind::kLargeOffsets;
   //  GPT-2 small (148 tensors, 1995 chunks): one launch whatever the chunk count
+  expect("gpt2 D=1 large params (small table, 269)", launches<1>(gpt, true, true), 1);
   expect("gpt2 D=2 large params (small table, 171)", launches<2>(gpt, true, true), 1);
   expect("gpt2 D=4 large params (large, 853)", launches<4>(gpt, true, true), 1);
   expect("gpt2 D=5 large params (large, 705)", launches<5>(gpt, true, true), 1);
@@ -221,12 +222,17 @@ int main() {
   expect("1200 small D=4 large params, flat (offsets, 1474)", launches<4>(ms, true, false), 1);
   expect("1200 small D=5 large params, flat (offsets, 1247)", launches<5>(ms, true, false), 1);
   // the classic 4 KB only (older driver or device): ceil(non-empty / small capacity)
+  expect("resnet50 D=1 4 KB only (269)", launches<1>(rn, false, false), 1);
   expect("resnet50 D=2 4 KB only (171)", launches<2>(rn, false, false), 1);
   expect("resnet50 D=4 4 KB only (99)", launches<4>(rn, false, false), 2);
   expect("resnet50 D=5 4 KB only (82)", launches<5>(rn, false, false), 2);
+  expect("gpt2 D=1 4 KB only (269)", launches<1>(gpt, false, false), 1);
   expect("gpt2 D=2 4 KB only (171)", launches<2>(gpt, false, false), 1);
+  expect("gpt2 D=4 4 KB only (99)", launches<4>(gpt, false, false), 2);
   expect("gpt2 D=5 4 KB only (82)", launches<5>(gpt, false, false), 2);
+  expect("1200 small D=1 4 KB only (269: ceil(1080/269))", launches<1>(ms, false, false), 5);
   expect("1200 small D=2 4 KB only (171: ceil(1080/171))", launches<2>(ms, false, false), 7);
+  expect("1200 small D=4 4 KB only (99: ceil(1080/99))", launches<4>(ms, false, false), 11);
   expect("1200 small D=5 4 KB only (82: ceil(1080/82))", launches<5>(ms, false, false), 14);
   std::printf(g_bad ? "FAILED\n" : "ALL OK\n");
   return g_bad != 0;
