@@ -222,13 +222,15 @@ def test_perturb_byte_mask_gives_the_dtype_mask_bits(dtype, mask_dtype, asam, mo
     # and the very bits of the same call with the mask in the parameter dtype
     sizes = SIZES + (8 * CHUNK + 1,)
     w, g = rand(sizes, dtype), rand(sizes, dtype)
-    flat = torch.rand(sum(sizes) + 3, device="cuda") > 0.4
-    # contiguous views of one flat byte buffer (as SSAM's mask buffer): some at odd byte offsets
-    offs = [3 + sum(sizes[:i]) for i in range(len(sizes))]
-    byte_mask = [
-        flat[o : o + n].to(mask_dtype) if mask_dtype is torch.bool else flat.to(torch.uint8)[o : o + n]
-        for o, n in zip(offs, sizes)
-    ]
+    # contiguous views of one flat byte buffer (as SSAM's mask buffer): even tensors at 16-byte
+    # aligned offsets (the vector path), odd ones 3 bytes off (the scalar path)
+    offs, at = [], 0
+    for i, n in enumerate(sizes):
+        at = (at + 15) // 16 * 16 + (3 if i % 2 else 0)
+        offs.append(at)
+        at += n
+    flat = (torch.rand(at, device="cuda") > 0.4).to(mask_dtype)
+    byte_mask = [flat[o : o + n] for o, n in zip(offs, sizes)]
     dtype_mask = [m.to(dtype) for m in byte_mask]
     eta = 0.01 if asam else None
     w_bytes, w_dtype, w_torch = clone(w), clone(w), clone(w)

@@ -16,12 +16,15 @@
 //
 // Inputs: fresh random data each run (the seed is printed; KERNELS_EMU_SEED=n replays a run); odd
 // sizes (1, 3, 17, 1001, 40003, 65536, 65537 = kChunk + 1, 131079 = 2 kChunk + 7, and one tensor
-// of 320 kChunk + 11 cut across two launches); empty tensors (null or not); pointers 16-byte
-// aligned or shifted by one element (in every list, or in one list only), so both the 16-byte
-// path and the scalar path run; lists with more tensors than one table (or one cleanup table)
-// holds, so a call makes several launches (the launch count is checked). Every buffer has guard
-// bytes around it (0xff: NaN in every dtype, so a read past the end poisons a result), which must
-// be intact after each call; read-only inputs must keep their bits.
+// of 320 kChunk + 11, also with the grid capped at 7 blocks); empty tensors (null or not);
+// pointers 16-byte aligned or shifted by one element (in every list, or in one list only), so
+// both the 16-byte path and the scalar path run; byte masks shifted by 0, 1 or 3 bytes; lists of
+// 410 and 1200 tensors, in every table format (small 4 KB, large with 8-byte addresses, large with
+// 32-bit offsets: per-list arenas), on an emulated device with and without the large parameter
+// space, and with a 5-block grid (blocks loop over chunks); the launch count of every call is
+// checked (against the capacity rule, and as a written number for the 1200-tensor lists). Every
+// buffer has guard bytes around it (0xff: NaN in every dtype, so a read past the end poisons a
+// result), which must be intact after each call; read-only inputs must keep their bits.
 #include <memory>  // first: the emulator's __noinline__ macro would break its attributes
 
 #include <cuda_bf16.h>
