@@ -262,3 +262,32 @@ def test_compiled_sam_step_uses_the_fused_base_step():
 
 def test_library_is_imported_with_the_package():
     assert hasattr(torch.ops.sharpfused, "restore_adamw_") and sharpfused.ops.library is library
+
+
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("base", ["sgd", "adamw"])
+def test_a_step_sets_no_attribute_on_the_optimizer(name, base, monkeypatch):
+    """torch 2.11's dynamo cannot trace an attribute set on an Optimizer instance (an internal
+    AssertionError, "Attempted setattr on a user-defined object that does not have an
+    AttributeMutation mutation_type"; torch 2.13 traces it), so a step keeps what it sets on
+    ``opt._run``, a plain object. Checked without dynamo: no attribute of the optimizer (or of its
+    base optimizer) is set during step(closure), first_step() or second_step(), on any step."""
+    from sharpfused.optim.base import SharpnessAware
+
+    sets = []
+    real = torch.optim.Optimizer.__setattr__
+
+    def record(self, key, value):
+        sets.append((type(self).__name__, key))
+        real(self, key, value)
+
+    model = mlp(torch.float32)
+    opt = make(name, model, base)
+    x, y = batches(1, torch.float32)[0]
+    closure = closure_with_model(name, model, x, y)
+    monkeypatch.setattr(torch.optim.Optimizer, "__setattr__", record, raising=False)
+    assert isinstance(opt, SharpnessAware)
+    for _ in range(3):  # the first step creates state; LookSAM/SSAM reuse and refresh steps follow
+        opt.zero_grad()
+        opt.step(closure)
+    assert not sets, f"set on the optimizer during a step: {sorted(set(sets))}"

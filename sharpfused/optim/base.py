@@ -6,6 +6,7 @@ An algorithm subclasses :class:`SharpnessAware` and says its update in primitive
 
 from __future__ import annotations
 
+import copy
 import inspect
 import math
 import numbers
@@ -155,6 +156,34 @@ def _like_param(p: Tensor, local: Tensor) -> Tensor:
     return type(p).from_local(local, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())
 
 
+class _StepState:
+    """What a step sets on its optimizer: kept on this plain object (``opt._run``), not as the
+    optimizer's own attributes, because torch 2.11's dynamo cannot trace an attribute set on an
+    ``Optimizer`` instance ("Attempted setattr on a user-defined object that does not have an
+    AttributeMutation mutation_type") and traces one on a plain object. The optimizer reads (and,
+    outside a step, writes) them through properties of the same names (see ``_run_attr``); code
+    inside a step writes ``self._run.<name>``."""
+
+    def __init__(self) -> None:
+        self.perturbed = False  # between first_step and second_step
+        self.nonfinite: Optional[Tensor] = None  # this step's non-finite flag (0-d bool, on the device)
+        self.local: Any = None  # m-sharpness: this step's local-pass context
+        self.commit_needs_host = False  # the commit of this step reads the skip flag on the host once
+        self.last_step_skipped: Optional[Tensor] = None
+        self.skipped_steps: Optional[Tensor] = None
+        self.last_perturbed_loss: Any = None
+        self.opt_called = False  # torch's LR schedulers read optimizer._opt_called
+        self.bucket_key: Optional[tuple] = None
+        self.buckets: list = []
+        self.created: list[tuple[Bucket, str, list[Tensor]]] = []  # see SharpnessAware._clear_pending
+        self.commits: list[tuple[str, tuple]] = []
+        self.rollbacks: list[tuple[str, tuple]] = []
+
+
+def _run_attr(name: str, doc: str = "") -> property:
+    return property(lambda self: getattr(self._run, name), lambda self, v: setattr(self._run, name, v), doc=doc or None)
+
+
 class SharpnessAware(Optimizer):
     """Base of sharpfused's optimizers: wraps a base optimizer and shares its ``param_groups``.
 
@@ -163,6 +192,24 @@ class SharpnessAware(Optimizer):
 
     #: per-group hyperparameters of the algorithm, validated at construction and in add_param_group
     hyper: dict[str, Callable[[str, Any, str], None]] = {}
+    last_step_skipped = _run_attr(
+        "last_step_skipped", "0-d bool device tensor after each step: True when the step was skipped (non-finite gradients)"
+    )
+    skipped_steps = _run_attr(
+        "skipped_steps", "0-d int64 device tensor: how many steps were skipped so far (counted on the device; read it to log)"
+    )
+    #: the loss of the second (perturbed) pass of step(closure)
+    last_perturbed_loss = _run_attr("last_perturbed_loss")
+    _perturbed = _run_attr("perturbed")
+    _nonfinite = _run_attr("nonfinite")
+    _local = _run_attr("local")
+    _commit_needs_host = _run_attr("commit_needs_host")
+    _opt_called = _run_attr("opt_called")
+    _bucket_key = _run_attr("bucket_key")
+    _buckets = _run_attr("buckets")
+    _created = _run_attr("created")
+    _commits = _run_attr("commits")
+    _rollbacks = _run_attr("rollbacks")
     #: torch.amp.GradScaler contract: ``scaler.step(opt)`` sets ``opt.grad_scale`` (the loss scale, or
     #: None once unscaled) and ``opt.found_inf`` and calls ``opt.step()``, which here is second_step()
     _step_supports_amp_scaling = True
@@ -210,13 +257,9 @@ class SharpnessAware(Optimizer):
         if not params:
             raise ValueError("params is empty: the optimizer got no parameters to optimize")
         self._base_ready = False
+        self._run = _StepState()
         self.backend = backend
         self.max_grad_norm = max_grad_norm
-        #: 0-d bool device tensor after each step: True when the step was skipped (non-finite gradients)
-        self.last_step_skipped: Optional[Tensor] = None
-        #: 0-d int64 device tensor: how many steps were skipped so far (counted on the device; read it to log)
-        self.skipped_steps: Optional[Tensor] = None
-        self._nonfinite: Optional[Tensor] = None
         super().__init__(params, defaults)
         if instance:
             mine = {id(p) for g in self.param_groups for p in g["params"]}
@@ -244,7 +287,7 @@ class SharpnessAware(Optimizer):
             self._check_group(group)
         self._bucket_key: Optional[tuple] = None
         self._buckets: list[Bucket] = []
-        self._perturbed = False
+        self._run.perturbed = False
         self._clear_pending()
         from ..distributed import step_pre_hook
 
@@ -289,7 +332,7 @@ class SharpnessAware(Optimizer):
         self._check_group(trial)  # raises before anything is added
         self.base_optimizer.add_param_group(param_group)  # appends to the shared list
         self._check_group(self.param_groups[-1])
-        self._bucket_key = None
+        self._run.bucket_key = None
 
     # ---------------------------------------------------------------- buckets
     def _grad_key(self) -> tuple:
@@ -333,8 +376,8 @@ class SharpnessAware(Optimizer):
         key = self._grad_key()
         if key != self._bucket_key:
             old = self._buckets
-            self._buckets = self._make_buckets(self.with_grads())
-            self._bucket_key = key
+            self._run.buckets = self._make_buckets(self.with_grads())
+            self._run.bucket_key = key
             self._unpin(old)
         return self._buckets
 
@@ -376,7 +419,7 @@ class SharpnessAware(Optimizer):
         pass marks the step for skipping at no extra pass over memory.
         """
         bad = ~torch.isfinite(total).all()
-        self._nonfinite = bad if self._nonfinite is None else self._nonfinite | bad.to(self._nonfinite.device)
+        self._run.nonfinite = bad if self._nonfinite is None else self._nonfinite | bad.to(self._nonfinite.device)
         return total
 
     def all_reduce_partials(self, buckets: list[Bucket], parts: list[Tensor]) -> Tensor:
@@ -469,17 +512,18 @@ class SharpnessAware(Optimizer):
 
     # ---------------------------------------------------------------- state moves only when a step completes
     def _clear_pending(self) -> None:
+        run = self._run
         #: (bucket, state name, params whose entry this step created)
-        self._created: list[tuple[Bucket, str, list[Tensor]]] = []
+        run.created = []
         #: (method name, args): ``getattr(self, name)(*args, skipped)`` at the end of a completed step,
         #: with the host skip flag (None when not read). Names, not closures, so that a copy taken
         #: mid-step commits into itself.
-        self._commits: list[tuple[str, tuple]] = []
+        run.commits = []
         #: (method name, args): ``getattr(self, name)(*args)`` when a step is aborted (in reverse order)
-        self._rollbacks: list[tuple[str, tuple]] = []
+        run.rollbacks = []
         #: a commit of this step needs the skip flag on the host
-        self._commit_needs_host = False
-        self._local = None  # m-sharpness: set again by new_step for the step it starts
+        self._run.commit_needs_host = False
+        self._run.local = None  # m-sharpness: set again by new_step for the step it starts
 
     def _drop_created(self) -> None:
         """Remove the state entries this step created: no state appears on a step that did not happen."""
@@ -596,11 +640,11 @@ class SharpnessAware(Optimizer):
             sq = sq + ops.sq_norm(grads, backend=backend).to(sq.device)
         bad = ~torch.isfinite(sq)
         prior = self._nonfinite
-        skip = self._nonfinite = bad if prior is None else prior | bad.to(prior.device)
+        skip = self._run.nonfinite = bad if prior is None else prior | bad.to(prior.device)
         found = getattr(self, "found_inf", None)  # set by GradScaler.step()
         if found is not None:
             skip = skip | (found.to(skip.device) != 0)
-        self._nonfinite = skip  # what commits after the base step see (unless_skipped)
+        self._run.nonfinite = skip  # what commits after the base step see (unless_skipped)
         coef: Optional[Tensor] = None
         scale = getattr(self, "grad_scale", None)
         if scale is not None:
@@ -636,14 +680,14 @@ class SharpnessAware(Optimizer):
         Sets ``last_step_skipped``.
         """
         if not buckets:
-            self.last_step_skipped = None  # no gradient anywhere: nothing was checked
+            self._run.last_step_skipped = None  # no gradient anywhere: nothing was checked
             self.base_optimizer.step()
             return
         extra = self._unbucketed_grads(buckets)
         coef, skip = self.final_grad_check(buckets, extra)
-        self.last_step_skipped = skip
+        self._run.last_step_skipped = skip
         if self.skipped_steps is None or self.skipped_steps.device != skip.device:
-            self.skipped_steps = torch.zeros((), dtype=torch.int64, device=skip.device)
+            self._run.skipped_steps = torch.zeros((), dtype=torch.int64, device=skip.device)
         self.skipped_steps.add_(skip)
         kind = self._fused_kind()
         later = self._later_buckets(buckets) if kind is not None and extra else []
@@ -712,12 +756,12 @@ class SharpnessAware(Optimizer):
 
     def new_step(self) -> None:
         """Start a step: forget the last step's non-finite mark (first_step calls this)."""
-        self._nonfinite = None
+        self._run.nonfinite = None
         self._clear_pending()
         if SharpnessAware._local_contexts:  # m-sharpness: refuses an algorithm that cannot keep replicas identical
             from ..distributed import begin_local_step
 
-            self._local = begin_local_step(self)
+            self._run.local = begin_local_step(self)
 
     def average_local(
         self, buckets: list[Bucket], name: Optional[str] = None, tensors: Optional[list[Tensor]] = None
@@ -744,7 +788,7 @@ class SharpnessAware(Optimizer):
         ``GradScaler`` then sees it (and backs off), and under DDP every replica sees it. Decided
         on the device; nothing changes when pass 1 was finite (the gradient starts at zeros).
         """
-        self._perturbed = True
+        self._run.perturbed = True
         self._next_pass(zero_grad)
 
     def _next_pass(self, zero_grad: bool) -> None:
@@ -785,8 +829,8 @@ class SharpnessAware(Optimizer):
 
     def _end_second(self, zero_grad: bool) -> None:
         self._finish_step()
-        self._perturbed = False
-        self._opt_called = True  # LR schedulers check this
+        self._run.perturbed = False
+        self._run.opt_called = True  # LR schedulers check this
         if zero_grad:
             self.zero_grad()
 
@@ -810,7 +854,7 @@ class SharpnessAware(Optimizer):
             getattr(self, name)(*args)
         self._drop_created()
         self._clear_pending()
-        self._perturbed = False
+        self._run.perturbed = False
 
     @contextmanager
     def guarded(self) -> Iterator[None]:
@@ -850,7 +894,7 @@ class SharpnessAware(Optimizer):
             if not self._has_grads():
                 loss = closure()
             self.first_step(zero_grad=True)
-            self.last_perturbed_loss = detached(closure())
+            self._run.last_perturbed_loss = detached(closure())
             self.second_step(zero_grad=True)
         return loss
 
@@ -907,25 +951,26 @@ class SharpnessAware(Optimizer):
         continues bit-identically; buckets are only kept mid-step (they hold the backup then)."""
         state = self.__dict__.copy()
         if not self._perturbed:
-            state["_buckets"], state["_bucket_key"] = [], None
+            run = state["_run"] = copy.copy(self._run)
+            run.buckets, run.bucket_key = [], None
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         # addresses differ in a copy: buckets are rebuilt at the next step; a copy taken mid-step
         # keeps its buckets (they hold the backup), keyed by the copied parameters
-        self._bucket_key = None
+        self._run.bucket_key = None
         if self._perturbed and self._buckets:
             inside = {id(p) for b in self._buckets for p in b.sources}
-            self._bucket_key = tuple(
+            self._run.bucket_key = tuple(
                 (id(p), local_tensor(p).data_ptr()) for g in self.param_groups for p in g["params"] if id(p) in inside
             )
 
     def reset_buckets(self) -> None:
         """Forget buckets and cached views of state (after state tensors were replaced, e.g. by a load)."""
-        self._bucket_key = None
-        self._buckets = []
-        self._perturbed = False
+        self._run.bucket_key = None
+        self._run.buckets = []
+        self._run.perturbed = False
 
 
 def _refuse_torch_checkpoint(opt: SharpnessAware, api: str) -> None:

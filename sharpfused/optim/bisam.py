@@ -6,7 +6,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from .base import detached
+from .base import _run_attr, detached
 from .sam import SAM
 
 
@@ -42,7 +42,7 @@ class BiSAM(SAM):
     """
 
     #: True while the perturbation pass's closure runs, False during the update pass, else None
-    perturbation_pass: Optional[bool] = None
+    perturbation_pass = _run_attr("perturbation_pass")
 
     def step(self, closure: Optional[Callable[..., Any]] = None) -> Any:  # type: ignore[override]
         """One step; ``closure(perturbation=True)`` backpropagates Q, ``closure(perturbation=False)`` L.
@@ -63,12 +63,12 @@ class BiSAM(SAM):
         try:
             with self.guarded():
                 if not self._has_grads():
-                    self.perturbation_pass = True
+                    self._run.perturbation_pass = True
                     loss = closure(perturbation=True)
                 self.first_step(zero_grad=True)
-                self.perturbation_pass = False
-                self.last_perturbed_loss = detached(closure(perturbation=False))
+                self._run.perturbation_pass = False
+                self._run.last_perturbed_loss = detached(closure(perturbation=False))
         finally:
-            self.perturbation_pass = None
+            self._run.perturbation_pass = None
         self.second_step(zero_grad=True)
         return loss

@@ -8,7 +8,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from .. import ops
-from .base import EPS, SharpnessAware, _check_number, check_rho, detached
+from .base import EPS, SharpnessAware, _check_number, _run_attr, check_rho, detached
 
 
 def _check_optional(name: str, value: Any, where: str) -> None:
@@ -34,6 +34,12 @@ class BSAM(SharpnessAware):
     :math:`w - \rho_{min}\hat g_0`; ``second_step()``. Or ``step(closure)``, which does all three.
     """
 
+    _inv0 = _run_attr("_inv0", None)
+    _norm_max = _run_attr("_norm_max", None)
+    _phase = _run_attr("_phase", 0)
+    #: the loss of the last step's third (minimum-side) pass of step(closure)
+    last_min_loss = _run_attr("last_min_loss")
+
     hyper = {"rho_max": check_rho, "rho_min": _check_optional}
     m_sharpness = "averaged"  # g_0 of the update: +1 all-reduce of 1x params
 
@@ -46,7 +52,6 @@ class BSAM(SharpnessAware):
         backend: str = "auto",
         **base_kwargs: Any,
     ) -> None:
-        self._phase = 0
         super().__init__(params, base_optimizer, dict(rho_max=rho_max, rho_min=rho_min), backend, **base_kwargs)
 
     @torch.no_grad()
@@ -55,11 +60,11 @@ class BSAM(SharpnessAware):
         buckets = self._begin_first()
         if buckets:
             self.copy(buckets, lambda b: b.buffer("g0").views, lambda b: b.grads())
-            self._inv0 = self.inverse_norm(self.global_norm(buckets))
+            self._run._inv0 = self.inverse_norm(self.global_norm(buckets))
             for b in buckets:
                 scale = self._inv0.to(b.device) * b.group["rho_max"]
                 ops.perturb_(b.params, b.grads(), b.backup.views, scale, backend=b.backend)
-        self._phase = 1
+        self._run._phase = 1
         self._end_first(zero_grad)
 
     @torch.no_grad()
@@ -72,12 +77,12 @@ class BSAM(SharpnessAware):
         self.update_pass(buckets)  # the g_max pass enters the update (averaged here if it ran local)
         if buckets:
             self.copy(buckets, lambda b: b.buffer("gmax").views, lambda b: b.grads())
-            self._norm_max = self.global_norm(buckets)
+            self._run._norm_max = self.global_norm(buckets)
             self.restore(buckets)
             for b in buckets:
                 rho = b.group["rho_min"] if b.group["rho_min"] is not None else b.group["rho_max"]
                 ops.perturb_(b.params, b.buffer("g0").views, None, self._inv0.to(b.device) * -rho, backend=b.backend)
-        self._phase = 2
+        self._run._phase = 2
         self._next_pass(zero_grad)
 
     @torch.no_grad()
@@ -93,7 +98,6 @@ class BSAM(SharpnessAware):
                 ops.combine_(b.grads(), b.buffer("gmax").views, -ratio.to(b.device), 1.0, backend=b.backend)
                 ops.combine_(b.grads(), b.buffer("g0").views, 1.0, 1.0, backend=b.backend)
         self.restore_and_base_step(buckets)
-        self._phase = 0
         self._end_second(zero_grad)
 
     def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:  # type: ignore[override]
@@ -113,12 +117,11 @@ class BSAM(SharpnessAware):
         with self.guarded():
             loss = closure() if not self._has_grads() else None
             self.first_step(zero_grad=True)
-            self.last_perturbed_loss = detached(closure())
+            self._run.last_perturbed_loss = detached(closure())
             self.bilateral_step(zero_grad=True)
-            self.last_min_loss = detached(closure())
+            self._run.last_min_loss = detached(closure())
             self.second_step(zero_grad=True)
         return loss
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
-        self._phase = 0

@@ -8,7 +8,7 @@ from typing import Any, Optional
 import torch
 
 from .. import ops
-from .base import SharpnessAware, check_nonneg, check_rho, check_unit
+from .base import SharpnessAware, _run_attr, check_nonneg, check_rho, check_unit
 
 
 def _split(new: list, *lists: list) -> tuple[list, list]:
@@ -37,6 +37,8 @@ class FriendlySAM(SharpnessAware):
 
     Protocol: SAM's (``first_step``/``second_step`` or ``step(closure)``).
     """
+
+    _unscaled = _run_attr("_unscaled", None)
 
     hyper = {"rho": check_rho, "sigma": check_nonneg, "lam": check_unit}
     m_sharpness = "averaged"  # the gradient m takes in: +1 all-reduce of 1x params
@@ -68,7 +70,7 @@ class FriendlySAM(SharpnessAware):
             get = getattr(grad_scaler, "_get_scale_async", None)
             scale = get() if get is not None else torch.tensor(grad_scaler.get_scale())
             inv = scale.to(torch.float32).reciprocal()
-        self._unscaled = inv is not None
+        self._run._unscaled = inv is not None
         fresh = []  # per bucket: which parameters have no m yet (the first step, or new ones)
         for b in buckets:
             m, valid = self.state_buffer(b, "momentum")

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from .. import ops
-from .base import EPS, SharpnessAware, _check_number, check_nonneg, check_rho
+from .base import EPS, SharpnessAware, _check_number, _run_attr, check_nonneg, check_rho
 
 
 def _check_optional(name: str, value: Any, where: str) -> None:
@@ -45,6 +45,9 @@ class GSAM(SharpnessAware):
     ``lr_max``, ``lr_min`` may differ per group; the norm and the inner product are global.
     """
 
+    #: the last step's surrogate gap h(w + e) - h(w) (0-d tensor; None before the first step)
+    surrogate_gap = _run_attr("surrogate_gap")
+
     m_sharpness = "averaged"  # the clean gradient g of the decomposition: +1 all-reduce of 1x params
     hyper = {
         "rho_max": check_rho,
@@ -68,7 +71,6 @@ class GSAM(SharpnessAware):
     ) -> None:
         defaults = dict(rho_max=rho_max, rho_min=rho_min, alpha=alpha, lr_max=lr_max, lr_min=lr_min)
         super().__init__(params, base_optimizer, defaults, backend, **base_kwargs)
-        self.surrogate_gap: Optional[Tensor] = None
 
     def _check_group(self, group: dict) -> None:
         super()._check_group(group)
@@ -133,7 +135,7 @@ class GSAM(SharpnessAware):
                 # d = g_s - a (g - proj g_s) = (1 + a proj) g_s - a g
                 ops.combine_(b.grads(), b.buffer("g").views, 1.0 + a * proj.to(b.device), -a, backend=b.backend)
         if loss is not None and perturbed_loss is not None:
-            self.surrogate_gap = perturbed_loss.detach() - loss.detach()
+            self._run.surrogate_gap = perturbed_loss.detach() - loss.detach()
         self.restore_and_base_step(buckets)
         self._end_second(zero_grad)
 
@@ -142,5 +144,5 @@ class GSAM(SharpnessAware):
         loss = super().step(closure)
         perturbed = getattr(self, "last_perturbed_loss", None)
         if isinstance(loss, Tensor) and isinstance(perturbed, Tensor):
-            self.surrogate_gap = perturbed.detach() - loss.detach()
+            self._run.surrogate_gap = perturbed.detach() - loss.detach()
         return loss

@@ -8,7 +8,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from .. import ops
-from .base import EPS, SharpnessAware, check_nonneg, check_rho, detached
+from .base import EPS, SharpnessAware, _run_attr, check_nonneg, check_rho, detached
 
 
 class LookSAM(SharpnessAware):
@@ -35,6 +35,8 @@ class LookSAM(SharpnessAware):
     step is already done (a reuse step). ``step(closure)`` does this itself.
     """
 
+    _reused = _run_attr("_reused", None)
+
     hyper = {"rho": check_rho, "beta": check_nonneg}
     m_sharpness = "averaged"  # g of g_v on full steps, the gradient of reuse steps: +1 all-reduce of 1x params
 
@@ -60,7 +62,7 @@ class LookSAM(SharpnessAware):
         count = self.state.get("looksam", {}).get("step", 0)
         full = count % self.k == 0 or not all([self.state_buffer(b, "g_v")[1] for b in buckets])
         self._commits.append(("_commit_count", (count,)))
-        self._reused = not (full or not buckets)
+        self._run._reused = not (full or not buckets)
         if full or not buckets:
             if buckets:
                 self.copy(buckets, lambda b: b.buffer("g").views, lambda b: b.grads())
@@ -114,6 +116,6 @@ class LookSAM(SharpnessAware):
         with self.guarded():
             loss = closure() if not self._has_grads() else None
             if self.first_step(zero_grad=True):
-                self.last_perturbed_loss = detached(closure())
+                self._run.last_perturbed_loss = detached(closure())
                 self.second_step(zero_grad=True)
         return loss

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 from .. import ops
-from .base import SharpnessAware, check_rho, check_unit, detached
+from .base import SharpnessAware, _run_attr, check_rho, check_unit, detached
 
 
 class SAMPa(SharpnessAware):
@@ -48,6 +48,9 @@ class SAMPa(SharpnessAware):
       form. ``step`` returns the loss of the pass that rank ran.
     """
 
+    #: the loss at the extrapolated point y of the last step(closure)
+    last_y_loss = _run_attr("last_y_loss")
+
     hyper = {"rho": check_rho, "lam": check_unit}
     m_sharpness = None
     m_sharpness_refusal = (
@@ -73,7 +76,6 @@ class SAMPa(SharpnessAware):
                 raise ValueError(f"process_group must have exactly 2 ranks (one per gradient), got {size}")
         self.process_group = process_group
         super().__init__(params, base_optimizer, dict(rho=rho, lam=lam), backend, **base_kwargs)
-        self.last_y_loss: Any = None
 
     def _outside_grads(self, buckets: list) -> dict:
         """Gradients of the x~ pass for parameters outside this step's buckets (they had no gradient
@@ -101,7 +103,7 @@ class SAMPa(SharpnessAware):
             gys[p] = gy.detach().clone()
             p.grad = gy * lam + gx * (1.0 - lam)
         self._commits.append(("_commit_grad_y", (gys,)))
-        self._commit_needs_host = True  # a step that creates state reads the skip flag once
+        self._run.commit_needs_host = True  # a step that creates state reads the skip flag once
 
     def _commit_grad_y(self, gys: dict, skipped: Optional[bool]) -> None:
         if not skipped:
@@ -155,7 +157,7 @@ class SAMPa(SharpnessAware):
                     ops.restore_(b.params, b.backup.views, backend=b.backend)
                     ops.perturb_(b.params, gy(b), None, -b.group["lr"], backend=b.backend)
                 self.zero_grad()
-                self.last_y_loss = detached(closure())
+                self._run.last_y_loss = detached(closure())
                 self.fill_missing_grads(buckets)
                 if rank is not None:
                     loss = self.last_y_loss
@@ -187,6 +189,6 @@ class SAMPa(SharpnessAware):
             self._join_later(outside)
         self.restore_and_base_step(buckets)
         self._finish_step()  # a skipped first step leaves no grad_y behind
-        self._opt_called = True
+        self._run.opt_called = True
         self.zero_grad()
         return loss

@@ -140,7 +140,7 @@ class SSAM(SharpnessAware):
 
             self._rollbacks.append(("_undo_refresh", (saved,)))
             self._commits.append(("_commit_refresh", (saved, refresh, since)))
-            self._commit_needs_host = refresh  # one host read on refresh steps only
+            self._run.commit_needs_host = refresh  # one host read on refresh steps only
             inv = self.inverse_norm(self.global_norm(buckets))
             for b in buckets:
                 scale = inv.to(b.device) * b.group["rho"]

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from .. import ops
-from .base import EPS, SharpnessAware, _check_number, check_nonneg, check_rho, detached
+from .base import EPS, SharpnessAware, _check_number, _run_attr, check_nonneg, check_rho, detached
 
 GRID = tuple(i / 10 for i in range(21))  # 0, 0.1, .., 2.0
 
@@ -48,6 +48,8 @@ class XSAM(SharpnessAware):
     epoch). ``alpha`` lives in the param groups, so ``state_dict`` carries it.
     """
 
+    _ascents = _run_attr("_ascents", 0)
+
     hyper = {"rho": check_rho, "rho_max": check_rho, "alpha": check_nonneg}
     m_sharpness = "averaged"  # the ascent u of the update direction: +1 all-reduce of 1x params
 
@@ -65,7 +67,6 @@ class XSAM(SharpnessAware):
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise ValueError(f"steps must be an integer >= 1 (the number of ascent steps), got {steps!r}")
         self.steps = steps
-        self._ascents = 0
         super().__init__(params, base_optimizer, dict(rho=rho, rho_max=rho_max, alpha=alpha), backend, **base_kwargs)
 
     def _ascend(self, buckets: list, save: bool) -> None:
@@ -87,7 +88,7 @@ class XSAM(SharpnessAware):
         buckets = self._begin_first()
         if buckets:
             self._ascend(buckets, save=True)
-        self._ascents = 1
+        self._run._ascents = 1
         self._end_first(zero_grad)
 
     @torch.no_grad()
@@ -100,7 +101,7 @@ class XSAM(SharpnessAware):
             )
         self.fill_missing_grads(self._buckets)
         self._ascend(self._buckets, save=False)
-        self._ascents += 1
+        self._run._ascents += 1
         self._next_pass(zero_grad)
 
     def _angle(self, buckets: list) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -139,7 +140,6 @@ class XSAM(SharpnessAware):
                 c2 = a0 * ng / (nu + EPS)
                 ops.combine_(b.grads(), b.buffer("ascent").views, a1.to(b.device), c2.to(b.device), backend=b.backend)
         self.restore_and_base_step(buckets)
-        self._ascents = 0
         self._end_second(zero_grad)
 
     @torch.no_grad()
@@ -200,10 +200,9 @@ class XSAM(SharpnessAware):
             for _ in range(self.steps - 1):
                 closure()
                 self.ascent_step(zero_grad=True)
-            self.last_perturbed_loss = detached(closure())
+            self._run.last_perturbed_loss = detached(closure())
             self.second_step(zero_grad=True)
         return loss
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
-        self._ascents = 0
