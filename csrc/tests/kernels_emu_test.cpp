@@ -1007,6 +1007,60 @@ void run_many() {
   g_arena = false;
 }
 
+// ------------------------------------------------------------------ formats change no bit
+// sq_norm (per-tensor and total, with partials) and dot_norms over 300 tensors (some of several
+// chunks, some unaligned) give the same bits in every table format and grid: large tables with
+// offsets (arenas), with 8-byte addresses, with a 3-block grid, and the 4 KB tables (2 launches).
+void test_formats_same_bits() {
+  using T = float;
+  std::vector<int64_t> numel = many(300, 2000);
+  numel[7] = 3 * kChunk + 5;
+  numel[250] = kChunk + 1;
+  g_arena = true;
+  State<T> s0 = make_state<T>(numel, 2);
+  g_arena = false;
+  fill(s0.list[0], normal);
+  fill(s0.list[1], normal);
+  const int64_t nch = num_chunks(numel.data(), static_cast<int64_t>(numel.size()));
+  const int kp = scratch<T>(s0, nch), kper = scratch<T>(s0, numel.size()), ktot = scratch<T>(s0, 1);
+  const int kdp = scratch<T>(s0, 3 * nch), kdo = scratch<T>(s0, 3);
+  struct Mode {
+    const char* name;
+    int driver;
+    bool offsets;
+    int grid;
+  } modes[] = {{"large, offsets", 12080, true, kMaxGrid},
+               {"large, 8-byte addresses", 12080, false, kMaxGrid},
+               {"large, 8-byte addresses, grid 3", 12080, false, 3},
+               {"4 KB only", 11080, true, kMaxGrid}};
+  std::vector<State<T>> out;
+  Check c;
+  std::string counts;
+  for (const Mode& m : modes) {
+    const uint64_t l0 = emu::stats().launches;
+    emu::set_device(m.driver, 9);
+    table_hooks().offsets = m.offsets;
+    table_hooks().max_grid = m.grid;
+    State<T> s = s0;
+    if (sq_norm(DType::kFloat32, s.view(), Scalar{nullptr, 0.01}, s.s(kp), s.s(kper), s.s(ktot), nullptr) != cudaSuccess ||
+        dot_norms(DType::kFloat32, s.view(), s.s(kdp), s.s(kdo), nullptr) != cudaSuccess)
+      c.fail(std::string(m.name) + ": a launcher failed");
+    if (!s.guards_ok()) c.fail(std::string(m.name) + ": a guard byte was overwritten");
+    if (!out.empty() && !s.same(out[0])) c.fail(std::string(m.name) + ": other bits than " + modes[0].name);
+    counts += (counts.empty() ? "" : "/") + std::to_string(emu::stats().launches - l0);
+    out.push_back(std::move(s));
+  }
+  emu::set_device(12080, 9);
+  table_hooks() = TableHooks{};
+  ++g_cases;
+  if (c.bad) ++g_failed;
+  // launches (sq_norm + dot_norms): 3 + 2 in the large tables, 2 + 1 + 1 + 2 + 1 in the 4 KB ones
+  if (counts != "5/5/5/7") c.fail("launches " + counts + ", expected 5/5/5/7");
+  std::printf("%-4s  fp32  sq_norm, dot_norms: the same bits in every table format and grid [300 tensors] launches=%s%s\n",
+              c.bad ? "FAIL" : "ok", counts.c_str(), c.msgs.c_str());
+  std::fflush(stdout);
+}
+
 // ------------------------------------------------------------------ the emulator itself
 // Shuffle and barrier semantics on a tiny kernel, and a divergent __syncthreads caught as a deadlock.
 void shfl_kernel(int* out) {
@@ -1092,6 +1146,7 @@ int main(int argc, char** argv) {
   table_hooks() = TableHooks{};
   // lists of 1200 tensors, every table format
   run_many();
+  test_formats_same_bits();
   const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   const emu::Stats st = emu::stats();
   std::printf("%d cases, %d failed; %llu launches, %llu blocks emulated in %.1f s\n%s\n", g_cases, g_failed,
