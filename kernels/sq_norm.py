@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from sharpfused.backends import torch_ops
+from sharpfused.backends import torch_ops, upload
 
 from . import table as tb
 from .table import chunk_of, load, load_scalar, tensor_ptr
@@ -135,6 +135,6 @@ def sq_norm(xs, weights=None, eta=0.0, per_tensor=False):
         out_dtype = torch.float64 if any(p.dtype == torch.float64 for _, p in parts) else torch.float32
         per = torch.empty(len(xs), dtype=out_dtype, device=xs[0].device)
         for idx, p in parts:
-            per[torch.tensor(idx, device=per.device)] = p.to(out_dtype)
+            per[upload(idx, per.device)] = p.to(out_dtype)
     total = per.sum()
     return (total, per) if per_tensor else total

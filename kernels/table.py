@@ -43,6 +43,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from sharpfused.backends import upload
+
 #: elements per program (a multiple of BLOCK)
 CHUNK = 16384
 #: elements per loop iteration of a program: 2048 fp32 over 8 warps is 2 x 16-byte accesses per thread
@@ -169,22 +171,6 @@ def _evict(key: tuple) -> None:
             entry[1].discard(key)
             if not entry[1]:
                 del _WATCHED[ptr]
-
-
-def upload(host: Tensor, device: torch.device) -> Tensor:
-    """A host tensor on ``device`` without blocking the host: pinned staging and a non-blocking copy
-    on CUDA (the pinned block is reused only after the copy has run: torch's host allocator records
-    the copy's stream), the tensor itself on CPU."""
-    if device.type == "cpu":
-        return host
-    if device.type == "cuda":
-        if torch.cuda.is_current_stream_capturing():  # a captured copy would re-read the staging later
-            raise RuntimeError(
-                "sharpfused: a Triton launch table was built during CUDA graph capture (new tensor addresses "
-                "or sizes); run the step once on the same tensors before capturing (the usual warm-up)"
-            )
-        host = host.pin_memory()
-    return host.to(device, non_blocking=True)
 
 
 def _layout(numels: list[int], device: torch.device) -> Layout:

@@ -46,6 +46,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from . import upload
+
 _LOW = (torch.float16, torch.bfloat16)
 
 #: Elements per tile on CPU (an opmath scratch slot of 1 MiB in float32: cache-sized).
@@ -456,7 +458,7 @@ def sq_norm(xs, weights=None, eta=0.0, per_tensor=False):
             if per_tensor:
                 per = torch.zeros(len(x), dtype=opmath(dtype), device=x[0].device)
                 for (tx, tw), idx in tiles:  # gathered from the tiles in a fixed order (an index once per tile)
-                    per.index_add_(0, torch.tensor(idx, device=per.device), _sq_norm_group(tx, tw, eta, dtype))
+                    per.index_add_(0, upload(idx, per.device), _sq_norm_group(tx, tw, eta, dtype))
         if per_tensor:
             parts.append(per)
             order.append(x)
@@ -471,7 +473,7 @@ def sq_norm(xs, weights=None, eta=0.0, per_tensor=False):
     pos = {id(t): i for i, t in enumerate(xs)}
     per = torch.empty(len(xs), dtype=out_dtype, device=xs[0].device)
     for p, x in zip(parts, order):
-        per[torch.tensor([pos[id(t)] for t in x], device=per.device)] = p.to(out_dtype)
+        per[upload([pos[id(t)] for t in x], per.device)] = p.to(out_dtype)
     return total, per
 
 
@@ -602,7 +604,7 @@ def _pick(skip: Optional[Tensor], normal: float, skipped: float):
     if skip is None:
         return normal
     # float64, so that a float64 bucket sees exactly the Python number (cast down for others)
-    return torch.where(skip, torch.tensor(skipped, dtype=torch.float64, device=skip.device), normal)
+    return torch.where(skip, torch.full((), skipped, dtype=torch.float64, device=skip.device), normal)
 
 
 def _sanitized_grad(p, g, grad_coef, skip, dtype) -> tuple[Tensor, list[Tensor]]:

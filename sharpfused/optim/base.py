@@ -620,7 +620,7 @@ class SharpnessAware(Optimizer):
         flag = self._nonfinite
         if flag is None:
             return value
-        other = torch.tensor(skipped, dtype=torch.float64, device=flag.device)
+        other = torch.full((), skipped, dtype=torch.float64, device=flag.device)  # a fill: no host-to-device copy
         if isinstance(value, Tensor):
             value = value.to(flag.device)
         return torch.where(flag, other, value)
