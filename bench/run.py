@@ -488,8 +488,10 @@ def append_csv(rows: list[dict], path: Path, dev_name: str) -> None:
 
 
 def csv_path(dev_name: str, results: Optional[str] = None) -> Path:
+    """``<results>/<device>.csv``; by default under the untracked ``out/bench/`` at the repository root
+    (the committed ``bench/results/`` only when asked: ``--results bench/results``)."""
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in dev_name)
-    return (Path(results) if results else HERE / "results") / f"{safe}.csv"
+    return (Path(results) if results else HERE.parent / "out" / "bench") / f"{safe}.csv"
 
 
 def main(argv: Optional[list[str]] = None) -> list[dict]:
@@ -506,7 +508,8 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
     ap.add_argument("--no-csv", action="store_true", help="print only")
     ap.add_argument("--no-plot", action="store_true")
     ap.add_argument("--scale", type=int, default=None, help="divide every dimension by N (overrides --quick's factor)")
-    ap.add_argument("--results", default=None, help="directory of the CSV and PNGs (default bench/results)")
+    ap.add_argument("--results", default=None, help="directory of the CSV and PNGs (default out/bench, untracked; "
+                    "pass bench/results to add to the committed figures)")
     ap.add_argument("--fresh-grads", action="store_true",
                     help="also time each step with other gradient tensors every step and every launch table rebuilt")
     args = ap.parse_args(argv)
