@@ -9,9 +9,11 @@ XSAM and BiSAM. After training, sharpness is measured on the training set with
 filter-normalized loss slice.
 
     python examples/compare.py [--epochs 40] [--seeds 2]      # 3.5 minutes on 2 shared CPU cores
+    python examples/compare.py --out examples/results         # update the committed figures
 
-Writes examples/results/compare.md (table), compare_accuracy.png, compare_loss.png,
-compare_landscape.png.
+Writes compare.md (table), compare_accuracy.png, compare_loss.png, compare_landscape.png into
+``--out``: by default out/examples/ at the repository root (untracked, gitignored), so a run
+never touches the committed examples/results/ unless that folder is asked for.
 """
 
 from __future__ import annotations
@@ -34,9 +36,32 @@ from digits import load, make_model  # noqa: E402
 import sharpfused  # noqa: E402
 from sharpfused import metrics  # noqa: E402
 
-RESULTS = HERE / "results"
+RESULTS = HERE / "results"  # the committed figures: written only when --out names this folder
+OUT = HERE.parent / "out" / "examples"  # the default output folder (untracked)
 CANDIDATES = ["SGD", "SAM", "ASAM", "GSAM", "XSAM", "BiSAM"]
 BASE = dict(lr=0.05, momentum=0.9, weight_decay=5e-4)
+
+
+def add_out_argument(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument(
+        "--out",
+        default=str(OUT),
+        help="folder of the tables and figures (default out/examples/, untracked); "
+        "--out examples/results updates the committed ones",
+    )
+
+
+def shown(path: Path) -> str:
+    """``path`` relative to the repository root when it is inside it, else as given."""
+    try:
+        return str(path.resolve().relative_to(HERE.parent))
+    except ValueError:
+        return str(path)
+
+
+def out_flag(out: Path) -> str:
+    """The ``--out`` part of the command line written into a table (empty for the default folder)."""
+    return "" if out.resolve() == OUT.resolve() else f" --out {shown(out)}"
 
 
 def available() -> list[str]:
@@ -137,7 +162,7 @@ def summarize(results: dict[str, list[dict]], header: str) -> str:
     return "\n".join(lines)
 
 
-def plot_curves(results: dict[str, list[dict]], prefix: str, title: str) -> list[Path]:
+def plot_curves(results: dict[str, list[dict]], prefix: str, title: str, out: Path = OUT) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -170,7 +195,7 @@ def plot_curves(results: dict[str, list[dict]], prefix: str, title: str) -> list
         ax.legend(fontsize=7, ncol=2)
         ax.grid(alpha=0.3)
         fig.tight_layout()
-        p = RESULTS / f"{prefix}_{fname}.png"
+        p = out / f"{prefix}_{fname}.png"
         fig.savefig(p, dpi=110)
         plt.close(fig)
         paths.append(p)
@@ -183,10 +208,12 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--rho", type=float, default=0.05)
     ap.add_argument("--optimizers", default=None, help=f"comma-separated subset of {CANDIDATES}")
+    add_out_argument(ap)
     args = ap.parse_args()
+    out = Path(args.out)
     torch.set_num_threads(min(2, torch.get_num_threads()))
     names = args.optimizers.split(",") if args.optimizers else available()
-    RESULTS.mkdir(exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     results: dict[str, list[dict]] = {n: [] for n in names}
     with tqdm(total=args.epochs * len(names) * args.seeds, desc="training", unit="epoch") as bar:
         for seed in range(args.seeds):
@@ -198,7 +225,7 @@ def main() -> None:
              f"rho={args.rho}, mean of {args.seeds} seeds")  # fmt: skip
     table = summarize(results, f"### {title}")
     print("\n" + table)
-    plot_curves(results, "compare", title)
+    plot_curves(results, "compare", title, out)
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -208,14 +235,15 @@ def main() -> None:
     ax.set_title("training loss along one filter-normalized direction (seed 0)", fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(RESULTS / "compare_landscape.png", dpi=110)
+    fig.savefig(out / "compare_landscape.png", dpi=110)
     plt.close(fig)
-    (RESULTS / "compare.md").write_text(
+    (out / "compare.md").write_text(
         table + "\n\nHessian top eigenvalue: power iteration on Hessian-vector products of the training loss "
         "(dropout off, full training set). Surrogate gap: L(w + rho g/||g||) - L(w) on the training set.\n"
-        f"Command: `python examples/compare.py --epochs {args.epochs} --seeds {args.seeds} --rho {args.rho}`.\n"
+        f"Command: `python examples/compare.py --epochs {args.epochs} --seeds {args.seeds} --rho {args.rho}"
+        f"{out_flag(out)}`.\n"
     )
-    print(f"\nwrote {RESULTS.relative_to(HERE.parent)}/compare.md and compare_*.png")
+    print(f"\nwrote {shown(out)}/compare.md and compare_*.png")
 
 
 if __name__ == "__main__":

@@ -6,8 +6,10 @@ each noise level, same init and batches per seed. Reported: clean test accuracy 
 training, the best over epochs, and the Hessian's top eigenvalue on the (noisy) training set.
 
     python examples/label_noise.py [--noise 0,0.2,0.4,0.6] [--epochs 40] [--seeds 2] [--rho 0.1]
+    python examples/label_noise.py --out examples/results     # update the committed figures
 
-Writes examples/results/label_noise.md and label_noise.png.
+Writes label_noise.md and label_noise.png into ``--out``: by default out/examples/ at the
+repository root (untracked, gitignored); the committed examples/results/ only when asked for.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from tqdm import tqdm
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from compare import RESULTS, mean, run  # noqa: E402
+from compare import add_out_argument, mean, out_flag, run, shown  # noqa: E402
 from digits import load  # noqa: E402
 
 
@@ -32,7 +34,9 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=40)
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--rho", type=float, default=0.1)
+    add_out_argument(ap)
     args = ap.parse_args()
+    out = Path(args.out)
     torch.set_num_threads(min(2, torch.get_num_threads()))
     levels = [float(x) for x in args.noise.split(",")]
     names = ["SGD", "SAM"]
@@ -62,10 +66,10 @@ def main() -> None:
         )
     table = "\n".join(lines)
     print("\n" + table)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "label_noise.md").write_text(
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "label_noise.md").write_text(
         table + "\n\nCommand: `python examples/label_noise.py "
-        f"--noise {args.noise} --epochs {args.epochs} --seeds {args.seeds} --rho {args.rho}`.\n"
+        f"--noise {args.noise} --epochs {args.epochs} --seeds {args.seeds} --rho {args.rho}{out_flag(out)}`.\n"
     )
 
     import matplotlib
@@ -97,9 +101,9 @@ def main() -> None:
     ax2.legend(fontsize=7, ncol=2)
     fig.suptitle(f"digits, label noise: SGD vs SAM (rho={args.rho}), mean of {args.seeds} seeds", fontsize=10)
     fig.tight_layout()
-    fig.savefig(RESULTS / "label_noise.png", dpi=110)
+    fig.savefig(out / "label_noise.png", dpi=110)
     plt.close(fig)
-    print(f"\nwrote {RESULTS.relative_to(HERE.parent)}/label_noise.md and label_noise.png")
+    print(f"\nwrote {shown(out)}/label_noise.md and label_noise.png")
 
 
 if __name__ == "__main__":
