@@ -401,8 +401,9 @@ def test_restore_adamw(dtype, tensor_lr):
 
 @gpu
 def test_more_tensors_than_one_table():
-    # 300 tensors > the 110/64/30 tensors a table holds, and one tensor of more chunks (330)
-    # than a table's 320 blocks: several launches, a tensor continued across two of them
+    # 302 non-empty tensors > the 171/82 tensors a 4 KB table holds for 2/5 lists: one large table
+    # (CUDA >= 12.1 driver, Volta+) or 2/4 small ones; one tensor of 330 chunks (a table holds any
+    # number of chunks; the old block map held 320)
     sizes = [1 + (i * 37) % 1001 for i in range(300)] + [330 * CHUNK + 5, 0, 3]
     x, w = rand(sizes, torch.float32), rand(sizes, torch.float32)
     total, per = cu("sq_norm")(x, w, 0.0, True)
