@@ -1,17 +1,20 @@
-"""Turn a bench/results/<device>.csv into PNGs (matplotlib, Agg backend).
+"""Turn a bench/run.py CSV (<results>/<device>.csv) into PNGs (matplotlib, Agg backend).
 
 For each kind (``step``, ``primitive``): one panel per (shape set, dtype), grouped bars of
 achieved GB/s per op and provider, from the latest run of each (op, set, dtype, provider) in
 the file. The speedup over the eager loop is written above each sharpfused bar.
 
-    python bench/plot.py bench/results/<device>.csv     # writes <device>_step.png, <device>_primitive.png
+    python bench/plot.py out/bench/<device>.csv     # writes <device>_step.png, <device>_primitive.png beside it
+    python bench/plot.py                           # every CSV in out/bench/ (bench/run.py's default folder)
+    python bench/plot.py --results bench/results   # redraw the committed figures
 """
 
 from __future__ import annotations
 
+import argparse
 import csv
-import sys
 from pathlib import Path
+from typing import Optional
 
 import matplotlib
 
@@ -95,9 +98,27 @@ def plot_csv(path: Path) -> list[Path]:
     return out
 
 
-if __name__ == "__main__":
-    for p in sys.argv[1:] or sorted(
-        str(p) for p in (Path(__file__).parent / "results").glob("*.csv") if ".old" not in p.name
-    ):
-        for png in plot_csv(Path(p)):
+DEFAULT_RESULTS = Path(__file__).resolve().parent.parent / "out" / "bench"  # bench/run.py's default --results
+
+
+def main(argv: Optional[list[str]] = None) -> list[Path]:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("csv", nargs="*", help="CSV files written by bench/run.py (default: every *.csv in --results)")
+    ap.add_argument("--results", default=str(DEFAULT_RESULTS),
+                    help="folder whose CSVs are drawn when none is named (default out/bench, untracked)")
+    args = ap.parse_args(argv)
+    paths = [Path(p) for p in args.csv] or sorted(p for p in Path(args.results).glob("*.csv") if ".old" not in p.name)
+    if not paths:
+        ap.error(f"no CSV given and none in {args.results} (bench/run.py writes them there)")
+    out = []
+    for p in paths:
+        if not p.is_file():
+            ap.error(f"{p}: no such file")
+        for png in plot_csv(p):
             print(png)
+            out.append(png)
+    return out
+
+
+if __name__ == "__main__":
+    main()
