@@ -11,7 +11,7 @@ Environment switches:
                            is labelled with the torch/CUDA it was built against, other builds get none
 
 A wheel holding the extension (FORCE_CUDA, or a label set) also requires the torch minor it was
-compiled against (``torch==2.11.*`` in place of pyproject's ``torch>=2.4``), so it cannot install
+compiled against (``torch==2.11.*`` in place of pyproject's ``torch>=...`` floor), so it cannot install
 silently beside another torch ABI. pyproject.toml keeps version and dependencies static; the
 label and the pin are applied to the metadata after pyproject.toml is read (``_Distribution``).
 
