@@ -31,6 +31,7 @@ What the helpers here add:
 from __future__ import annotations
 
 import contextlib
+import copy
 import sys
 from collections import defaultdict
 from collections.abc import Iterator
@@ -356,7 +357,8 @@ def _scratch_state(optimizer: SharpnessAware, step: bool) -> Iterator[None]:
         try:
             optimizer.state = defaultdict(dict)
             base.state = defaultdict(dict)
-            optimizer._buckets, optimizer._bucket_key = [], None  # the old buckets stay untouched
+            optimizer._run = copy.copy(optimizer._run)  # the step's state object: the saved one stays untouched
+            optimizer._run.buckets, optimizer._run.bucket_key = [], None  # (the old buckets too)
             for p in params:
                 p.grad = None
             yield

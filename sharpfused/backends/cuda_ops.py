@@ -81,8 +81,12 @@ def _fits(
 
 
 def _scalar(s, dtype: torch.dtype, device: torch.device) -> tuple[Optional[Tensor], float]:
-    """(device tensor or None, value): a tensor scalar stays on the device, in opmath."""
+    """(device tensor or None, value): a tensor scalar stays on the device, in opmath; a CPU tensor
+    (torch.optim allows a CPU tensor lr) is read on the host, free, rather than copied (a pageable
+    host-to-device copy synchronizes the stream)."""
     if isinstance(s, Tensor):
+        if s.device.type == "cpu" and device.type != "cpu":
+            return None, float(s)
         return s.detach().to(device=device, dtype=opmath(dtype)).reshape(()), 0.0
     return None, float(s)
 

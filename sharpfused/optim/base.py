@@ -7,10 +7,12 @@ An algorithm subclasses :class:`SharpnessAware` and says its update in primitive
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import math
 import numbers
 import sys
+from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any, Callable, Optional
@@ -173,6 +175,8 @@ class _StepState:
         self.skipped_steps: Optional[Tensor] = None
         self.last_perturbed_loss: Any = None
         self.opt_called = False  # torch's LR schedulers read optimizer._opt_called
+        self.in_step = False  # inside step(): first_step/second_step leave the step hooks to it
+        self.zeroed: dict = {}  # id(param) -> (id(grad), version) after zero_grad(set_to_none=False)
         self.bucket_key: Optional[tuple] = None
         self.buckets: list = []
         self.created: list[tuple[Bucket, str, list[Tensor]]] = []  # see SharpnessAware._clear_pending
@@ -184,11 +188,64 @@ def _run_attr(name: str, doc: str = "") -> property:
     return property(lambda self: getattr(self._run, name), lambda self, v: setattr(self._run, name, v), doc=doc or None)
 
 
+def _torch_pre_hook(opt: SharpnessAware, args: tuple, kwargs: dict) -> None:
+    """Registered with torch.optim (runs before ``step()``): refuses torch.distributed.checkpoint's
+    hidden step, then fires the user's pre-hooks unless ``first_step()`` already did (``step()`` as
+    second_step, what GradScaler.step calls)."""
+    from ..distributed import step_pre_hook
+
+    step_pre_hook(opt, args, kwargs)
+    if not opt._perturbed:
+        opt._fire_user_hooks(0, args, kwargs)
+
+
+def _torch_post_hook(opt: SharpnessAware, args: tuple, kwargs: dict) -> None:
+    opt._fire_user_hooks(1, args, kwargs)
+
+
+def _in_step(step: Callable) -> Callable:
+    """``step`` marked on the optimizer while it runs (first_step/second_step inside it fire no hooks)."""
+
+    @functools.wraps(step)
+    def marked(self: SharpnessAware, *args: Any, **kwargs: Any) -> Any:
+        run = self._run
+        prev, run.in_step = run.in_step, True
+        try:
+            return step(self, *args, **kwargs)
+        finally:
+            run.in_step = prev
+
+    return marked
+
+
+def _base_hooks(base: Optimizer, kind: int) -> None:
+    """The base optimizer's step hooks (its own and torch's global ones), as ``base.step()`` would run
+    them: the fused base step is that step."""
+    from torch.optim import optimizer as _o
+
+    if kind == 0:
+        hooks = [*_o._global_optimizer_pre_hooks.values(), *base._optimizer_step_pre_hooks.values()]
+    else:
+        hooks = [*base._optimizer_step_post_hooks.values(), *_o._global_optimizer_post_hooks.values()]
+    for hook in hooks:
+        out = hook(base, (base,), {})
+        if out is not None and kind == 0:
+            raise RuntimeError(
+                f"a step pre-hook of {type(base).__name__} returned new arguments; the fused base step has none "
+                "to replace (return None)"
+            )
+
+
 class SharpnessAware(Optimizer):
     """Base of sharpfused's optimizers: wraps a base optimizer and shares its ``param_groups``.
 
     Subclasses set :attr:`hyper` (name -> validator) and implement ``first_step``.
     """
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "step" in cls.__dict__:
+            cls.step = _in_step(cls.__dict__["step"])
 
     #: per-group hyperparameters of the algorithm, validated at construction and in add_param_group
     hyper: dict[str, Callable[[str, Any, str], None]] = {}
@@ -202,6 +259,7 @@ class SharpnessAware(Optimizer):
     last_perturbed_loss = _run_attr("last_perturbed_loss")
     _perturbed = _run_attr("perturbed")
     _nonfinite = _run_attr("nonfinite")
+    #: the LocalStep of a step whose first pass ran under local_perturbation, else None (set by new_step)
     _local = _run_attr("local")
     _commit_needs_host = _run_attr("commit_needs_host")
     _opt_called = _run_attr("opt_called")
@@ -217,8 +275,6 @@ class SharpnessAware(Optimizer):
     #: of that pass but the perturbation enters the update or the state; "averaged" -- what does is
     #: averaged over the replicas (average_local / update_pass) before it is used; None -- refused
     m_sharpness: Optional[str] = None
-    #: the LocalStep of a step whose first pass ran under local_perturbation, else None (set by new_step)
-    _local: Optional[Any] = None
     #: the local_perturbation contexts active now (set by sharpfused.distributed)
     _local_contexts: tuple = ()
 
@@ -238,11 +294,23 @@ class SharpnessAware(Optimizer):
             defaults[k] = _as_python(v)
             self.hyper[k](k, defaults[k], "")
         instance = isinstance(base_optimizer, Optimizer)
-        if not instance and not (inspect.isclass(base_optimizer) and issubclass(base_optimizer, Optimizer)):
+        target = getattr(base_optimizer, "func", base_optimizer)  # a functools.partial's class
+        if isinstance(target, SharpnessAware) or (inspect.isclass(target) and issubclass(target, SharpnessAware)):
             raise TypeError(
-                "base_optimizer must be a torch.optim.Optimizer subclass (e.g. torch.optim.SGD) or an "
-                f"optimizer instance, got {base_optimizer!r}"
+                f"base_optimizer is a sharpfused optimizer ({getattr(target, '__name__', type(target).__name__)}): a "
+                "sharpness-aware optimizer cannot be the base of another (both would perturb and restore); give "
+                "the torch optimizer itself, e.g. torch.optim.SGD"
             )
+        if not instance and not (inspect.isclass(base_optimizer) and issubclass(base_optimizer, Optimizer)):
+            if not callable(base_optimizer):
+                raise TypeError(
+                    "base_optimizer must be a torch.optim.Optimizer subclass (e.g. torch.optim.SGD), a callable "
+                    f"that builds one from the param groups (e.g. functools.partial), or an optimizer instance, got "
+                    f"{base_optimizer!r}"
+                )
+        bn_model = base_kwargs.pop("bn_model", None)
+        if bn_model is not None and not isinstance(bn_model, torch.nn.Module):
+            raise TypeError(f"bn_model must be the torch.nn.Module whose BatchNorm layers to freeze, got {type(bn_model).__name__}")
         max_grad_norm = base_kwargs.pop("max_grad_norm", None)
         if max_grad_norm is not None:
             _check_number("max_grad_norm", max_grad_norm, strict=True)
@@ -260,6 +328,10 @@ class SharpnessAware(Optimizer):
         self._run = _StepState()
         self.backend = backend
         self.max_grad_norm = max_grad_norm
+        #: BatchNorm layers of this module keep their running statistics while the weights are perturbed
+        self.bn_model = bn_model
+        # (pre, post) user step hooks, fired with a SAM step's semantics (see register_step_pre_hook)
+        self._user_step_hooks: tuple[OrderedDict, OrderedDict] = (OrderedDict(), OrderedDict())
         super().__init__(params, defaults)
         if instance:
             mine = {id(p) for g in self.param_groups for p in g["params"]}
@@ -271,7 +343,13 @@ class SharpnessAware(Optimizer):
                 for k, v in defaults.items():
                     group.setdefault(k, v)
         else:
-            self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
+            built = base_optimizer(self.param_groups, **base_kwargs)
+            if not isinstance(built, Optimizer) or isinstance(built, SharpnessAware):
+                raise TypeError(
+                    f"base_optimizer({', '.join(['param_groups'] + [f'{k}=...' for k in base_kwargs])}) returned "
+                    f"{type(built).__name__}, not a torch.optim.Optimizer"
+                )
+            self.base_optimizer = built
         self.param_groups = self.base_optimizer.param_groups
         clash = sorted(set(self.hyper) & set(self.base_optimizer.defaults))
         if clash:
@@ -289,9 +367,53 @@ class SharpnessAware(Optimizer):
         self._buckets: list[Bucket] = []
         self._run.perturbed = False
         self._clear_pending()
-        from ..distributed import step_pre_hook
+        # torch.optim's step wrapper calls these around step(); user hooks go through them (see
+        # register_step_pre_hook)
+        super().register_step_pre_hook(_torch_pre_hook)
+        super().register_step_post_hook(_torch_post_hook)
 
-        self.register_step_pre_hook(step_pre_hook)  # refuses torch.distributed.checkpoint's hidden step
+    # ---------------------------------------------------------------- pass indicator, hooks, repr
+    @property
+    def perturbed(self) -> bool:
+        """True between ``first_step()`` and ``second_step()``: the weights are at the perturbed point.
+
+        A closure (or a framework's training step) reads it to tell its passes apart, e.g. to log the
+        loss of the first pass only; ``step(closure)`` runs the closure with it False, then True.
+        """
+        return self._run.perturbed
+
+    def register_step_pre_hook(self, hook: Callable) -> Any:
+        """``hook(optimizer, args, kwargs)``, called once per step before the first pass's update:
+        at ``first_step()`` (or when ``step()`` starts). Return None (arguments cannot be replaced)."""
+        return self._register_user_hook(0, hook)
+
+    def register_step_post_hook(self, hook: Callable) -> Any:
+        """``hook(optimizer, args, kwargs)``, called once per step after the base optimizer's step:
+        at the end of ``second_step()`` (or of ``step()``)."""
+        return self._register_user_hook(1, hook)
+
+    def _register_user_hook(self, kind: int, hook: Callable) -> Any:
+        from torch.utils.hooks import RemovableHandle
+
+        hooks = self._user_step_hooks[kind]
+        handle = RemovableHandle(hooks)
+        hooks[handle.id] = hook
+        return handle
+
+    def _fire_user_hooks(self, kind: int, args: tuple = (), kwargs: Optional[dict] = None) -> None:
+        for hook in list(self._user_step_hooks[kind].values()):
+            out = hook(self, args or (self,), kwargs or {})
+            if out is not None and kind == 0:
+                raise RuntimeError(
+                    f"a step pre-hook of {type(self).__name__} returned {type(out).__name__}: it fires at "
+                    "first_step(), whose arguments cannot be replaced; return None"
+                )
+
+    def __repr__(self) -> str:
+        base = repr(self.base_optimizer).replace("\n", "\n    ")
+        hyper = ", ".join(f"{k}={self.defaults[k]!r}" for k in self.hyper if k in self.defaults)
+        extra = f", max_grad_norm={self.max_grad_norm}" if self.max_grad_norm is not None else ""
+        return f"{type(self).__name__}({hyper}, backend={self.backend!r}{extra},\n    base_optimizer={base})"
 
     # ---------------------------------------------------------------- param groups
     def _check_group(self, group: dict) -> None:
@@ -570,13 +692,15 @@ class SharpnessAware(Optimizer):
 
     def _prepare_base_state(self, b: Bucket, kind: str) -> bool:
         """Point the bucket at the base optimizer's state tensors, creating them like torch does."""
-        if b.base_state is not None:
-            return True
         st = self.base_optimizer.state
         g = b.group
-        if kind == "sgd":
-            if not g["momentum"]:
-                b.base_state = {"bufs": None, "init": False}
+        m = g.get("momentum", 0)
+        momentum = kind == "sgd" and not (isinstance(m, numbers.Number) and m == 0)
+        if b.base_state is not None and (kind != "sgd" or b.base_state["momentum"] == momentum):
+            return True
+        if kind == "sgd":  # (again when momentum changed to or from 0: torch.optim.SGD's rules then)
+            if not momentum:  # no buffer read or written, as torch's SGD with momentum 0
+                b.base_state = {"bufs": None, "init": False, "momentum": False}
                 return True
             bufs = [st.get(p, {}).get("momentum_buffer") for p in b.sources]
             init = bufs[0] is None
@@ -584,7 +708,7 @@ class SharpnessAware(Optimizer):
                 return False
             if init:
                 bufs = [torch.empty_like(p, memory_format=torch.preserve_format) for p in b.sources]
-            b.base_state = {"bufs": [kernel_view(x) for x in bufs], "init": init, "state_bufs": bufs}
+            b.base_state = {"bufs": [kernel_view(x) for x in bufs], "init": init, "state_bufs": bufs, "momentum": True}
             return True
         fresh = [not st.get(p) for p in b.sources]
         if any(fresh) and not all(fresh):
@@ -708,6 +832,11 @@ class SharpnessAware(Optimizer):
             if not bool(skip):  # the one host sync: a third-party step cannot be skipped on the device
                 self.base_optimizer.step()
             return
+        _base_hooks(self.base_optimizer, 0)
+        self._fused_base_step(buckets, kind, coef, skip)
+        _base_hooks(self.base_optimizer, 1)
+
+    def _fused_base_step(self, buckets: list[Bucket], kind: str, coef: Optional[Tensor], skip: Tensor) -> None:
         # A step that creates the base optimizer's state reads the skip flag once on the host (the
         # first step only), so that a skipped first step leaves no state behind.
         skipped = bool(skip) if any(b.base_state["init"] for b in buckets) else None
@@ -751,6 +880,8 @@ class SharpnessAware(Optimizer):
                 f"{type(self).__name__}.first_step() called twice: call second_step() after the second "
                 "forward/backward before starting the next step"
             )
+        if not self._run.in_step:
+            self._fire_user_hooks(0)
         self.new_step()
         return self.buckets()
 
@@ -789,7 +920,15 @@ class SharpnessAware(Optimizer):
         on the device; nothing changes when pass 1 was finite (the gradient starts at zeros).
         """
         self._run.perturbed = True
+        self._bn_frozen(True)
         self._next_pass(zero_grad)
+
+    def _bn_frozen(self, frozen: bool) -> None:
+        """BatchNorm running statistics of ``bn_model`` stay as they are while the weights are perturbed."""
+        if self.bn_model is not None:
+            from ..bn import disable_running_stats, enable_running_stats
+
+            (disable_running_stats if frozen else enable_running_stats)(self.bn_model)
 
     def _next_pass(self, zero_grad: bool) -> None:
         """Between two passes of a step: with ``zero_grad``, clear the gradients (and carry a
@@ -831,8 +970,14 @@ class SharpnessAware(Optimizer):
         self._finish_step()
         self._run.perturbed = False
         self._run.opt_called = True  # LR schedulers check this
+        base = self.base_optimizer
+        if not torch.compiler.is_compiling() and not getattr(base, "_opt_called", False):
+            base._opt_called = True  # ... also one attached to the base optimizer (the fused step skips base.step())
+        self._bn_frozen(False)
         if zero_grad:
             self.zero_grad()
+        if not self._run.in_step:
+            self._fire_user_hooks(1)
 
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False) -> None:
@@ -855,6 +1000,7 @@ class SharpnessAware(Optimizer):
         self._drop_created()
         self._clear_pending()
         self._run.perturbed = False
+        self._bn_frozen(False)
 
     @contextmanager
     def guarded(self) -> Iterator[None]:
@@ -871,6 +1017,60 @@ class SharpnessAware(Optimizer):
     def _has_grads(self) -> bool:
         return any(p.grad is not None for g in self.param_groups for p in g["params"])
 
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """As torch.optim's. After ``set_to_none=False`` the zero-filled gradients do not count as a
+        first pass for ``step(closure)`` until a backward writes into them."""
+        super().zero_grad(set_to_none)
+        run = self._run
+        run.zeroed = {}
+        if not set_to_none:
+            for g in self.param_groups:
+                for p in g["params"]:
+                    if p.grad is not None:
+                        run.zeroed[id(p)] = (id(p.grad), p.grad._version)
+
+    def _first_pass_grads(self) -> bool:
+        """Whether ``step(closure)`` finds the first pass's gradients in ``.grad``: some gradient that
+        is not what ``zero_grad(set_to_none=False)`` left (the same tensor at the same version)."""
+        zeroed = self._run.zeroed
+        for g in self.param_groups:
+            for p in g["params"]:
+                if p.grad is not None and zeroed.get(id(p)) != (id(p.grad), p.grad._version):
+                    return True
+        return False
+
+    def _finish_perturbed(self, closure: Optional[Callable[..., Any]], **kwargs: Any) -> Any:
+        """``step()`` after ``first_step()``: ``closure`` (if given, with ``kwargs``) runs the second
+        pass, then ``second_step()`` -- what a framework's optimizer step (or GradScaler.step) does.
+        With a closure the gradients are cleared afterwards, as ``step(closure)`` leaves them."""
+        loss = None
+        if closure is not None:
+            with self.guarded():
+                loss = detached(torch.enable_grad()(closure)(**kwargs))
+                self._run.last_perturbed_loss = loss
+        self.second_step(zero_grad=closure is not None)
+        return loss
+
+    def step_accumulated(self, loss_fn: Callable[..., Any], micro_batches: Iterable[Any]) -> Any:
+        """One step over several micro-batches: every pass runs ``loss_fn(batch)`` on each of them and
+        backpropagates ``loss / len(micro_batches)``, so the step equals the step on their union
+        (same-size micro-batches and a mean loss). ``loss_fn`` returns the loss without calling
+        backward; keyword arguments of the pass (BiSAM's ``perturbation``) are passed on. Returns the
+        first pass's mean loss."""
+        batches = list(micro_batches)
+        if not batches:
+            raise ValueError("step_accumulated needs at least one micro-batch")
+
+        def closure(**kwargs: Any) -> Any:
+            total = None
+            for mb in batches:
+                loss = loss_fn(mb, **kwargs)
+                (loss / len(batches)).backward()
+                total = loss.detach() if total is None else total + loss.detach()
+            return total / len(batches)
+
+        return self.step(closure)
+
     def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:  # type: ignore[override]
         """One full step. ``closure`` recomputes the loss and its gradients (zero_grad is done here).
 
@@ -880,10 +1080,9 @@ class SharpnessAware(Optimizer):
         ``last_perturbed_loss``. Gradients are cleared (set to None) at the end, so that the
         perturbed-point gradients never seed the next step's first pass.
         """
+        if self._perturbed:  # after first_step: step() is second_step(), as GradScaler.step(opt) calls it
+            return self._finish_perturbed(closure)
         if closure is None:
-            if self._perturbed:  # after first_step: step() is second_step(), as GradScaler.step(opt) calls it
-                self.second_step()
-                return None
             raise RuntimeError(
                 f"{type(self).__name__}.step() needs a closure that runs forward and backward; "
                 "or call first_step() and second_step() around the second forward/backward"
@@ -891,7 +1090,7 @@ class SharpnessAware(Optimizer):
         closure = torch.enable_grad()(closure)
         loss = None
         with self.guarded():
-            if not self._has_grads():
+            if not self._first_pass_grads():
                 loss = closure()
             self.first_step(zero_grad=True)
             self._run.last_perturbed_loss = detached(closure())
@@ -973,6 +1172,9 @@ class SharpnessAware(Optimizer):
         self._run.perturbed = False
 
 
+SharpnessAware.step = _in_step(SharpnessAware.step)
+
+
 def _refuse_torch_checkpoint(opt: SharpnessAware, api: str) -> None:
     """torch.distributed.checkpoint.state_dict's functions on a sharpfused optimizer raise, naming ours."""
     from ..distributed import refuse_torch_checkpoint
@@ -993,8 +1195,12 @@ def check_positive(name: str, value: Any, where: str) -> None:
 
 
 def check_bool(name: str, value: Any, where: str) -> None:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name}{where} must be True or False, got {value!r}")
+    """True or False; 0 and 1 (ints, numpy bools) too, as the popular SAM port accepts them."""
+    if isinstance(value, bool) or (isinstance(value, numbers.Integral) and value in (0, 1)):
+        return
+    if type(value).__name__ == "bool_" and value in (0, 1):  # numpy.bool_ (not a numbers.Integral)
+        return
+    raise TypeError(f"{name}{where} must be True or False (or 0 / 1), got {value!r}")
 
 
 def check_unit(name: str, value: Any, where: str) -> None:

@@ -49,9 +49,8 @@ class BiSAM(SAM):
 
         Without a closure after ``first_step()`` it is ``second_step()`` (what ``GradScaler.step`` calls).
         """
-        if closure is None and self._perturbed:
-            self.second_step()
-            return None
+        if self._perturbed:  # after first_step(): the closure (if any) is the last pass, then second_step()
+            return self._finish_perturbed(closure, perturbation=False)
         if closure is None:
             raise RuntimeError(
                 "BiSAM.step() needs a closure(perturbation: bool) that runs forward and backward of the "
@@ -62,7 +61,7 @@ class BiSAM(SAM):
         loss = None
         try:
             with self.guarded():
-                if not self._has_grads():
+                if not self._first_pass_grads():
                     self._run.perturbation_pass = True
                     loss = closure(perturbation=True)
                 self.first_step(zero_grad=True)

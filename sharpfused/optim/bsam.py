@@ -105,9 +105,8 @@ class BSAM(SharpnessAware):
 
         Without a closure after ``bilateral_step()`` it is ``second_step()`` (what ``GradScaler.step`` calls).
         """
-        if closure is None and self._perturbed:
-            self.second_step()
-            return None
+        if self._perturbed:  # after first_step(): the closure (if any) is the last pass, then second_step()
+            return self._finish_perturbed(closure)
         if closure is None:
             raise RuntimeError(
                 "BSAM.step() needs a closure that runs forward and backward; or call first_step(), "
@@ -115,7 +114,7 @@ class BSAM(SharpnessAware):
             )
         closure = torch.enable_grad()(closure)
         with self.guarded():
-            loss = closure() if not self._has_grads() else None
+            loss = closure() if not self._first_pass_grads() else None
             self.first_step(zero_grad=True)
             self._run.last_perturbed_loss = detached(closure())
             self.bilateral_step(zero_grad=True)

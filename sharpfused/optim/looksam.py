@@ -110,11 +110,13 @@ class LookSAM(SharpnessAware):
 
     def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:  # type: ignore[override]
         """One step: one forward/backward on reuse steps, two on full steps."""
+        if self._perturbed:  # after a full step's first_step(): the closure (if any) is its second pass
+            return self._finish_perturbed(closure)
         if closure is None:
             raise RuntimeError("LookSAM.step() needs a closure that runs forward and backward")
         closure = torch.enable_grad()(closure)
         with self.guarded():
-            loss = closure() if not self._has_grads() else None
+            loss = closure() if not self._first_pass_grads() else None
             if self.first_step(zero_grad=True):
                 self._run.last_perturbed_loss = detached(closure())
                 self.second_step(zero_grad=True)

@@ -183,9 +183,8 @@ class XSAM(SharpnessAware):
 
         Without a closure after ``first_step()`` it is ``second_step()`` (what ``GradScaler.step`` calls).
         """
-        if closure is None and self._perturbed:
-            self.second_step()
-            return None
+        if self._perturbed:  # after first_step(): the closure (if any) is the last pass, then second_step()
+            return self._finish_perturbed(closure)
         if closure is None:
             raise RuntimeError(
                 "XSAM.step() needs a closure that runs forward and backward; or call first_step(), "
@@ -194,7 +193,7 @@ class XSAM(SharpnessAware):
         closure = torch.enable_grad()(closure)
         loss = None
         with self.guarded():
-            if not self._has_grads():
+            if not self._first_pass_grads():
                 loss = closure()
             self.first_step(zero_grad=True)
             for _ in range(self.steps - 1):
