@@ -26,7 +26,7 @@ import os
 from setuptools import setup
 from setuptools.dist import Distribution
 
-PACKAGES = ["sharpfused", "sharpfused.backends", "sharpfused.optim", "sharpfused.kernels"]
+PACKAGES = ["sharpfused", "sharpfused.backends", "sharpfused.optim", "sharpfused.integrations", "sharpfused.kernels"]
 PACKAGE_DIR = {"sharpfused.kernels": "kernels"}
 # csrc/ ships inside the package as data, for the JIT build of an install made without nvcc
 CSRC = {"sharpfused.csrc": "csrc"}
