@@ -3,7 +3,9 @@
 # no package registry): staged, each stage under its own time cap, the whole run under TOTAL_S
 # (default 480 s), and a stage that fails or runs out of time never stops the next one.
 #
-#   build         pip install --no-deps --no-build-isolation -e . (TORCH_CUDA_ARCH_LIST = this GPU)
+#   build         a prebuilt wheel from bench/wheels/ when one matches this torch, CUDA, python, GPU arch
+#                 and csrc/ (bench/pick_wheel.py; carry bench/wheels with the working tree), else
+#                 pip install --no-deps --no-build-isolation -e . (TORCH_CUDA_ARCH_LIST = this GPU)
 #   import        sharpfused, sharpfused._C, and which backends can run on CUDA tensors
 #   select        the GPU tests (pytest -m gpu, tests/conftest.py marks them): how many per file
 #   tests-cuda    tests/test_cuda_backend.py -m gpu (CUDA backend, CUDA-graph capture/replay)
@@ -458,7 +460,7 @@ else
     BENCH_ARGS="--device cpu --scale 64 --repeat 2 --results $RESULTS"
   else
     RESULTS=$ROOT/bench/results
-    BENCH_ARGS="--repeat 30"
+    BENCH_ARGS="--repeat 30 --results $RESULTS"
   fi
   export RESULTS BENCH_ARGS
   bench() {  # one process per (set, dtype), most important first: a cut-short run keeps the rest
