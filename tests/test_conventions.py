@@ -203,7 +203,7 @@ def test_zero_grad_in_place_then_step_closure_runs_both_passes(name):
 
 # ------------------------------------------------------------------ hooks
 @pytest.mark.parametrize("base", ["sgd", "adamw", "rmsprop"])
-@pytest.mark.parametrize("mode", ["closure", "manual", "scaler-like"])
+@pytest.mark.parametrize("mode", ["closure", "manual", "scaler-like", "grad-scaler"])
 def test_step_hooks_fire_once_per_step(base, mode):
     model = mlp()
     cls, kw = (torch.optim.RMSprop, dict(lr=1e-3)) if base == "rmsprop" else BASES[base][:2]
@@ -213,10 +213,18 @@ def test_step_hooks_fire_once_per_step(base, mode):
     h2 = opt.register_step_post_hook(lambda o, a, k: events.append(("post", o.perturbed)))
     h3 = opt.base_optimizer.register_step_pre_hook(lambda o, a, k: events.append(("base-pre", None)))
     h4 = opt.base_optimizer.register_step_post_hook(lambda o, a, k: events.append(("base-post", None)))
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
     for x, y in batches(2):
         closure = closure_for("sam", model, x, y)
         if mode == "closure":
             opt.step(closure)
+        elif mode == "grad-scaler":
+            scaler.scale(F.cross_entropy(model(x), y)).backward()
+            opt.first_step(zero_grad=True)
+            scaler.scale(F.cross_entropy(model(x), y)).backward()
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad()
         else:
             closure()
             opt.first_step(zero_grad=True)
