@@ -188,6 +188,19 @@ def test_gradient_accumulation_is_large_batch(tmp_path, name):
         torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-13)
 
 
+def test_gradient_accumulation_short_last_window(tmp_path):
+    """5 micro-batches, gradient_accumulation_steps=2: windows of 2, 2, 1 (the Trainer divides the last by 1)."""
+    data = dataset(10)
+    model, _, _ = trained(tmp_path, ALGOS["sam_sgd"], data=data, per_device_train_batch_size=2,
+                          gradient_accumulation_steps=2, max_steps=-1, num_train_epochs=1)
+    ref = MLP()
+    opt = ALGOS["sam_sgd"](ref)
+    mbs = batches(data, 2)
+    for group in (mbs[0:2], mbs[2:4], mbs[4:5]):
+        opt.step_accumulated(lambda b: loss_fn(ref, b), group)
+    assert same(model, ref)
+
+
 def test_gradient_accumulation_num_items_gpt2(tmp_path):
     """GPT-2 accepts num_items_in_batch: the Trainer normalizes by the token count of the window."""
     cfg = transformers.GPT2Config(

@@ -36,7 +36,7 @@ from accelerate.optimizer import AcceleratedOptimizer
 from transformers import Trainer
 
 from ..optim import BiSAM, SAMPa, SharpnessAware
-from .accelerate import run_sam_passes, unwrap, wrap
+from .accelerate import _check_scaler, run_sam_passes, unwrap, wrap
 
 __all__ = ["SAMTrainer", "SAMTrainerMixin"]
 
@@ -123,6 +123,7 @@ class SAMTrainerMixin:
         wrap(self.optimizer)
         opt = unwrap(self.optimizer)
         self._sam_check_algorithm(opt)
+        _check_scaler(opt, getattr(self.accelerator, "scaler", None))  # before any pass of the first step
         clip = self.args.max_grad_norm
         if clip is not None and clip > 0:
             if opt.max_grad_norm is None:
