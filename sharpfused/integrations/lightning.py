@@ -39,7 +39,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins.precision import MixedPrecision
 
-from ..optim import BSAM, XSAM, LookSAM, SAMPa, SharpnessAware
+from ..optim import BSAM, XSAM, BiSAM, LookSAM, SAMPa, SharpnessAware
 
 __all__ = ["SAMLightningModule", "SharpnessAwareChecks", "SharpnessAwareLightningError", "sharpness_aware_optimizer"]
 
@@ -363,9 +363,16 @@ class SAMLightningModule(pl.LightningModule):
                     if scaler is not None and "grad_scaler" in inspect.signature(opt.first_step).parameters:
                         kwargs["grad_scaler"] = scaler  # FriendlySAM: its momentum holds unscaled gradients
                     opt.first_step(zero_grad=True, **kwargs)
-                    # the precision plugin runs the last pass, on_before_optimizer_step, then
-                    # opt.step(closure) (fp32, bf16) or scaler.step(opt) (fp16): both are second_step()
-                    optimizer.step(closure=later_pass)
+                    if isinstance(opt, BiSAM) and scaler is None:
+                        # BiSAM.step(closure) calls closure(perturbation=False), which the precision
+                        # plugin's closure wrapper does not accept: the last pass and second_step() here
+                        later_pass()
+                        _after_closure(trainer, self, opt)
+                        opt.second_step(zero_grad=True)
+                    else:
+                        # the precision plugin runs the last pass, on_before_optimizer_step, then
+                        # opt.step(closure) (fp32, bf16) or scaler.step(opt) (fp16): both are second_step()
+                        optimizer.step(closure=later_pass)
                 else:  # LookSAM, XSAM(steps > 1), BSAM: step(closure) takes pass 1 from .grad, runs the rest
                     optimizer.step(closure=later_pass)
         finally:
@@ -443,12 +450,30 @@ class SAMLightningModule(pl.LightningModule):
                     return loss
 
                 lopt.step(closure=fp16_closure)
+            elif isinstance(opt, BiSAM):
+                # BiSAM.step(closure) calls closure(perturbation=...), which the precision plugin's
+                # closure wrapper does not accept: the passes here, counted as the LightningOptimizer counts
+                getattr(lopt, "_on_before_step", lambda: None)()
+                one_pass()
+                opt.first_step(zero_grad=True)
+                one_pass()
+                _after_closure(self.trainer, self, opt)
+                opt.second_step(zero_grad=True)
+                getattr(lopt, "_on_after_step", lambda: None)()
             else:
                 lopt.step(closure=one_pass)
         finally:
             if opt.perturbed:
                 opt.abort_step()
         return first_loss[0]
+
+
+def _after_closure(trainer: pl.Trainer, module: pl.LightningModule, opt: SharpnessAware) -> None:
+    """What the precision plugin runs between the closure and the step (on_before_optimizer_step
+    hooks; the clipping hook, a no-op here), for a step that cannot go through the plugin."""
+    hook = getattr(trainer.precision_plugin, "_after_closure", None)
+    if hook is not None:
+        hook(module, opt)
 
 
 def _no_sync(strategy: Any, block: bool) -> Any:
