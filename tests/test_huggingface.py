@@ -140,8 +140,12 @@ def test_matches_plain_loop_bitwise(tmp_path, name):
     assert trainer.state.global_step == 4
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert len(losses) == 4 and all(math.isfinite(v) for v in losses)
+    norms = [("grad_norm" in h) for h in trainer.state.log_history if "loss" in h]
     if name == "looksam":
         assert opt.state["looksam"]["step"] == 4  # 2 full + 2 reuse steps ran
+        assert norms == [True, False, True, False]  # no gradient left to measure after a reuse step
+    else:
+        assert norms == [name != "sampa"] * 4
 
 
 def test_logged_loss_is_first_pass(tmp_path):
@@ -233,12 +237,16 @@ def test_gradient_accumulation_num_items_gpt2(tmp_path):
 
 def test_sam_class_builds_on_trainer_optimizer(tmp_path):
     """sam_class= wraps the base optimizer the Trainer creates (AdamW, decay/no-decay groups, lr)."""
-    kw = dict(optim="adamw_torch", weight_decay=0.1, learning_rate=0.01, max_grad_norm=1.0)
+    kw = dict(optim="adamw_torch", weight_decay=0.1, learning_rate=0.01, max_grad_norm=1.0, eval_strategy="steps",
+              eval_steps=2)
     model = MLP()
     trainer = SAMTrainer(
-        model=model, args=args(tmp_path, **kw), train_dataset=dataset(), sam_class=sharpfused.SAM, sam_kwargs={"rho": 0.05}
+        model=model, args=args(tmp_path, **kw), train_dataset=dataset(), eval_dataset=dataset(8),
+        sam_class=sharpfused.SAM, sam_kwargs={"rho": 0.05},
     )
     trainer.train()
+    evals = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h]
+    assert len(evals) == 2 and all(math.isfinite(v) for v in evals)  # evaluation between steps (weights restored)
     opt = trainer.optimizer.optimizer
     assert isinstance(opt, sharpfused.SAM) and isinstance(opt.base_optimizer, torch.optim.AdamW)
     assert opt.max_grad_norm == 1.0  # TrainingArguments.max_grad_norm clips the update gradient
