@@ -267,7 +267,7 @@ def sam_step(
         return total / n
 
     finish = optimizer.step if isinstance(optimizer, AcceleratedOptimizer) else opt.step
-    if opt._first_pass_grads():
+    if opt.has_first_pass_grads():
         raise RuntimeError(
             "sam_step: gradients are present before the step (call optimizer.zero_grad() after each step); "
             "sam_step runs the first pass itself"

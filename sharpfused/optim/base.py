@@ -1029,9 +1029,12 @@ class SharpnessAware(Optimizer):
                     if p.grad is not None:
                         run.zeroed[id(p)] = (id(p.grad), p.grad._version)
 
-    def _first_pass_grads(self) -> bool:
+    def has_first_pass_grads(self) -> bool:
         """Whether ``step(closure)`` finds the first pass's gradients in ``.grad``: some gradient that
         is not what ``zero_grad(set_to_none=False)`` left (the same tensor at the same version)."""
+        return self._first_pass_grads()
+
+    def _first_pass_grads(self) -> bool:
         zeroed = self._run.zeroed
         for g in self.param_groups:
             for p in g["params"]:
