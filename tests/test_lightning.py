@@ -7,6 +7,7 @@ Every comparison runs the same tiny model (same init, same data order) once thro
 from __future__ import annotations
 
 import re
+import warnings
 from pathlib import Path
 
 import pytest
@@ -470,3 +471,42 @@ def test_example_quick():
         sys.argv = argv
 
 
+
+
+def test_exception_in_a_later_pass_restores_the_weights():
+    class Fails(Net):
+        def training_step(self, batch, batch_idx):
+            if self.global_step == 1 and not self.sam_first_pass:
+                self.before = [p.detach().clone() for p in self.net.parameters()]
+                raise ValueError("boom in pass 2")
+            return super().training_step(batch, batch_idx)
+
+    x, y = make_data()
+    model = Fails("sam-sgd")
+    with pytest.raises(ValueError, match="boom in pass 2"):
+        trainer(max_steps=3).fit(model, loader(x, y))
+    opt = model.trainer.optimizers[0]
+    assert not opt.perturbed
+    ref, _, _, _ = reference("sam-sgd", 1)  # the weights after step 1, not the perturbed ones of step 2
+    assert all(torch.equal(a, b) for a, b in zip(model.net.parameters(), ref.parameters()))
+    assert not all(torch.equal(a, b) for a, b in zip(model.net.parameters(), model.before))
+
+
+def test_training_step_none_skips_the_step():
+    class Skips(Net):
+        def training_step(self, batch, batch_idx):
+            if batch_idx == 1:
+                return None
+            return super().training_step(batch, batch_idx)
+
+    x, y = make_data()
+    model = Skips("sam-sgd")
+    t = trainer(max_epochs=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t.fit(model, loader(x, y))
+    assert t.global_step == 3  # Lightning counts the step, as for any optimizer whose training_step returned None
+    assert int(model.net[1].num_batches_tracked) == 2  # no forward in the skipped batch
+    assert len(model.first_losses) == 2
+    ref, _, _, _ = reference("sam-sgd", 1)
+    assert not torch.equal(model.net[0].weight, ref[0].weight)  # steps 1 and 3 were taken
