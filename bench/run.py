@@ -17,8 +17,9 @@ load drifts within a run; sequential timing once put 2x between two runs of the 
 Prints a markdown table (median ms and p20/p80, speedup vs each baseline, the bytes per element
 a step moves (counted from the primitives it calls, the minimum beside it), GB/s from that byte
 model and its fraction of the device-to-device copy bandwidth measured in the same run), appends
-rows to ``bench/results/<device>.csv`` and (``--plot``, on by default) redraws the PNGs with
-bench/plot.py.
+rows to ``<results>/<device>.csv`` (``--results``; default ``out/bench``, untracked; the committed
+figures are written with ``--results bench/results``) and (``--plot``, on by default) redraws the
+PNGs with bench/plot.py.
 
     python bench/run.py            # full-size lists (ResNet-50, GPT-2 small; a 1.1B decoder on GPU)
     python bench/run.py --quick    # every dimension / 8, few repeats: under 2 minutes on CPU

@@ -1,4 +1,4 @@
-"""Memory is flat (shared/DESIGN.md, correctness contract): live memory after step 50 equals that
+"""Memory is flat (the correctness contract: no memory growth): live memory after step 50 equals that
 after step 2, whatever the gradient sets do, and the optimizer's own memory is the documented
 multiple of the parameters plus a fixed, cache-sized scratch.
 
@@ -56,7 +56,7 @@ TABLES = 8
 #: extra memory in multiples of the parameters' bytes (fp32), as docs/algorithms.md documents it;
 #: SSAM's mask is one byte per element (0.25x of fp32 parameters). FriendlySAM: 3x since its
 #: momentum is committed when the step completes (backup, m, and this step's gradient kept for the
-#: commit); docs/algorithms.md still says 2x
+#: commit), as docs/algorithms.md says
 MULTIPLE = {
     "SAM": 1.0,
     "ASAM": 1.0,
