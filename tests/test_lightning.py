@@ -58,8 +58,9 @@ def loader(x, y, batch=BATCH):
 def trainer(**kw):
     kw.setdefault("max_epochs", 100)
     kw.setdefault("enable_checkpointing", False)
+    kw.setdefault("devices", 1)
     return pl.Trainer(
-        accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+        accelerator="cpu", logger=False, enable_progress_bar=False,
         enable_model_summary=False, num_sanity_val_steps=0, **kw,
     )
 
@@ -510,3 +511,43 @@ def test_training_step_none_skips_the_step():
     assert len(model.first_losses) == 2
     ref, _, _, _ = reference("sam-sgd", 1)
     assert not torch.equal(model.net[0].weight, ref[0].weight)  # steps 1 and 3 were taken
+
+
+class SaveRank0(pl.Callback):
+    def __init__(self, path):
+        self.path = path
+
+    def on_train_end(self, trainer, module):
+        if trainer.global_rank == 0:
+            torch.save({"w": [p.detach().clone() for p in module.net.parameters()], "steps": trainer.global_step},
+                       self.path)
+
+
+def test_ddp_accumulation_equals_large_batch(tmp_path):
+    # two CPU processes (gloo): every pass's backward syncs through DDP, the micro-batch before the
+    # last one runs under no_sync; the step equals SAM on the union of both ranks' 2 micro-batches
+    x, y = make_data()
+    path = tmp_path / "rank0.pt"
+    t = trainer(max_steps=3, strategy="ddp_spawn", devices=2, accumulate_grad_batches=2, callbacks=[SaveRank0(path)])
+    t.fit(Net("sam-sgd", bn=False), loader(x, y, batch=2))
+    out = torch.load(path)
+    perm = torch.randperm(N, generator=torch.Generator().manual_seed(0)).tolist()  # DistributedSampler, epoch 0
+    r0, r1 = perm[0::2], perm[1::2]
+    order = [i for s in range(3) for i in r0[4 * s: 4 * s + 4] + r1[4 * s: 4 * s + 4]]
+    rnet, _, _, _ = reference("sam-sgd", 3, bn=False, x=x[order], y=y[order])
+    assert out["steps"] == 3
+    for a, b in zip(out["w"], rnet.parameters()):
+        torch.testing.assert_close(a, b.detach(), rtol=1e-12, atol=1e-14)  # the all-reduce sums in another order
+
+
+def test_scheduler_on_base_optimizer_is_refused_by_lightning():
+    class OnBase(Net):
+        def configure_optimizers(self):
+            opt = OPTS["sam-sgd"](self.parameters())
+            return {"optimizer": opt, "lr_scheduler": torch.optim.lr_scheduler.StepLR(opt.base_optimizer, 2)}
+
+    from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+    x, y = make_data()
+    with pytest.raises(MisconfigurationException, match="schedulers are attached with an optimizer"):
+        trainer(max_steps=1).fit(OnBase(), loader(x, y))
