@@ -69,6 +69,7 @@ OPTS = {
     "sam-sgd": lambda p, **kw: sharpfused.SAM(p, torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9, **kw),
     "sam-adamw": lambda p, **kw: sharpfused.SAM(p, torch.optim.AdamW, rho=0.05, lr=1e-2, weight_decay=0.01, **kw),
     "xsam2": lambda p, **kw: sharpfused.XSAM(p, torch.optim.SGD, rho=0.05, steps=2, lr=0.1, momentum=0.9, **kw),
+    "xsam1": lambda p, **kw: sharpfused.XSAM(p, torch.optim.SGD, rho=0.05, steps=1, lr=0.1, momentum=0.9, **kw),
     "bsam": lambda p, **kw: sharpfused.BSAM(p, torch.optim.SGD, lr=0.1, momentum=0.9, **kw),
     "looksam": lambda p, **kw: sharpfused.LookSAM(p, torch.optim.SGD, rho=0.05, k=2, lr=0.1, momentum=0.9, **kw),
     "sampa": lambda p, **kw: sharpfused.SAMPa(p, torch.optim.SGD, lr=0.1, momentum=0.9, **kw),
@@ -301,7 +302,7 @@ def fp16_trainer(**kw):
     return trainer(plugins=[MixedPrecision("16-mixed", "cpu")], **kw)
 
 
-@pytest.mark.parametrize("name", ["sam-sgd", "friendly"])
+@pytest.mark.parametrize("name", ["sam-sgd", "sam-adamw", "gsam", "ssam", "bisam", "friendly", "xsam1"])
 def test_fp16_mixed_equals_gradscaler_loop(name):
     x, y = make_data(torch.float32)
     x[9, 0] = 7e4  # batch 2 of each epoch overflows fp16 (> 65504): steps 2 and 5 are skipped, the scale backs off
