@@ -238,7 +238,8 @@ class SAMLightningModule(pl.LightningModule):
     def _sam_prepare(self, opt: SharpnessAware) -> Any:
         """Checks and mappings done at every step (cheap); returns the GradScaler or None."""
         trainer = self.trainer
-        if type(self).configure_gradient_clipping is not SAMLightningModule.configure_gradient_clipping:
+        overridden = type(self).configure_gradient_clipping is not SAMLightningModule.configure_gradient_clipping
+        if overridden and self.automatic_optimization:  # (Lightning does not call it in manual optimization)
             raise SharpnessAwareLightningError(
                 f"{type(self).__name__} overrides configure_gradient_clipping: with a sharpfused optimizer Lightning "
                 "calls it after every pass of the step, so it would clip the perturbation's gradient too. Remove the "
