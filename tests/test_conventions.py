@@ -339,3 +339,26 @@ def test_repr_names_the_algorithm_backend_and_base():
 def test_every_case_is_covered():
     assert set(ALL) == {"sam", "asam", *CASES}
     assert callable(build)
+
+
+def test_bisam_finishes_with_a_closure_that_takes_no_keyword():
+    """A framework's closure wrapper (Lightning's) takes no ``perturbation`` keyword: after first_step()
+    BiSAM calls it without one, and perturbation_pass says which loss the pass computes."""
+    runs = []
+    for plain in (True, False):
+        model = mlp()
+        opt = make("bisam", model)
+        for x, y in batches(2):
+            closure = closure_for("bisam", model, x, y)
+            closure(perturbation=True)
+            opt.first_step(zero_grad=True)
+            if plain:
+                opt.step(closure)
+            else:
+                def bare(closure=closure, opt=opt):
+                    return closure(perturbation=opt.perturbation_pass)
+
+                opt.step(bare)
+            assert opt.perturbation_pass is None
+        runs.append(params_of(model))
+    assert all(torch.equal(a, b) for a, b in zip(*runs))

@@ -452,6 +452,17 @@ def test_plain_module_refused_by_checks():
         trainer(max_steps=2, callbacks=[SharpnessAwareChecks()]).fit(Plain(manual=True), loader(x, y))
 
 
+def test_plain_module_refused_by_the_optimizer_without_the_callback():
+    """No callback: a sharpfused optimizer stepped by Lightning's automatic optimization from a plain
+    LightningModule refuses at the first step (silently wrong with accumulation before), naming the mixin."""
+    x, y = make_data()
+    model = Plain()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match="derive it from sharpfused.integrations.lightning.SAMLightningModule"):
+        trainer(max_steps=2, accumulate_grad_batches=2).fit(model, loader(x, y))
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
 def test_docs_snippet_runs():
     text = (ROOT / "docs" / "lightning.md").read_text()
     m = re.search(r"<!-- snippet: lightning -->\s*```python\n(.*?)```", text, re.S)

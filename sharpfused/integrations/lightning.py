@@ -184,6 +184,9 @@ class SAMLightningModule(pl.LightningModule):
     also True outside steps), False in the later passes.
     """
 
+    #: sharpfused's optimizers refuse Lightning's automatic optimization from any other module
+    _sharpfused_lightning = True
+
     sam_freeze_bn: bool = True
 
     # ------------------------------------------------------------------ state

@@ -208,6 +208,7 @@ def _in_step(step: Callable) -> Callable:
 
     @functools.wraps(step)
     def marked(self: SharpnessAware, *args: Any, **kwargs: Any) -> Any:
+        _refuse_plain_lightning(self, args[0] if args else kwargs.get("closure"))
         run = self._run
         prev, run.in_step = run.in_step, True
         try:
@@ -216,6 +217,25 @@ def _in_step(step: Callable) -> Callable:
             run.in_step = prev
 
     return marked
+
+
+def _refuse_plain_lightning(opt: SharpnessAware, closure: Any) -> None:
+    """Lightning's automatic optimization calls ``optimizer.step(closure)`` with its precision plugin's
+    closure wrapper; from a plain LightningModule that step is silently wrong under gradient
+    accumulation (the perturbation of the last micro-batch only) and mixes BatchNorm statistics and
+    logged losses over both passes. sharpfused.integrations.lightning.SAMLightningModule does it
+    right; refuse the plain module with that alternative (a cheap check of the closure's type)."""
+    if not isinstance(closure, functools.partial) or getattr(closure.func, "__qualname__", "") != "Precision._wrap_closure":
+        return
+    module = closure.args[0] if closure.args else None
+    if getattr(module, "_sharpfused_lightning", False) or not getattr(module, "automatic_optimization", False):
+        return  # the integration's module, or manual optimization (the user places the passes)
+    raise RuntimeError(
+        f"{type(opt).__name__} is stepped by Lightning's automatic optimization from {type(module).__name__}, a "
+        "plain LightningModule: derive it from sharpfused.integrations.lightning.SAMLightningModule instead "
+        "(one Lightning step = one complete sharpness-aware step: gradient accumulation over every pass, "
+        "BatchNorm statistics and the logged loss once per step, fp16, gradient_clip_val)"
+    )
 
 
 def _base_hooks(base: Optimizer, kind: int) -> None:

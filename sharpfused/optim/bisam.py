@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable, Optional
 
 import torch
@@ -50,7 +51,13 @@ class BiSAM(SAM):
         Without a closure after ``first_step()`` it is ``second_step()`` (what ``GradScaler.step`` calls).
         """
         if self._perturbed:  # after first_step(): the closure (if any) is the last pass, then second_step()
-            return self._finish_perturbed(closure, perturbation=False)
+            # a framework's closure (Lightning's precision wrapper) takes no keyword: it reads perturbation_pass
+            self._run.perturbation_pass = False
+            try:
+                kw = {"perturbation": False} if closure is not None and _takes_perturbation(closure) else {}
+                return self._finish_perturbed(closure, **kw)
+            finally:
+                self._run.perturbation_pass = None
         if closure is None:
             raise RuntimeError(
                 "BiSAM.step() needs a closure(perturbation: bool) that runs forward and backward of the "
@@ -71,3 +78,12 @@ class BiSAM(SAM):
             self._run.perturbation_pass = None
         self.second_step(zero_grad=True)
         return loss
+
+
+def _takes_perturbation(closure: Callable[..., Any]) -> bool:
+    """Whether ``closure`` accepts the ``perturbation`` keyword (named, or through ``**kwargs``)."""
+    try:
+        params = inspect.signature(closure).parameters.values()
+    except (TypeError, ValueError):  # a builtin without a signature: call it as documented
+        return True
+    return any(p.name == "perturbation" or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
