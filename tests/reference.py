@@ -136,10 +136,15 @@ def gsam_rho(lr, rho_max, rho_min=None, lr_max=None, lr_min=0.0):
     return rho_min + (rho_max - rho_min) * (lr - lr_min) / (lr_max - lr_min)
 
 
-def gsam_step(params, grad_fn: GradFn, base, rho=0.05, alpha=0.01):
-    """One GSAM step with radius ``rho`` (= rho_t); returns (new params, surrogate-gap-free)."""
+def gsam_step(params, grad_fn: GradFn, base, rho=0.05, alpha=0.01, adaptive=False):
+    """One GSAM step with radius ``rho`` (= rho_t); ``adaptive``: the authors' option, e = rho |w|^2 g /
+    (||(|w| g)|| + eps), the decomposition unchanged."""
     g = grad_fn(params)
-    gs = grad_fn(_axpy(params, rho / (_norm(g) + EPS), g))
+    if adaptive:
+        norm = _norm([w.abs() * gi for w, gi in zip(params, g)])
+        gs = grad_fn([w + rho * w * w * gi / (norm + EPS) for w, gi in zip(params, g)])
+    else:
+        gs = grad_fn(_axpy(params, rho / (_norm(g) + EPS), g))
     proj = _dot(g, gs) / (_norm(gs) ** 2 + EPS)
     g_perp = _axpy(g, -proj, gs)
     return base.step(params, _axpy(gs, -alpha, g_perp))

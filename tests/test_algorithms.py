@@ -69,6 +69,12 @@ CASES = {
             p, grad_fn_for(m, x, y), rb, rho=ref.gsam_rho(rb.lr, 0.08, 0.02, st["lr0"], 0.0), alpha=0.3
         ),
     ),
+    "gsam-adaptive": (
+        dict(rho_max=0.5, rho_min=0.2, alpha=0.3, adaptive=True),
+        lambda p, x, y, m, rb, st, t: ref.gsam_step(
+            p, grad_fn_for(m, x, y), rb, rho=ref.gsam_rho(rb.lr, 0.5, 0.2, st["lr0"], 0.0), alpha=0.3, adaptive=True
+        ),
+    ),
     "bisam": (
         dict(rho=0.05),
         lambda p, x, y, m, rb, st, t: ref.bisam_step(
@@ -104,7 +110,7 @@ CASES = {
         lambda p, x, y, m, rb, st, t: ref.friendly_sam_step(p, grad_fn_for(m, x, y), rb, st, 0.05, 1.0, 0.9),
     ),
 }
-CLASSES = {"gsam": GSAM, "bisam": BiSAM, "xsam": XSAM, "xsam-k3": XSAM, "sampa": SAMPa, "bsam": BSAM,
+CLASSES = {"gsam": GSAM, "gsam-adaptive": GSAM, "bisam": BiSAM, "xsam": XSAM, "xsam-k3": XSAM, "sampa": SAMPa, "bsam": BSAM,
            "ssam": SSAM, "looksam": LookSAM, "friendly": FriendlySAM}
 
 
@@ -145,12 +151,12 @@ def test_matches_float64_reference(name, base):
     params = [p.detach().clone() for p in model.parameters()]
     ref_model = copy.deepcopy(model)
     opt = build(name, model, base)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0 - t / 10) if name == "gsam" else None
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0 - t / 10) if name.startswith("gsam") else None
     run(name, model, opt, data, sched)
     cls, kw, refcls = BASES[base]
     refbase, state = refcls(**kw), {"lr0": kw["lr"]}
     for t, (x, y) in enumerate(data):
-        refbase.lr = lr_at(t, kw["lr"]) if name == "gsam" else kw["lr"]
+        refbase.lr = lr_at(t, kw["lr"]) if name.startswith("gsam") else kw["lr"]
         params = CASES[name][1](params, x, y, ref_model, refbase, state, t)
     err = rel_err(list(model.parameters()), params)
     assert err < 1e-9, f"{name}/{base}: relative error {err:.3g} vs the float64 reference"

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from .. import ops
-from .base import EPS, SharpnessAware, _check_number, _run_attr, check_nonneg, check_rho
+from .base import EPS, SharpnessAware, _check_number, _run_attr, check_bool, check_nonneg, check_rho
 
 
 def _check_optional(name: str, value: Any, where: str) -> None:
@@ -55,6 +55,7 @@ class GSAM(SharpnessAware):
         "alpha": check_nonneg,
         "lr_max": _check_optional,
         "lr_min": check_nonneg,
+        "adaptive": check_bool,
     }
 
     def __init__(
@@ -66,10 +67,11 @@ class GSAM(SharpnessAware):
         alpha: float = 0.01,
         lr_max: Optional[float] = None,
         lr_min: float = 0.0,
+        adaptive: bool = False,
         backend: str = "auto",
         **base_kwargs: Any,
     ) -> None:
-        defaults = dict(rho_max=rho_max, rho_min=rho_min, alpha=alpha, lr_max=lr_max, lr_min=lr_min)
+        defaults = dict(rho_max=rho_max, rho_min=rho_min, alpha=alpha, lr_max=lr_max, lr_min=lr_min, adaptive=adaptive)
         super().__init__(params, base_optimizer, defaults, backend, **base_kwargs)
 
     def _check_group(self, group: dict) -> None:
@@ -114,10 +116,11 @@ class GSAM(SharpnessAware):
         buckets = self._begin_first()
         if buckets:
             self.copy(buckets, lambda b: b.buffer("g").views, lambda b: b.grads())
-            inv = self.inverse_norm(self.global_norm(buckets))
+            inv = self.inverse_norm(self.global_norm(buckets))  # ||T g|| with T = |w| where adaptive
             for b in buckets:
                 scale = inv.to(b.device) * self.rho_t(b.group)
-                ops.perturb_(b.params, b.grads(), b.backup.views, scale, backend=b.backend)
+                eta = 0.0 if b.group.get("adaptive") else None  # adaptive: e = rho_t |w|^2 g / ||T g||
+                ops.perturb_(b.params, b.grads(), b.backup.views, scale, eta, backend=b.backend)
             self.average_local(buckets, "g")  # m-sharpness: the replicas' mean g (no-op otherwise)
         self._end_first(zero_grad)
 
