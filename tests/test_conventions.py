@@ -146,8 +146,6 @@ def test_step_closure_after_first_step_finishes_the_step(name):
 @pytest.mark.parametrize("name", ALL)
 def test_step_accumulated_equals_the_large_batch_step(name):
     """step_accumulated(loss_fn, micro_batches): every pass over every micro-batch; float64."""
-    if name == "sampa":
-        pytest.skip("SAMPa pairs each step's batch with the last step's gradient: accumulation is its own recipe")
     big, micro = mlp(), mlp()
     opt_big, opt_micro = make(name, big), make(name, micro)
     for x, y in batches(3):

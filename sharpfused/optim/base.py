@@ -429,9 +429,14 @@ class SharpnessAware(Optimizer):
                     "first_step(), whose arguments cannot be replaced; return None"
                 )
 
+    def _repr_settings(self) -> dict[str, Any]:
+        """Constructor settings that are not per-group hyperparameters (XSAM's steps, ...), for repr."""
+        return {}
+
     def __repr__(self) -> str:
         base = repr(self.base_optimizer).replace("\n", "\n    ")
         hyper = ", ".join(f"{k}={self.defaults[k]!r}" for k in self.hyper if k in self.defaults)
+        hyper += "".join(f", {k}={v!r}" for k, v in self._repr_settings().items())
         extra = f", max_grad_norm={self.max_grad_norm}" if self.max_grad_norm is not None else ""
         return f"{type(self).__name__}({hyper}, backend={self.backend!r}{extra},\n    base_optimizer={base})"
 
@@ -943,6 +948,14 @@ class SharpnessAware(Optimizer):
         self._bn_frozen(True)
         self._next_pass(zero_grad)
 
+    def _mark_stepped(self) -> None:
+        """What torch's LR schedulers check (``_opt_called``): on this optimizer and on the base one
+        (a scheduler may be attached to either; the fused base step never calls ``base.step()``)."""
+        self._run.opt_called = True
+        base = self.base_optimizer
+        if not torch.compiler.is_compiling() and not getattr(base, "_opt_called", False):
+            base._opt_called = True  # once, eagerly: dynamo cannot set it on an Optimizer (torch 2.11)
+
     def _bn_frozen(self, frozen: bool) -> None:
         """BatchNorm running statistics of ``bn_model`` stay as they are while the weights are perturbed."""
         if self.bn_model is not None:
@@ -989,13 +1002,12 @@ class SharpnessAware(Optimizer):
     def _end_second(self, zero_grad: bool) -> None:
         self._finish_step()
         self._run.perturbed = False
-        self._run.opt_called = True  # LR schedulers check this
-        base = self.base_optimizer
-        if not torch.compiler.is_compiling() and not getattr(base, "_opt_called", False):
-            base._opt_called = True  # ... also one attached to the base optimizer (the fused step skips base.step())
+        self._mark_stepped()
         self._bn_frozen(False)
         if zero_grad:
             self.zero_grad()
+        else:
+            self._mark_grads()  # this step's gradients: not the next step's first pass
         if not self._run.in_step:
             self._fire_user_hooks(1)
 
@@ -1041,38 +1053,59 @@ class SharpnessAware(Optimizer):
         """As torch.optim's. After ``set_to_none=False`` the zero-filled gradients do not count as a
         first pass for ``step(closure)`` until a backward writes into them."""
         super().zero_grad(set_to_none)
-        run = self._run
-        run.zeroed = {}
-        if not set_to_none:
-            for g in self.param_groups:
-                for p in g["params"]:
-                    if p.grad is not None:
-                        run.zeroed[id(p)] = (id(p.grad), p.grad._version)
+        self._mark_grads()
+
+    def _mark_grads(self) -> None:
+        """Remember which gradient tensors are there now (after a step, after zero_grad): one that is
+        still there, unwritten, later is not a new first pass."""
+        self._run.zeroed = {
+            id(p): (id(p.grad), p.grad._version) for g in self.param_groups for p in g["params"] if p.grad is not None
+        }
 
     def has_first_pass_grads(self) -> bool:
-        """Whether ``step(closure)`` finds the first pass's gradients in ``.grad``: some gradient that
-        is not what ``zero_grad(set_to_none=False)`` left (the same tensor at the same version)."""
+        """Whether ``step(closure)`` finds the first pass's gradients in ``.grad``: a gradient tensor
+        that is new since the last step or ``zero_grad``, or that a backward wrote into. A gradient
+        that is the same tensor but was written in place (``zero_grad(set_to_none=False)`` of the
+        model or the base optimizer zeroes in place, as a backward accumulates) is told apart by
+        its values: one host read, only in that case."""
         return self._first_pass_grads()
 
     def _first_pass_grads(self) -> bool:
-        zeroed = self._run.zeroed
+        marks, written = self._run.zeroed, []
         for g in self.param_groups:
             for p in g["params"]:
-                if p.grad is not None and zeroed.get(id(p)) != (id(p.grad), p.grad._version):
-                    return True
-        return False
+                if p.grad is None:
+                    continue
+                mark = marks.get(id(p))
+                seen = mark is not None and mark[0] == id(p.grad)
+                if not seen and p.grad._version == 0:
+                    return True  # a gradient tensor made since, untouched (a backward, or set by hand)
+                if not seen or mark[1] != p.grad._version:
+                    written.append(p.grad)  # written in place since it was made or seen
+        if not written:
+            return False
+        return any(bool(x.ne(0).any()) for x in written)  # zeroed in place, or accumulated into
 
     def _finish_perturbed(self, closure: Optional[Callable[..., Any]], **kwargs: Any) -> Any:
         """``step()`` after ``first_step()``: ``closure`` (if given, with ``kwargs``) runs the second
         pass, then ``second_step()`` -- what a framework's optimizer step (or GradScaler.step) does.
         With a closure the gradients are cleared afterwards, as ``step(closure)`` leaves them."""
         loss = None
-        if closure is not None:
-            with self.guarded():
-                loss = detached(torch.enable_grad()(closure)(**kwargs))
-                self._run.last_perturbed_loss = loss
-        self.second_step(zero_grad=closure is not None)
+        with self.guarded():
+            if closure is not None:
+                closure = torch.enable_grad()(closure)
+                self._remaining_passes(closure)
+                loss = detached(closure(**kwargs))
+                setattr(self._run, self._last_pass_loss, loss)
+            self.second_step(zero_grad=closure is not None)
         return loss
+
+    #: where step(closure) keeps the loss of a step's last pass
+    _last_pass_loss = "last_perturbed_loss"
+
+    def _remaining_passes(self, closure: Callable[[], Any]) -> None:
+        """The passes between ``first_step()`` and the last one (XSAM's ascents, BSAM's bilateral
+        pass) when ``step(closure)`` completes a step begun by hand; none for two-pass algorithms."""
 
     def step_accumulated(self, loss_fn: Callable[..., Any], micro_batches: Iterable[Any]) -> Any:
         """One step over several micro-batches: every pass runs ``loss_fn(batch)`` on each of them and
@@ -1221,7 +1254,7 @@ def check_bool(name: str, value: Any, where: str) -> None:
     """True or False; 0 and 1 (ints, numpy bools) too, as the popular SAM port accepts them."""
     if isinstance(value, bool) or (isinstance(value, numbers.Integral) and value in (0, 1)):
         return
-    if type(value).__name__ == "bool_" and value in (0, 1):  # numpy.bool_ (not a numbers.Integral)
+    if type(value).__module__ == "numpy" and type(value).__name__ in ("bool_", "bool"):  # numpy.bool_ / numpy 2's bool
         return
     raise TypeError(f"{name}{where} must be True or False (or 0 / 1), got {value!r}")
 

@@ -100,6 +100,14 @@ class BSAM(SharpnessAware):
         self.restore_and_base_step(buckets)
         self._end_second(zero_grad)
 
+    _last_pass_loss = "last_min_loss"  # the last pass is at the minimum side
+
+    def _remaining_passes(self, closure: Callable[[], Any]) -> None:
+        """step(closure) after first_step(): the bilateral pass, then the last pass."""
+        if self._phase == 1:
+            self._run.last_perturbed_loss = detached(closure())
+            self.bilateral_step(zero_grad=True)
+
     def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:  # type: ignore[override]
         """All three passes; returns the loss at w (None if the gradients at w were already there).
 

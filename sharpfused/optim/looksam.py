@@ -108,6 +108,9 @@ class LookSAM(SharpnessAware):
         self.restore_and_base_step(buckets)
         self._end_second(zero_grad)
 
+    def _repr_settings(self) -> dict[str, Any]:
+        return {"k": self.k}
+
     def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:  # type: ignore[override]
         """One step: one forward/backward on reuse steps, two on full steps."""
         if self._perturbed:  # after a full step's first_step(): the closure (if any) is its second pass

@@ -199,6 +199,6 @@ class SAMPa(SharpnessAware):
             self._join_later(outside)
         self.restore_and_base_step(buckets)
         self._finish_step()  # a skipped first step leaves no grad_y behind
-        self._run.opt_called = True
+        self._mark_stepped()
         self.zero_grad()
         return loss

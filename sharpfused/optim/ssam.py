@@ -59,6 +59,9 @@ class SSAM(SharpnessAware):
         self.mask_kind, self.mask_every = mask, mask_every
         super().__init__(params, base_optimizer, dict(rho=rho, sparsity=sparsity), backend, **base_kwargs)
 
+    def _repr_settings(self) -> dict[str, Any]:
+        return {"mask": self.mask_kind, "mask_every": self.mask_every}
+
     @torch.no_grad()
     def refresh_mask(self) -> None:
         """Recompute the mask now from the gradients in ``.grad`` (``first_step`` calls this on schedule).

@@ -178,6 +178,15 @@ class XSAM(SharpnessAware):
             group["alpha"] = best
         return best
 
+    def _repr_settings(self) -> dict[str, Any]:
+        return {"steps": self.steps}
+
+    def _remaining_passes(self, closure: Callable[[], Any]) -> None:
+        """step(closure) after first_step(): the ascent passes still due, then the last pass."""
+        while self._ascents < self.steps:
+            closure()
+            self.ascent_step(zero_grad=True)
+
     def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:  # type: ignore[override]
         """Runs the ``steps + 1`` forward/backward passes; same closure contract as SAM's ``step``.
 
