@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 
@@ -26,14 +27,67 @@ def rand_list(shapes, dtype=torch.float32, device="cpu", scale=1.0):
     return [(torch.randn(s, dtype=torch.float64) * scale).to(dtype).to(device) for s in shapes]
 
 
+def _tensors(x) -> list:
+    return list(x) if isinstance(x, (list, tuple)) else [x]
+
+
 def rel_err(out, ref) -> float:
-    """||out - ref|| / ||ref|| over a list (or a tensor), in float64."""
-    if isinstance(out, torch.Tensor):
-        out, ref = [out], [ref]
-    out, ref = [o.detach() for o in out], [r.detach() for r in ref]
-    num = sum(((o.double().cpu() - r.double().cpu()) ** 2).sum() for o, r in zip(out, ref))
-    den = sum((r.double().cpu() ** 2).sum() for r in ref)
-    return float((num / den.clamp_min(1e-300)).sqrt())
+    """||out - ref|| / ||ref|| over a tensor or a list/tuple of tensors, as one vector, in float64.
+
+    The one relative-error measure of the test suite. Each tensor is detached and upcast to float64
+    on the CPU; the sums of squares accumulate in float64. It refuses (AssertionError) what would
+    otherwise give a number that compares misleadingly:
+
+    * ``out`` and ``ref`` of different lengths or a pair of different shapes (no silent ``zip``
+      truncation, no broadcasting);
+    * a NaN or inf in ``out`` or ``ref`` (an inf error would pass ``e <= 2 * e_torch`` when the
+      other result overflowed too, and a NaN fails every comparison with an unhelpful message).
+
+    An all-zero ``ref`` gives 0.0 when ``out`` is exactly zero too and inf otherwise: no clamp of
+    the denominator, which would turn the relative measure into a scaled absolute one.
+    """
+    out, ref = _tensors(out), _tensors(ref)
+    assert len(out) == len(ref), f"rel_err: {len(out)} tensors vs {len(ref)} in the reference"
+    num = den = torch.zeros((), dtype=torch.float64)
+    for i, (o, r) in enumerate(zip(out, ref)):
+        o = torch.as_tensor(o).detach().to("cpu", torch.float64)
+        r = torch.as_tensor(r).detach().to("cpu", torch.float64)
+        assert o.shape == r.shape, f"rel_err: tensor {i} has shape {tuple(o.shape)}, reference {tuple(r.shape)}"
+        assert torch.isfinite(o).all(), f"rel_err: tensor {i} has a non-finite value"
+        assert torch.isfinite(r).all(), f"rel_err: reference tensor {i} has a non-finite value"
+        num = num + ((o - r) ** 2).sum()
+        den = den + (r**2).sum()
+    if den == 0:
+        return 0.0 if num == 0 else math.inf
+    return float((num / den).sqrt())
+
+
+# The floor of the 2x rule, by the dtype of the tested result. It only matters where the torch
+# backend's own error is ~0, i.e. a result rounded once to its dtype from a computation in wider
+# precision (fp32 sums of low-precision tensors, fp32/fp64 updates): a few units of that dtype's
+# rounding (4 eps; fp32 4.8e-7, fp64 8.9e-16). A bf16/fp16 result gets none: the torch backend's
+# error there is many bf16/fp16 roundings, and 2x of it is the whole allowance.
+TORCH_ERROR_FLOOR = {
+    torch.float64: 4 * torch.finfo(torch.float64).eps,
+    torch.float32: 4 * torch.finfo(torch.float32).eps,
+    torch.bfloat16: 0.0,
+    torch.float16: 0.0,
+}
+
+
+def assert_within_torch_error(got, torch_result, ref, factor: float = 2.0, floor: float | None = None,
+                              what: str = "") -> tuple[float, float]:
+    """The error rule of the design: sharpfused's result errs against the float64 reference ``ref``
+    at most ``factor`` (2x) as much as the torch/eager implementation's ``torch_result`` does, plus
+    ``floor`` (default: TORCH_ERROR_FLOOR of ``got``'s dtype; the smallest one when a list mixes
+    dtypes). Errors are ``rel_err``. Returns (sharpfused's error, torch's error)."""
+    if floor is None:
+        floor = min(TORCH_ERROR_FLOOR[t.dtype] for t in _tensors(got))
+    e, e_torch = rel_err(got, ref), rel_err(torch_result, ref)
+    assert e <= factor * e_torch + floor, (
+        f"{what}: error {e:.3g} > {factor:g} x torch's {e_torch:.3g} + {floor:.2g}".lstrip(": ")
+    )
+    return e, e_torch
 
 
 def first_mismatch(a, b) -> str:

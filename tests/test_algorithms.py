@@ -15,7 +15,7 @@ from sharpfused import BSAM, GSAM, SAM, SSAM, XSAM, BiSAM, FriendlySAM, LookSAM,
 from sharpfused.losses import bisam_lower_bound
 
 from . import reference as ref
-from .helpers import TRITON_DEVICES
+from .helpers import TRITON_DEVICES, rel_err
 
 STEPS = 8
 
@@ -160,12 +160,6 @@ def test_matches_float64_reference(name, base):
         params = CASES[name][1](params, x, y, ref_model, refbase, state, t)
     err = rel_err(list(model.parameters()), params)
     assert err < 1e-9, f"{name}/{base}: relative error {err:.3g} vs the float64 reference"
-
-
-def rel_err(out, want):
-    num = sum(((o.detach().double() - w.double()) ** 2).sum() for o, w in zip(out, want))
-    den = sum((w.double() ** 2).sum() for w in want)
-    return float((num / den).sqrt())
 
 
 def test_float32_close_to_float64_reference():
