@@ -260,7 +260,9 @@ def table(lists: Sequence[Sequence[Tensor]]) -> Table:
         BLOCK,
         TABLE_TENSORS,
         TABLE_CHUNKS,
-        tuple(tuple((t.data_ptr(), t.numel()) for t in lst) for lst in lists),
+        len(lists),
+        tuple([t.data_ptr() for lst in lists for t in lst]),  # list comprehensions: the cheapest key
+        tuple([t.numel() for lst in lists for t in lst]),
     )
     tab = _CACHE.get(key)
     if tab is None:
@@ -291,24 +293,31 @@ def groups(first: Sequence[Tensor], *others: Optional[Sequence[Tensor]]):
         if o is not None and len(o) != len(first):
             raise ValueError(f"parallel lists differ in length: {len(first)} and {len(o)}")
     present = [o for o in others if o is not None]
+    kinds = [{(t.device, t.dtype) for t in lst} for lst in (first, *present)]
+    if all(len(k) == 1 for k in kinds):  # the usual case (a bucket): one group, no per-index keys
+        key = tuple(x for k in kinds for x in next(iter(k)))
+        subs = [list(first), *[None if o is None else list(o) for o in others]]
+        yield _native(key, subs), list(range(len(first))), subs
+        return
     by: dict[tuple, list[int]] = {}
     for i, t in enumerate(first):
         key = (t.device, t.dtype) + tuple(x for o in present for x in (o[i].device, o[i].dtype))
         by.setdefault(key, []).append(i)
     for key, idx in by.items():
-        if len(by) == 1:
-            subs = [list(first), *[None if o is None else list(o) for o in others]]
-        else:
-            subs = [[first[i] for i in idx], *[None if o is None else [o[i] for i in idx] for o in others]]
-        dev = key[0]
-        native = (
-            (dev.type == "cuda" or dev.type == "cpu")
-            and all(d == dev for d in key[0::2])
-            and key[1] in NATIVE
-            and all(d in NATIVE or d in MASKS for d in key[3::2])
-            and all(t.is_contiguous() for s in subs if s is not None for t in s)
-        )
-        yield native, idx, subs
+        subs = [[first[i] for i in idx], *[None if o is None else [o[i] for i in idx] for o in others]]
+        yield _native(key, subs), idx, subs
+
+
+def _native(key: tuple, subs: list) -> bool:
+    """Whether the Triton kernels take a group: (device, dtype) pairs ``key`` of its lists ``subs``."""
+    dev = key[0]
+    return (
+        (dev.type == "cuda" or dev.type == "cpu")
+        and all(d == dev for d in key[0::2])
+        and key[1] in NATIVE
+        and all(d in NATIVE or d in MASKS for d in key[3::2])
+        and all(t.is_contiguous() for s in subs if s is not None for t in s)
+    )
 
 
 def tl_dtype(dtype: torch.dtype):

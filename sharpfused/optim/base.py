@@ -68,7 +68,9 @@ class Bucket:
     ``.grad``). ``reduce`` is None, or the (mesh, shard dims) whose partial sums are all-reduced.
     """
 
-    __slots__ = ("group", "group_index", "params", "sources", "reduce", "backend", "backup", "extra", "base_state")
+    __slots__ = (
+        "group", "group_index", "params", "sources", "reduce", "backend", "backup", "extra", "base_state", "plain"
+    )
 
     def __init__(
         self,
@@ -82,6 +84,8 @@ class Bucket:
         self.group_index = group_index
         self.sources = params
         self.params = [kernel_view(p) for p in params]
+        # no DTensor and no complex parameter: a gradient is its own kernel view (grads() skips the views)
+        self.plain = all(v is p for v, p in zip(self.params, params))
         self.reduce = reduce
         self.backend = backend
         self.backup = FlatBuffer(self.params)
@@ -97,6 +101,8 @@ class Bucket:
         return self.params[0].dtype
 
     def grads(self) -> list[Tensor]:
+        if self.plain:
+            return [p.grad for p in self.sources]
         return [kernel_view(p.grad) for p in self.sources]
 
     def buffer(self, name: str, dtype: Optional[torch.dtype] = None, zero: bool = False) -> FlatBuffer:
