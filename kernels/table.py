@@ -33,6 +33,7 @@ Module constants are read at call time, so tests may lower them (``monkeypatch.s
 from __future__ import annotations
 
 import contextlib
+import operator
 import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -261,8 +262,8 @@ def table(lists: Sequence[Sequence[Tensor]]) -> Table:
         TABLE_TENSORS,
         TABLE_CHUNKS,
         len(lists),
-        tuple([t.data_ptr() for lst in lists for t in lst]),  # list comprehensions: the cheapest key
-        tuple([t.numel() for lst in lists for t in lst]),
+        tuple(ptr for lst in lists for ptr in map(Tensor.data_ptr, lst)),
+        tuple(n for lst in lists for n in map(Tensor.numel, lst)),
     )
     tab = _CACHE.get(key)
     if tab is None:
@@ -293,7 +294,7 @@ def groups(first: Sequence[Tensor], *others: Optional[Sequence[Tensor]]):
         if o is not None and len(o) != len(first):
             raise ValueError(f"parallel lists differ in length: {len(first)} and {len(o)}")
     present = [o for o in others if o is not None]
-    kinds = [{(t.device, t.dtype) for t in lst} for lst in (first, *present)]
+    kinds = [set(map(_KIND, lst)) for lst in (first, *present)]  # C-level map: a step's host cost
     if all(len(k) == 1 for k in kinds):  # the usual case (a bucket): one group, no per-index keys
         key = tuple(x for k in kinds for x in next(iter(k)))
         subs = [list(first), *[None if o is None else list(o) for o in others]]
@@ -316,8 +317,12 @@ def _native(key: tuple, subs: list) -> bool:
         and all(d == dev for d in key[0::2])
         and key[1] in NATIVE
         and all(d in NATIVE or d in MASKS for d in key[3::2])
-        and all(t.is_contiguous() for s in subs if s is not None for t in s)
+        and all(all(map(Tensor.is_contiguous, s)) for s in subs if s is not None)
     )
+
+
+#: (device, dtype) of a tensor
+_KIND = operator.attrgetter("device", "dtype")
 
 
 def tl_dtype(dtype: torch.dtype):
