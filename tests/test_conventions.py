@@ -360,3 +360,15 @@ def test_bisam_finishes_with_a_closure_that_takes_no_keyword():
             assert opt.perturbation_pass is None
         runs.append(params_of(model))
     assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_step_attributes_read_before_the_first_step(name):
+    """What a step leaves on the optimizer (kept on ``opt._run``) reads as None before any step, as
+    it did when these were attributes set in ``__init__``; ``perturbed`` is False."""
+    opt = make(name, mlp())
+    assert opt.perturbed is False
+    for attr in ("last_step_skipped", "skipped_steps", "last_perturbed_loss", "surrogate_gap", "last_min_loss",
+                 "last_y_loss", "perturbation_pass"):
+        if hasattr(type(opt), attr):
+            assert getattr(opt, attr) is None, attr

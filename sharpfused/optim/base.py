@@ -190,8 +190,9 @@ class _StepState:
         self.rollbacks: list[tuple[str, tuple]] = []
 
 
-def _run_attr(name: str, doc: str = "") -> property:
-    return property(lambda self: getattr(self._run, name), lambda self, v: setattr(self._run, name, v), doc=doc or None)
+def _run_attr(name: str, default: Any = None) -> property:
+    """Attribute ``name`` of the optimizer, kept on ``opt._run`` (``default`` until a step sets it)."""
+    return property(lambda self: getattr(self._run, name, default), lambda self, v: setattr(self._run, name, v))
 
 
 def _torch_pre_hook(opt: SharpnessAware, args: tuple, kwargs: dict) -> None:
@@ -275,12 +276,10 @@ class SharpnessAware(Optimizer):
 
     #: per-group hyperparameters of the algorithm, validated at construction and in add_param_group
     hyper: dict[str, Callable[[str, Any, str], None]] = {}
-    last_step_skipped = _run_attr(
-        "last_step_skipped", "0-d bool device tensor after each step: True when the step was skipped (non-finite gradients)"
-    )
-    skipped_steps = _run_attr(
-        "skipped_steps", "0-d int64 device tensor: how many steps were skipped so far (counted on the device; read it to log)"
-    )
+    #: 0-d bool device tensor after each step: True when the step was skipped (non-finite gradients)
+    last_step_skipped = _run_attr("last_step_skipped")
+    #: 0-d int64 device tensor: how many steps were skipped so far (counted on the device; read it to log)
+    skipped_steps = _run_attr("skipped_steps")
     #: the loss of the second (perturbed) pass of step(closure)
     last_perturbed_loss = _run_attr("last_perturbed_loss")
     _perturbed = _run_attr("perturbed")
