@@ -230,34 +230,15 @@ class OpCounter(TorchDispatchMode):
 
 
 # ------------------------------------------------------------------------------ the step
-def drop_tables() -> None:
-    table = sys.modules.get("sharpfused.kernels.table")
-    if table is not None:
-        table.drop_tables()
-
-
 def make_step(path: str, shape_list, fresh: bool) -> Callable[[], None]:
+    """SAM + SGD(momentum) first_step + second_step on ``path``: bench/run.py's step (imported here,
+    after the stubs), with its fresh-gradients mode (other gradient tensors every step, every
+    launch table dropped)."""
+    import run
+
     import sharpfused
 
-    g = torch.Generator().manual_seed(0)
-    params = []
-    for s in shape_list:
-        p = torch.nn.Parameter(torch.randn(s, generator=g))
-        p.grad = torch.randn(s, generator=g)
-        params.append(p)
-    opt = sharpfused.SAM(params, torch.optim.SGD, lr=1e-3, momentum=0.9, rho=0.05, backend=path)
-    sets = [[p.grad for p in params], [p.grad.clone() for p in params]] if fresh else None
-    turn = [0]
-
-    def step() -> None:
-        if sets is not None:
-            turn[0] ^= 1
-            for p, gr in zip(params, sets[turn[0]]):
-                p.grad = gr
-            drop_tables()
-        opt.first_step()
-        opt.second_step()
-
+    step, _ = run.step_call(sharpfused.SAM, {"backend": path}, shape_list, torch.float32, torch.device("cpu"), fresh)
     return step
 
 
