@@ -66,19 +66,10 @@ MANUAL = [n for n in ALGS if n != "SAMPa"]  # SAMPa offers step(closure) only
 
 
 def _closure(name, m, opt, log=None):
-    """The closure each algorithm's docstring asks for; ``log`` records ``opt.perturbed``."""
-    if name == "BiSAM":
+    """The closure each algorithm's docstring asks for (BiSAM's takes ``perturbation``, here the same
+    loss for both passes); ``log`` records ``opt.perturbed``."""
 
-        def c(perturbation=True):
-            if log is not None:
-                log.append(opt.perturbed)
-            loss = _loss(m)
-            loss.backward()
-            return loss
-
-        return c
-
-    def c():
+    def c(perturbation=True):
         if log is not None:
             log.append(opt.perturbed)
         loss = _loss(m)
