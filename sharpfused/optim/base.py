@@ -961,6 +961,15 @@ class SharpnessAware(Optimizer):
         if not torch.compiler.is_compiling() and not getattr(base, "_opt_called", False):
             base._opt_called = True  # once, eagerly: dynamo cannot set it on an Optimizer (torch 2.11)
 
+    @contextmanager
+    def _bn_frozen_pass(self) -> Iterator[None]:
+        """A pass (outside first_step/second_step) whose BatchNorm statistics must not advance."""
+        self._bn_frozen(True)
+        try:
+            yield
+        finally:
+            self._bn_frozen(False)
+
     def _bn_frozen(self, frozen: bool) -> None:
         """BatchNorm running statistics of ``bn_model`` stay as they are while the weights are perturbed."""
         if self.bn_model is not None:

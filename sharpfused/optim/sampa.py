@@ -128,11 +128,8 @@ class SAMPa(SharpnessAware):
                     if p.grad is None and "grad_y" in self.state.get(p, {}):
                         p.grad = torch.zeros_like(p)
         if not self._has_grads():
-            self._bn_frozen(True)  # an extra pass of the first step: BatchNorm advances once per step (at y)
-            try:
+            with self._bn_frozen_pass():  # an extra pass of the first step: BatchNorm advances once per step (at y)
                 closure()  # first step: grad f(y_0) = grad f(x_0)
-            finally:
-                self._bn_frozen(False)
         buckets = self.buckets()
         fresh = [not self.state_buffer(b, "grad_y")[1] for b in buckets]
         if any(fresh):  # grad f(y_0) = grad f(x_0); a non-finite one starts from 0 instead (then y = x~ = x)
@@ -153,12 +150,11 @@ class SAMPa(SharpnessAware):
             if rank in (None, 0):
                 self.zero_grad()
                 self._run.perturbed = True  # at x~: the closure reads opt.perturbed; BatchNorm frozen
-                self._bn_frozen(True)
                 try:
-                    loss = closure()
+                    with self._bn_frozen_pass():
+                        loss = closure()
                 finally:
                     self._run.perturbed = False
-                    self._bn_frozen(False)
                 self.fill_missing_grads(buckets)
                 self.copy(buckets, gx, lambda b: b.grads())
                 outside = self._outside_grads(buckets)
