@@ -29,7 +29,7 @@ from typing import Any, Callable, Optional
 import torch
 from accelerate.optimizer import AcceleratedOptimizer
 
-from ..optim import BSAM, XSAM, BiSAM, LookSAM, SAMPa, SharpnessAware
+from ..optim import BiSAM, LookSAM, SAMPa, SharpnessAware
 
 __all__ = ["SAMAcceleratedOptimizer", "prepare", "wrap", "unwrap", "sam_step", "run_sam_passes", "step_was_skipped"]
 
@@ -169,13 +169,7 @@ def run_sam_passes(
         full = opt.first_step(zero_grad=True)
         if full is False:  # LookSAM reuse step: the base step is taken already
             return loss, False
-        if isinstance(opt, XSAM):
-            for _ in range(opt.steps - 1):
-                run_pass(perturbation=False)
-                opt.ascent_step(zero_grad=True)
-        elif isinstance(opt, BSAM):
-            run_pass(perturbation=False)
-            opt.bilateral_step(zero_grad=True)
+        opt.remaining_passes(lambda: run_pass(perturbation=False))  # XSAM's ascents, BSAM's bilateral pass
         last = run_pass(perturbation=False)
     except BaseException:
         opt.abort_step()

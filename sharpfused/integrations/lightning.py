@@ -367,16 +367,10 @@ class SAMLightningModule(pl.LightningModule):
                     if scaler is not None and "grad_scaler" in inspect.signature(opt.first_step).parameters:
                         kwargs["grad_scaler"] = scaler  # FriendlySAM: its momentum holds unscaled gradients
                     opt.first_step(zero_grad=True, **kwargs)
-                    if isinstance(opt, BiSAM) and scaler is None:
-                        # BiSAM.step(closure) calls closure(perturbation=False), which the precision
-                        # plugin's closure wrapper does not accept: the last pass and second_step() here
-                        later_pass()
-                        _after_closure(trainer, self, opt)
-                        opt.second_step(zero_grad=True)
-                    else:
-                        # the precision plugin runs the last pass, on_before_optimizer_step, then
-                        # opt.step(closure) (fp32, bf16) or scaler.step(opt) (fp16): both are second_step()
-                        optimizer.step(closure=later_pass)
+                    # the precision plugin runs the last pass, on_before_optimizer_step, then
+                    # opt.step(closure) (fp32, bf16) or scaler.step(opt) (fp16): both are second_step()
+                    # (BiSAM calls a closure without a perturbation keyword as it is: its perturbation_pass)
+                    optimizer.step(closure=later_pass)
                 else:  # LookSAM, XSAM(steps > 1), BSAM: step(closure) takes pass 1 from .grad, runs the rest
                     optimizer.step(closure=later_pass)
         finally:

@@ -1108,7 +1108,7 @@ class SharpnessAware(Optimizer):
         with self.guarded():
             if closure is not None:
                 closure = torch.enable_grad()(closure)
-                self._remaining_passes(closure)
+                self.remaining_passes(closure)
                 loss = detached(closure(**kwargs))
                 setattr(self._run, self._last_pass_loss, loss)
             self.second_step(zero_grad=closure is not None)
@@ -1117,7 +1117,7 @@ class SharpnessAware(Optimizer):
     #: where step(closure) keeps the loss of a step's last pass
     _last_pass_loss = "last_perturbed_loss"
 
-    def _remaining_passes(self, closure: Callable[[], Any]) -> None:
+    def remaining_passes(self, closure: Callable[[], Any]) -> None:
         """The passes between ``first_step()`` and the last one (XSAM's ascents, BSAM's bilateral
         pass) when ``step(closure)`` completes a step begun by hand; none for two-pass algorithms."""
 

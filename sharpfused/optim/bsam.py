@@ -102,7 +102,7 @@ class BSAM(SharpnessAware):
 
     _last_pass_loss = "last_min_loss"  # the last pass is at the minimum side
 
-    def _remaining_passes(self, closure: Callable[[], Any]) -> None:
+    def remaining_passes(self, closure: Callable[[], Any]) -> None:
         """step(closure) after first_step(): the bilateral pass, then the last pass."""
         if self._phase == 1:
             self._run.last_perturbed_loss = detached(closure())

@@ -181,7 +181,7 @@ class XSAM(SharpnessAware):
     def _repr_settings(self) -> dict[str, Any]:
         return {"steps": self.steps}
 
-    def _remaining_passes(self, closure: Callable[[], Any]) -> None:
+    def remaining_passes(self, closure: Callable[[], Any]) -> None:
         """step(closure) after first_step(): the ascent passes still due, then the last pass."""
         while self._ascents < self.steps:
             closure()
