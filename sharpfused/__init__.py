@@ -3,7 +3,10 @@
 from . import distributed, losses, metrics, ops
 from ._build import build_extension
 from .bn import disable_running_stats, enable_running_stats, frozen_bn_stats
+from .optim import AESAM, MSAM, RST  # noqa: I001
 from .optim import BSAM, GSAM, SAM, SSAM, XSAM, BiSAM, FriendlySAM, LookSAM, SAMPa, SharpnessAware
+from .optim.esam import ESAM, sharpness_selection
+from .optim.mesa import MESA, trajectory_kl
 
 __version__ = "0.1.0"
 
@@ -17,6 +20,13 @@ __all__ = [
     "SAMPa",
     "SSAM",
     "XSAM",
+    "ESAM",
+    "MESA",
+    "sharpness_selection",
+    "trajectory_kl",
+    "AESAM",
+    "MSAM",
+    "RST",
     "losses",
     "metrics",
     "SharpnessAware",

@@ -1,0 +1,200 @@
+"""ESAM (Du et al., ICLR 2022): stochastic weight perturbation and sharpness-sensitive data selection."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Iterable
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+
+from .. import ops
+from .base import SharpnessAware, _check_number, check_rho
+
+_MASK64 = (1 << 64) - 1
+
+
+def swp_seed(seed: int, draw: int) -> int:
+    """The generator seed of SWP mask number ``draw`` (0, 1, ...) of a run seeded with ``seed``:
+    splitmix64 of ``seed + draw * golden``, kept in [0, 2**63). Masks of different draws are
+    independent Philox / Mersenne streams, and a resumed run draws the same masks."""
+    z = (seed + (draw + 1) * 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (z ^ (z >> 31)) >> 1
+
+
+def check_beta(name: str, value: Any, where: str) -> None:
+    """SWP's keep probability: a host number in (0, 1] (it is the probability ``bernoulli_`` draws with)."""
+    if isinstance(value, Tensor):
+        raise TypeError(f"{name}{where} must be a Python number in (0, 1] (the mask's keep probability), got a tensor")
+    _check_number(name, value, strict=True, where=where)
+    if float(value) > 1:
+        raise ValueError(f"{name}{where} must be in (0, 1] (the fraction of weights perturbed), got {float(value)}")
+
+
+def _check_gamma(gamma: Any) -> float:
+    if isinstance(gamma, bool) or not isinstance(gamma, numbers.Real) or not (0.0 < float(gamma) <= 1.0):
+        raise ValueError(f"gamma must be a number in (0, 1] (the fraction of samples kept by SDS), got {gamma!r}")
+    return float(gamma)
+
+
+def sharpness_selection(loss_before: Tensor, loss_after: Tensor, gamma: float) -> Tensor:
+    r"""ESAM's sharpness-sensitive data selection (SDS): the samples whose loss rose most.
+
+    ``loss_before``: per-sample losses of the first pass (at :math:`w`); ``loss_after``: the
+    same samples' losses at the perturbed weights :math:`w + e` (a forward without gradients,
+    between ``first_step()`` and the second pass). The per-sample sharpness is
+    :math:`s_i = \ell_i(w + e) - \ell_i(w)`; the selection is the :math:`k = \max(1,
+    \lfloor \gamma n \rfloor)` samples with the largest :math:`s_i`, returned as int64 indices
+    in ascending order (``x[idx]`` keeps the batch order; ``gamma=1`` returns ``arange(n)``:
+    the full batch, in order). On the device: no host sync. The second pass backpropagates the
+    mean loss over ``x[idx]``.
+    """
+    gamma = _check_gamma(gamma)
+    for name, t in (("loss_before", loss_before), ("loss_after", loss_after)):
+        if not isinstance(t, Tensor) or t.dim() != 1:
+            raise ValueError(
+                f"{name} must be a 1-d tensor of per-sample losses (reduction='none'), got "
+                f"{tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__}"
+            )
+    if loss_before.shape != loss_after.shape:
+        raise ValueError(
+            f"loss_before and loss_after must hold the same samples, got shapes {tuple(loss_before.shape)} "
+            f"and {tuple(loss_after.shape)}"
+        )
+    n = loss_before.numel()
+    if n == 0:
+        raise ValueError("sharpness_selection needs at least one sample")
+    k = max(1, int(math.floor(gamma * n + 1e-9)))  # the tolerance keeps 0.29 * 100 at 29
+    if k == n:
+        return torch.arange(n, device=loss_after.device)
+    sharp = loss_after.detach() - loss_before.detach().to(loss_after.device)
+    return torch.topk(sharp, k, sorted=False).indices.sort().values
+
+
+class ESAM(SharpnessAware):
+    r"""Efficient SAM (Du et al., "Efficient Sharpness-aware Minimization for Improved Training
+    of Neural Networks", ICLR 2022).
+
+    **Stochastic weight perturbation (SWP)**: each step perturbs a random subset of the weights,
+    each kept with probability :math:`\beta`, rescaled by :math:`1/\beta` so that the
+    perturbation is SAM's in expectation:
+
+    .. math::
+        m_i \sim \text{Bernoulli}(\beta),\qquad
+        e = \frac{\rho}{\beta}\, m \odot g / (\lVert g \rVert + \epsilon),\qquad
+        w \leftarrow \text{restore};\ \text{base step with } \nabla L_{B^+}(w + e)
+
+    The mask is one byte per weight in a scratch flat buffer, drawn on the device with
+    ``bernoulli_`` from a generator the optimizer seeds per step (``seed`` and the step count,
+    see :func:`swp_seed`): a resumed run (``state_dict``) draws the same masks. The norm is of
+    the full gradient (the paper's). ``beta=1`` draws nothing and is SAM exactly.
+
+    **Sharpness-sensitive data selection (SDS)**: the second pass runs on the samples whose loss
+    rose most under the perturbation (:func:`sharpness_selection`, ratio ``gamma``). It needs the
+    per-sample losses, so it is spelled out with ``first_step()`` / ``second_step()``::
+
+        losses = F.cross_entropy(model(x), y, reduction="none")
+        losses.mean().backward()
+        opt.first_step(zero_grad=True)
+        with torch.no_grad():
+            after = F.cross_entropy(model(x), y, reduction="none")
+        idx = opt.select(losses, after)  # sharpness_selection(losses, after, opt.gamma)
+        F.cross_entropy(model(x[idx]), y[idx]).backward()
+        opt.second_step(zero_grad=True)
+
+    ``step(closure)`` runs SAM's two passes with SWP (the full batch in both: no SDS).
+
+    ``rho`` and ``beta`` may differ per group; ``gamma`` and ``seed`` are global. The step count
+    of the masks is a host value in ``state_dict`` (``state["esam"]``): it counts the steps
+    attempted, except that a skipped first step does not count.
+    """
+
+    hyper = {"rho": check_rho, "beta": check_beta}
+    m_sharpness = "local"  # only the perturbation uses the first pass (give every replica the same seed)
+
+    def __init__(
+        self,
+        params: Iterable,
+        base_optimizer: Any = torch.optim.SGD,
+        rho: float = 0.05,
+        beta: float = 0.6,
+        gamma: float = 0.5,
+        seed: Optional[int] = None,
+        backend: str = "auto",
+        **base_kwargs: Any,
+    ) -> None:
+        self.gamma = _check_gamma(gamma)
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))  # from torch's global (CPU) generator
+        elif isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= int(seed) < 2**63:
+            raise ValueError(f"seed must be an integer in [0, 2**63) or None, got {seed!r}")
+        self.seed = int(seed)
+        self._generators: dict[torch.device, torch.Generator] = {}
+        super().__init__(params, base_optimizer, dict(rho=rho, beta=beta), backend, **base_kwargs)
+
+    def _repr_settings(self) -> dict[str, Any]:
+        return {"gamma": self.gamma, "seed": self.seed}
+
+    def select(self, loss_before: Tensor, loss_after: Tensor) -> Tensor:
+        """:func:`sharpness_selection` with this optimizer's ``gamma``."""
+        return sharpness_selection(loss_before, loss_after, self.gamma)
+
+    def _draws(self) -> int:
+        st = self.state.get("esam")
+        if st is None:
+            return 0
+        if st.get("seed") != self.seed:  # loaded from a state dict: its seed goes on
+            self.seed = int(st["seed"])
+        return int(st["draws"])
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        gen = self._generators.get(device)
+        if gen is None:
+            gen = self._generators[device] = torch.Generator(device=device)
+        return gen
+
+    def _commit_draw(self, draws: int, skipped: Optional[bool]) -> None:
+        if not skipped:  # None (not read on the host): an attempted step counts
+            self.state["esam"] = {"seed": self.seed, "draws": draws + 1}
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state["_generators"] = {}  # reseeded at every step: nothing to carry
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """As the base class; the seed and step count of the masks come back too."""
+        super().load_state_dict(state_dict)
+        st = self.state.get("esam")
+        if st is not None:
+            self.seed = int(st["seed"])
+
+    @torch.no_grad()
+    def first_step(self, zero_grad: bool = False) -> None:
+        """w <- w + (rho/beta) m * g/(||g||+eps) with a fresh mask m (after the first backward)."""
+        buckets = self._begin_first()
+        if buckets:
+            draws = self._draws()
+            self._commits.append(("_commit_draw", (draws,)))
+            # the first step reads the skip flag once, so that a skipped first step leaves no state
+            self._run.commit_needs_host = "esam" not in self.state
+            inv = self.inverse_norm(self.global_norm(buckets))
+            seeded: set = set()
+            for b in buckets:
+                beta = float(b.group["beta"])
+                scale = inv.to(b.device) * (b.group["rho"] / beta)
+                if beta == 1.0:  # every weight: SAM's perturbation, nothing drawn
+                    ops.perturb_(b.params, b.grads(), b.backup.views, scale, backend=b.backend)
+                    continue
+                gen = self._generator(b.device)
+                if b.device not in seeded:  # one seed per step and device; buckets draw in order
+                    gen.manual_seed(swp_seed(self.seed, draws))
+                    seeded.add(b.device)
+                mask = b.buffer("swp_mask", torch.uint8)
+                mask.flat.bernoulli_(beta, generator=gen)
+                ops.perturb_(b.params, b.grads(), b.backup.views, scale, mask=mask.views, backend=b.backend)
+        self._end_first(zero_grad)
