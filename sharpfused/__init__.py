@@ -3,7 +3,6 @@
 from . import distributed, losses, metrics, ops
 from ._build import build_extension
 from .bn import disable_running_stats, enable_running_stats, frozen_bn_stats
-from .optim import AESAM, MSAM, RST  # noqa: I001
 from .optim import BSAM, GSAM, SAM, SSAM, XSAM, BiSAM, FriendlySAM, LookSAM, SAMPa, SharpnessAware
 from .optim.esam import ESAM, sharpness_selection
 from .optim.mesa import MESA, trajectory_kl
@@ -24,9 +23,6 @@ __all__ = [
     "MESA",
     "sharpness_selection",
     "trajectory_kl",
-    "AESAM",
-    "MSAM",
-    "RST",
     "losses",
     "metrics",
     "SharpnessAware",

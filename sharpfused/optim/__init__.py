@@ -2,15 +2,12 @@
 
 from .base import SharpnessAware
 from .bisam import BiSAM
-from .aesam import AESAM
 from .bsam import BSAM
 from .esam import ESAM, sharpness_selection
 from .friendly import FriendlySAM
 from .gsam import GSAM
 from .looksam import LookSAM
 from .mesa import MESA, trajectory_kl
-from .msam import MSAM
-from .rst import RST
 from .sam import SAM
 from .sampa import SAMPa
 from .ssam import SSAM
@@ -18,4 +15,3 @@ from .xsam import XSAM
 
 __all__ = ["SAM", "SharpnessAware", "BSAM", "BiSAM", "FriendlySAM", "GSAM", "LookSAM", "SAMPa", "SSAM", "XSAM"]
 __all__ += ["ESAM", "MESA", "sharpness_selection", "trajectory_kl"]
-__all__ += ["AESAM", "MSAM", "RST"]
