@@ -255,3 +255,65 @@ def friendly_sam_step(params, grad_fn: GradFn, base, state: dict, rho=0.05, sigm
         state["m"] = [lam * m + (1 - lam) * x for m, x in zip(state["m"], g)]
     gs = grad_fn(_axpy(params, rho / (_norm(d) + EPS), d))
     return base.step(params, gs)
+
+
+# ------------------------------------------------------------------ ESAM, MESA
+_M64 = (1 << 64) - 1
+
+
+def esam_draw_seed(seed: int, draw: int) -> int:
+    """The documented seed of ESAM's mask number ``draw`` (splitmix64 of seed + (draw+1) * golden, top 63 bits)."""
+    z = (seed + (draw + 1) * 0x9E3779B97F4A7C15) & _M64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
+    return (z ^ (z >> 31)) >> 1
+
+
+def esam_masks(shapes, beta, seed, draw, align=16):
+    """ESAM's SWP masks of one bucket (one group, device and dtype): Bernoulli(beta) bytes drawn over the
+    bucket's flat byte buffer (segments start at multiples of ``align`` bytes) by a CPU generator seeded
+    with :func:`esam_draw_seed`; a tensor's mask is its segment."""
+    numels = [math.prod(s) for s in shapes]
+    sizes = [-(-n // align) * align for n in numels]
+    gen = torch.Generator().manual_seed(esam_draw_seed(seed, draw))
+    flat = torch.zeros(sum(sizes), dtype=torch.uint8).bernoulli_(beta, generator=gen)
+    out, off = [], 0
+    for n, size, s in zip(numels, sizes, shapes):
+        out.append(flat[off : off + n].view(s).double())
+        off += size
+    return out
+
+
+def esam_step(params, grad_fn: GradFn, base, rho=0.05, beta=1.0, masks=None, second_grad_fn: Optional[GradFn] = None):
+    """ESAM: e = (rho/beta) m * g/(||g||+eps) (all of g's norm), base step with the second pass's gradient
+    at w + e (``second_grad_fn``: SDS's subset loss; the full batch by default)."""
+    g = grad_fn(params)
+    scale = rho / beta / (_norm(g) + EPS)
+    masks = masks or [torch.ones_like(w) for w in params]
+    at = [w + scale * m * x for w, m, x in zip(params, masks, g)]
+    return base.step(params, (second_grad_fn or grad_fn)(at))
+
+
+def sds_indices(loss_before, loss_after, gamma):
+    """SDS: the floor(gamma n) (at least 1) samples with the largest loss_after - loss_before, ascending."""
+    n = loss_before.numel()
+    k = max(1, int(math.floor(gamma * n + 1e-9)))
+    order = sorted(range(n), key=lambda i: float(loss_after[i] - loss_before[i]), reverse=True)
+    return sorted(order[:k])
+
+
+def kl_trajectory(logits, ema_logits, tau):
+    """tau^2 * mean over samples of sum_c q (log q - log p), p = softmax(z/tau), q = softmax(z_ema/tau)."""
+    p = torch.softmax(logits.double() / tau, dim=-1)
+    q = torch.softmax(ema_logits.double() / tau, dim=-1)
+    return (q * (q.log() - p.log())).sum(-1).mean() * tau * tau
+
+
+def mesa_step(params, grad_fn: Callable, base, state: dict, decay=0.9998):
+    """MESA: base step with the gradient of L + lam * KL term (``grad_fn(params, ema)``), then
+    ema <- decay ema + (1 - decay) w; the EMA starts at the weights before the first step."""
+    if "ema" not in state:
+        state["ema"] = f64(params)
+    new = base.step(params, grad_fn(params, state["ema"]))
+    state["ema"] = [decay * e + (1 - decay) * w for e, w in zip(state["ema"], new)]
+    return new
