@@ -4,8 +4,11 @@ from . import distributed, losses, metrics, ops
 from ._build import build_extension
 from .bn import disable_running_stats, enable_running_stats, frozen_bn_stats
 from .optim import BSAM, GSAM, SAM, SSAM, XSAM, BiSAM, FriendlySAM, LookSAM, SAMPa, SharpnessAware
+from .optim.aesam import AESAM
 from .optim.esam import ESAM, sharpness_selection
 from .optim.mesa import MESA, trajectory_kl
+from .optim.msam import MSAM
+from .optim.rst import RST
 
 __version__ = "0.1.0"
 
@@ -23,6 +26,9 @@ __all__ = [
     "MESA",
     "sharpness_selection",
     "trajectory_kl",
+    "AESAM",
+    "MSAM",
+    "RST",
     "losses",
     "metrics",
     "SharpnessAware",

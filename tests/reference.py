@@ -257,6 +257,70 @@ def friendly_sam_step(params, grad_fn: GradFn, base, state: dict, rho=0.05, sigm
     return base.step(params, gs)
 
 
+# ------------------------------------------------------------------ cheap sharpness (MSAM, RST, AE-SAM)
+def base_momentum(base) -> Optional[list[Tensor]]:
+    """The momentum a base reference holds (SGDRef's buffers, AdamWRef's first moment), or None yet."""
+    return getattr(base, "bufs", None) if isinstance(base, SGDRef) else base.m
+
+
+def msam_step(params, grad_fn: GradFn, base, rho=0.3):
+    """Momentum-SAM: one pass at w - rho v / ||v|| (v the base's momentum; at w on the first step)."""
+    v = base_momentum(base)
+    at = params if v is None else _axpy(params, -rho / (_norm(v) + EPS), v)
+    return base.step(params, grad_fn(at))
+
+
+def rst_probability(t, p, p_end=None, total_steps=None, schedule="constant"):
+    """RST's probability of a SAM step at step t (0-based): constant, or p -> p_end over total_steps."""
+    if schedule == "constant":
+        return p
+    frac = min(t / total_steps, 1.0)
+    if schedule == "linear":
+        return p + (p_end - p) * frac
+    return p_end + (p - p_end) * 0.5 * (1 + math.cos(math.pi * frac))  # cosine
+
+
+def switch_step(params, grad_fn: GradFn, base, sam: bool, rho=0.05):
+    """RST / AE-SAM's step once the choice is made: SAM's step, or the base step with g."""
+    if sam:
+        return sam_step(params, grad_fn, base, rho=rho)
+    return base.step(params, grad_fn(params))
+
+
+def aesam_decide(state: dict, gsq: float, delta=0.9, c=1.0) -> bool:
+    """AE-SAM: update the running mean and variance of ||g||^2, then SAM when ||g||^2 >= mu + c sigma."""
+    mu = delta * state.get("mu", 0.0) + (1 - delta) * gsq
+    var = delta * state.get("var", 0.0) + (1 - delta) * (gsq - mu) ** 2
+    state["mu"], state["var"] = mu, var
+    return gsq >= mu + c * math.sqrt(var)
+
+
+def aesam_threshold(t, c=1.0, c_end=None, total_steps=None):
+    """AE-SAM's c_t: constant, or linear from c to c_end over total_steps (0-based step t)."""
+    if c_end is None:
+        return c
+    return c + (c_end - c) * min(t / total_steps, 1.0)
+
+
+def aesam_step(params, grad_fn: GradFn, base, state: dict, rho=0.05, delta=0.9, c=1.0, c_end=None, total_steps=None):
+    """AE-SAM: SAM's step when ||g||^2 is large against its running statistics, else the base step."""
+    t = state.get("t", 0)
+    g = grad_fn(params)
+    sam = aesam_decide(state, _norm(g) ** 2, delta, aesam_threshold(t, c, c_end, total_steps))
+    state["t"] = t + 1
+    state.setdefault("choices", []).append(sam)
+    return switch_step(params, grad_fn, base, sam, rho)
+
+
+def rst_step(params, grad_fn: GradFn, base, t, seed=0, rho=0.05, p=0.5, p_end=None, total_steps=None,
+             schedule="constant"):
+    """RST at step t: a SAM step when the (seed, t) uniform draw falls below p_t, else the base step."""
+    import random
+
+    sam = random.Random((seed << 32) + t).random() < rst_probability(t, p, p_end, total_steps, schedule)
+    return switch_step(params, grad_fn, base, sam, rho), sam
+
+
 # ------------------------------------------------------------------ ESAM, MESA
 _M64 = (1 << 64) - 1
 

@@ -1,0 +1,183 @@
+"""RST (Zhao et al., 2022): a SAM step with a scheduled probability, a plain base step otherwise."""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Iterable
+from typing import Any, Callable, Optional
+
+import torch
+from torch import Tensor
+
+from .base import Bucket, SharpnessAware, _run_attr, check_rho, detached
+
+SCHEDULES = ("constant", "linear", "cosine")
+
+
+class SwitchingSAM(SharpnessAware):
+    """A step that is either SAM's (two passes) or the base optimizer's alone (one pass), chosen per step.
+
+    Subclasses implement :meth:`_decide`. ``first_step()`` after the first backward returns True when
+    the step is a SAM step -- then do the second forward/backward and ``second_step()`` -- and False
+    when the step is already done (the base step with the first pass's gradient, exactly as the base
+    optimizer alone would take it). ``step(closure)`` does this itself.
+    """
+
+    #: whether the last completed (or current) step was a SAM step (a host bool; None before the first)
+    last_step_sam = _run_attr("last_step_sam", None)
+    _plain_done = _run_attr("plain_done", False)
+
+    hyper = {"rho": check_rho}
+    m_sharpness = None  # the choice would differ per replica under local perturbations
+
+    def _decide(self, buckets: list[Bucket]) -> tuple[bool, Optional[Tensor]]:
+        """(SAM step now?, the gradient norm when computed on the way) for this step's first pass."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def first_step(self, zero_grad: bool = False) -> bool:
+        """SAM step: perturb as SAM does, return True. Plain step: the base step with g, return False."""
+        buckets = self._begin_first()
+        if not buckets:
+            self._run.plain_done = False
+            self._end_first(zero_grad)
+            return True
+        sam, norm = self._decide(buckets)
+        self._run.last_step_sam = sam
+        self._run.plain_done = not sam
+        if sam:
+            self.perturb(buckets, self.global_norm(buckets) if norm is None else norm)
+            self._end_first(zero_grad)
+            return True
+        self.copy(buckets, lambda b: b.backup.views, lambda b: b.params)  # no perturbation: restore is a no-op
+        self.restore_and_base_step(buckets)
+        self._end_second(zero_grad)
+        return False
+
+    @torch.no_grad()
+    def second_step(self, zero_grad: bool = False) -> None:
+        """Restore w exactly and take the base step with the perturbed-point gradient (SAM steps only)."""
+        if not self._perturbed and self._plain_done:
+            raise RuntimeError(
+                f"{type(self).__name__}.second_step() after a plain step: first_step() returned False, which means "
+                "the step was already taken with the first pass's gradient; call second_step() only when "
+                "first_step() returns True"
+            )
+        super().second_step(zero_grad)
+
+    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:  # type: ignore[override]
+        """One step: one forward/backward on plain steps, two on SAM steps. Returns the first-pass loss."""
+        if self._perturbed:  # after a SAM step's first_step(): the closure (if any) is its second pass
+            return self._finish_perturbed(closure)
+        if closure is None:
+            raise RuntimeError(f"{type(self).__name__}.step() needs a closure that runs forward and backward")
+        closure = torch.enable_grad()(closure)
+        with self.guarded():
+            loss = closure() if not self._first_pass_grads() else None
+            if self.first_step(zero_grad=True):
+                self._run.last_perturbed_loss = detached(closure())
+                self.second_step(zero_grad=True)
+        return loss
+
+
+class RST(SwitchingSAM):
+    r"""Randomized Sharpness-aware Training (Zhao et al., "Randomized Sharpness-Aware Training for
+    Boosting Computational Efficiency in Deep Learning", 2022).
+
+    Step :math:`t` is a SAM step with probability :math:`p_t` (a Bernoulli draw) and a plain base
+    step with the first pass's gradient otherwise:
+
+    .. math::
+        p_t = p \ (\text{constant}), \quad p + (p_{end} - p)\,\tfrac{t}{T} \ (\text{linear}), \quad
+        p_{end} + (p - p_{end})\,\tfrac{1 + \cos(\pi t / T)}{2} \ (\text{cosine}), \qquad t/T \le 1
+
+    The expected cost is :math:`1 + \bar p` forward/backward passes per step. ``p=1`` is SAM and
+    ``p=0`` the base optimizer alone (bit for bit).
+
+    The draw is made on the host from a counter-based generator (``seed`` and the step number;
+    no device value is read, so the optimizer never syncs, and every replica of a data-parallel
+    run draws the same choice when they share ``seed``). The step counter is saved in
+    ``state_dict``: a resumed run draws the same sequence. It counts attempted steps (a step
+    skipped for non-finite gradients counts too, as LookSAM's does; an aborted one does not).
+
+    How to call it: as LookSAM -- ``first_step()`` returns True when a second pass is due (then
+    the second forward/backward and ``second_step()``) and False when the step is already done;
+    or ``step(closure)``.
+
+    Args:
+        rho: SAM's radius on SAM steps, >= 0 (per group).
+        p: probability of a SAM step (the schedule's start), in [0, 1].
+        p_end: the schedule's end value, in [0, 1] (``schedule`` "linear" or "cosine" only).
+        total_steps: steps over which the schedule goes from ``p`` to ``p_end`` (then stays).
+        schedule: "constant", "linear" or "cosine".
+        seed: the draws' seed (an integer).
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        base_optimizer: Any = torch.optim.SGD,
+        rho: float = 0.05,
+        p: float = 0.5,
+        p_end: Optional[float] = None,
+        total_steps: Optional[int] = None,
+        schedule: str = "constant",
+        seed: int = 0,
+        backend: str = "auto",
+        **base_kwargs: Any,
+    ) -> None:
+        _check_probability("p", p)
+        if schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {', '.join(map(repr, SCHEDULES))}, got {schedule!r}")
+        if schedule == "constant":
+            if p_end is not None or total_steps is not None:
+                raise ValueError(
+                    "p_end and total_steps are for schedule='linear' or 'cosine'; with schedule='constant' every step "
+                    f"uses p (got p_end={p_end!r}, total_steps={total_steps!r})"
+                )
+        else:
+            if p_end is None:
+                raise ValueError(f"p_end is required with schedule={schedule!r} (the probability after total_steps)")
+            _check_probability("p_end", p_end)
+            if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
+                raise ValueError(
+                    f"total_steps must be an integer >= 1 with schedule={schedule!r} (steps from p to p_end), "
+                    f"got {total_steps!r}"
+                )
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+        self.p, self.p_end, self.total_steps, self.schedule, self.seed = float(p), p_end, total_steps, schedule, seed
+        super().__init__(params, base_optimizer, dict(rho=rho), backend, **base_kwargs)
+
+    def probability(self, t: int) -> float:
+        """p_t, the probability of a SAM step at step ``t`` (0-based)."""
+        if self.schedule == "constant":
+            return self.p
+        frac = min(t / self.total_steps, 1.0)
+        if self.schedule == "linear":
+            return self.p + (self.p_end - self.p) * frac
+        return self.p_end + (self.p - self.p_end) * 0.5 * (1.0 + math.cos(math.pi * frac))
+
+    def draw(self, t: int) -> float:
+        """The uniform number in [0, 1) of step ``t``: a function of (seed, t) only."""
+        return random.Random((self.seed << 32) + t).random()
+
+    def _decide(self, buckets: list[Bucket]) -> tuple[bool, Optional[Tensor]]:
+        t = self.state.get("rst", {}).get("step", 0)
+        self._commits.append(("_commit_step", (t,)))
+        return self.draw(t) < self.probability(t), None
+
+    def _commit_step(self, t: int, skipped: Optional[bool]) -> None:
+        self.state["rst"] = {"step": t + 1}
+
+    def _repr_settings(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"p": self.p, "schedule": self.schedule, "seed": self.seed}
+        if self.schedule != "constant":
+            out.update(p_end=self.p_end, total_steps=self.total_steps)
+        return out
+
+
+def _check_probability(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
+        raise ValueError(f"{name} must be a number in [0, 1] (a probability), got {value!r}")
