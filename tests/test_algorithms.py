@@ -11,7 +11,7 @@ from torch import nn
 from torch.func import functional_call
 
 import sharpfused
-from sharpfused import BSAM, GSAM, SAM, SSAM, XSAM, BiSAM, FriendlySAM, LookSAM, SAMPa
+from sharpfused import BSAM, ESAM, GSAM, SAM, SSAM, XSAM, BiSAM, FriendlySAM, LookSAM, SAMPa
 from sharpfused.losses import bisam_lower_bound
 
 from . import reference as ref
@@ -109,9 +109,16 @@ CASES = {
         dict(rho=0.05, sigma=1.0, lam=0.9),
         lambda p, x, y, m, rb, st, t: ref.friendly_sam_step(p, grad_fn_for(m, x, y), rb, st, 0.05, 1.0, 0.9),
     ),
+    "esam": (  # SWP only (step(closure) runs the full batch); SDS: tests/test_esam_mesa.py
+        dict(rho=0.05, beta=0.6, seed=7),
+        lambda p, x, y, m, rb, st, t: ref.esam_step(
+            p, grad_fn_for(m, x, y), rb, 0.05, 0.6, ref.esam_masks([q.shape for q in p], 0.6, 7, t)
+        ),
+    ),
 }
 CLASSES = {"gsam": GSAM, "gsam-adaptive": GSAM, "bisam": BiSAM, "xsam": XSAM, "xsam-k3": XSAM, "sampa": SAMPa, "bsam": BSAM,
            "ssam": SSAM, "looksam": LookSAM, "friendly": FriendlySAM}
+CLASSES["esam"] = ESAM
 
 
 def closure_for(name, model, x, y):
