@@ -68,6 +68,8 @@ MULTIPLE = {
     "BSAM": 3.0,
     "BiSAM": 1.0,
     "SAMPa": 3.0,
+    "ESAM": 1.25,  # backup + the SWP mask (one byte per element)
+    "MESA": 2.0,  # backup + the EMA of the weights
 }
 
 ALGOS = {
@@ -81,6 +83,8 @@ ALGOS = {
     "BSAM": (sf.BSAM, {}),
     "BiSAM": (sf.BiSAM, {}),
     "SAMPa": (sf.SAMPa, {}),
+    "ESAM": (sf.ESAM, dict(beta=0.5, seed=1)),
+    "MESA": (sf.MESA, {}),
 }
 
 BASES = {
