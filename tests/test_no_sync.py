@@ -101,6 +101,8 @@ ALGOS = {
     "SSAM": dict(rho=0.05, mask_every=1000),  # a mask refresh (not this step) reads the host once
     "LookSAM": dict(rho=0.05, k=2),
     "FriendlySAM": dict(rho=0.05),
+    "ESAM": dict(rho=0.05, beta=0.5, seed=1),  # the mask is drawn on the device
+    "MESA": dict(decay=0.9),
 }
 
 
