@@ -62,6 +62,8 @@ ALGOS = {
     "xsam2": lambda m, **kw: sharpfused.XSAM(m.parameters(), torch.optim.SGD, rho=0.05, steps=2, lr=0.1, **kw),
     "bsam": lambda m, **kw: sharpfused.BSAM(m.parameters(), torch.optim.SGD, lr=0.1, **kw),
     "sampa": lambda m, **kw: sharpfused.SAMPa(m.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, **kw),
+    "esam": lambda m, **kw: sharpfused.ESAM(m.parameters(), torch.optim.SGD, rho=0.05, beta=0.5, seed=3, lr=0.1, **kw),
+    "mesa": lambda m, **kw: sharpfused.MESA(m.parameters(), torch.optim.SGD, decay=0.9, lr=0.1, **kw),
 }
 
 

@@ -129,6 +129,8 @@ ALGOS = {
     "bsam": lambda m: sharpfused.BSAM(m.parameters(), torch.optim.SGD, lr=0.1),
     "gsam": lambda m: sharpfused.GSAM(m.parameters(), torch.optim.SGD, rho_max=0.05, alpha=0.4, lr=0.1),
     "sampa": lambda m: sharpfused.SAMPa(m.parameters(), torch.optim.SGD, rho=0.05, lr=0.1),
+    "esam": lambda m: sharpfused.ESAM(m.parameters(), torch.optim.SGD, rho=0.05, beta=0.5, seed=3, lr=0.1),
+    "mesa": lambda m: sharpfused.MESA(m.parameters(), torch.optim.SGD, decay=0.9, lr=0.1),
 }
 
 
@@ -144,6 +146,8 @@ def test_matches_plain_loop_bitwise(tmp_path, name):
     if name == "looksam":
         assert opt.state["looksam"]["step"] == 4  # 2 full + 2 reuse steps ran
         assert norms == [True, False, True, False]  # no gradient left to measure after a reuse step
+    elif name == "mesa":
+        assert norms == [False] * 4  # one pass, the step completed inside it: no gradient left to measure
     else:
         assert norms == [name != "sampa"] * 4
 

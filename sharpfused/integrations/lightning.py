@@ -40,6 +40,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins.precision import MixedPrecision
 
 from ..optim import BSAM, XSAM, BiSAM, LookSAM, SAMPa, SharpnessAware
+from ..optim.mesa import MESA
 
 __all__ = ["SAMLightningModule", "SharpnessAwareChecks", "SharpnessAwareLightningError", "sharpness_aware_optimizer"]
 
@@ -56,7 +57,7 @@ def sharpness_aware_optimizer(optimizer: Any) -> Optional[SharpnessAware]:
 
 def _two_pass(opt: SharpnessAware) -> bool:
     """Whether the step is first_step / one backward / second_step (the protocol GradScaler can drive)."""
-    if isinstance(opt, (LookSAM, BSAM, SAMPa)):
+    if isinstance(opt, (LookSAM, BSAM, SAMPa, MESA)):  # MESA: one pass, first_step() completes the step
         return False
     if isinstance(opt, XSAM) and opt.steps != 1:
         return False
