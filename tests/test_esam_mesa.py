@@ -455,3 +455,50 @@ def test_bad_calls_raise():
         trajectory_kl(torch.zeros(3, 2), torch.zeros(3, 2), temperature=-1.0)
     with pytest.raises(RuntimeError, match="second_step"):
         mesa(mlp()).second_step()
+
+
+# ------------------------------------------------------------------ GradScaler (MESA: scaler.step(opt) is the step)
+def test_mesa_under_gradscaler_equals_unscaled_training():
+    outs = []
+    data = batches(5, torch.float32)
+    for use_scaler in (False, True):
+        model = mlp(torch.float32)
+        opt = mesa(model, decay=0.5)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8, growth_interval=1, enabled=use_scaler)
+        for x, y in data:
+            logits = model(x)
+            scaler.scale(F.cross_entropy(logits, y) + opt.trajectory_loss(logits, model, x)).backward()
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad()
+        if use_scaler:
+            assert scaler.get_scale() == 2.0**13  # the scale changed at every step
+        outs.append(
+            (
+                [p.detach().clone() for p in model.parameters()],
+                [opt.state[p]["ema"].clone() for p in model.parameters()],
+            )
+        )
+    (w0, e0), (w1, e1) = outs
+    assert all(torch.equal(a, b) for a, b in zip(w0, w1))
+    assert all(torch.equal(a, b) for a, b in zip(e0, e1))
+
+
+def test_mesa_gradscaler_overflow_skips_and_keeps_the_ema():
+    model = mlp(torch.float32)
+    opt = mesa(model)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    (x, y), (x2, y2) = batches(2, torch.float32)
+    scaler.scale(F.cross_entropy(model(x), y)).backward()
+    scaler.step(opt)
+    scaler.update()
+    opt.zero_grad()
+    w = [p.detach().clone() for p in model.parameters()]
+    ema = [opt.state[p]["ema"].clone() for p in model.parameters()]
+    scaler.scale(F.cross_entropy(model(x2), y2)).backward()
+    next(iter(model.parameters())).grad.view(-1)[0] = float("inf")
+    scaler.step(opt)
+    scaler.update()
+    assert bool(opt.last_step_skipped) and scaler.get_scale() == 2.0**7  # the scaler saw it and backed off
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), w))
+    assert all(torch.equal(opt.state[p]["ema"], e) for p, e in zip(model.parameters(), ema))
