@@ -502,3 +502,47 @@ def test_mesa_gradscaler_overflow_skips_and_keeps_the_ema():
     assert bool(opt.last_step_skipped) and scaler.get_scale() == 2.0**7  # the scaler saw it and backed off
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), w))
     assert all(torch.equal(opt.state[p]["ema"], e) for p, e in zip(model.parameters(), ema))
+
+
+# ------------------------------------------------------------------ ESAM.step_sds
+def sds_loss_fn(model, x, y, fail_at=None):
+    calls = []
+
+    def loss_fn(idx):
+        calls.append(idx)
+        if fail_at is not None and len(calls) == fail_at:
+            raise KeyboardInterrupt
+        xs, ys = (x, y) if idx is None else (x[idx], y[idx])
+        return F.cross_entropy(model(xs), ys, reduction="none")
+
+    return loss_fn, calls
+
+
+def test_step_sds_equals_the_hand_written_protocol():
+    a, b = mlp(), mlp()
+    opt_a, opt_b = esam(a, gamma=0.5), esam(b, gamma=0.5)
+    for x, y in batches(4):
+        sds_step(a, opt_a, x, y)
+        fn, calls = sds_loss_fn(b, x, y)
+        loss = opt_b.step_sds(fn)
+        assert [c is None for c in calls] == [True, True, False] and len(calls[2]) == 12
+        assert loss.dim() == 0 and not loss.requires_grad
+        assert opt_b.last_perturbed_loss.dim() == 0
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    assert all(p.grad is None for p in b.parameters())
+
+
+@pytest.mark.parametrize("fail_at", [2, 3])
+def test_step_sds_aborted_by_an_exception_moves_nothing(fail_at):
+    model = mlp()
+    opt = esam(model)
+    x, y = batches(1)[0]
+    opt.step_sds(sds_loss_fn(model, x, y)[0])
+    w, sd = [p.detach().clone() for p in model.parameters()], copy.deepcopy(opt.state_dict())
+    with pytest.raises(KeyboardInterrupt):
+        opt.step_sds(sds_loss_fn(model, x, y, fail_at=fail_at)[0])
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), w))
+    assert not opt.perturbed and opt.state["esam"] == sd["state"]["esam"]
+    with pytest.raises(ValueError, match="per-sample"):
+        opt.step_sds(lambda idx: F.cross_entropy(model(x), y))
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), w))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Iterable
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor
@@ -39,6 +39,12 @@ def _check_gamma(gamma: Any) -> float:
     if isinstance(gamma, bool) or not isinstance(gamma, numbers.Real) or not (0.0 < float(gamma) <= 1.0):
         raise ValueError(f"gamma must be a number in (0, 1] (the fraction of samples kept by SDS), got {gamma!r}")
     return float(gamma)
+
+
+def _check_losses(what: str, losses: Any) -> None:
+    if not isinstance(losses, Tensor) or losses.dim() != 1:
+        shape = tuple(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__
+        raise ValueError(f"{what} must return the 1-d per-sample losses (reduction='none'), got {shape}")
 
 
 def sharpness_selection(loss_before: Tensor, loss_after: Tensor, gamma: float) -> Tensor:
@@ -95,7 +101,8 @@ class ESAM(SharpnessAware):
 
     **Sharpness-sensitive data selection (SDS)**: the second pass runs on the samples whose loss
     rose most under the perturbation (:func:`sharpness_selection`, ratio ``gamma``). It needs the
-    per-sample losses, so it is spelled out with ``first_step()`` / ``second_step()``::
+    per-sample losses: :meth:`step_sds` takes a ``loss_fn(idx)`` returning them and runs the whole
+    step, or by hand with ``first_step()`` / ``second_step()``::
 
         losses = F.cross_entropy(model(x), y, reduction="none")
         losses.mean().backward()
@@ -106,7 +113,9 @@ class ESAM(SharpnessAware):
         F.cross_entropy(model(x[idx]), y[idx]).backward()
         opt.second_step(zero_grad=True)
 
-    ``step(closure)`` runs SAM's two passes with SWP (the full batch in both: no SDS).
+    ``step(closure)`` runs SAM's two passes with SWP (the full batch in both: no SDS). Passes per
+    step with SDS: a forward/backward of the batch, a forward of the batch without gradients, a
+    forward/backward of the kept samples.
 
     ``rho`` and ``beta`` may differ per group; ``gamma`` and ``seed`` are global. The step count
     of the masks is a host value in ``state_dict`` (``state["esam"]``): it counts the steps
@@ -142,6 +151,35 @@ class ESAM(SharpnessAware):
     def select(self, loss_before: Tensor, loss_after: Tensor) -> Tensor:
         """:func:`sharpness_selection` with this optimizer's ``gamma``."""
         return sharpness_selection(loss_before, loss_after, self.gamma)
+
+    def step_sds(self, loss_fn: Callable[[Optional[Tensor]], Tensor]) -> Tensor:
+        """One ESAM step with SDS. ``loss_fn(idx)`` runs the forward and returns the per-sample losses
+        (``reduction="none"``) of the batch (``idx=None``) or of its samples ``idx``, without calling
+        backward. Passes: ``loss_fn(None)`` at w (backward of the mean), ``first_step()``,
+        ``loss_fn(None)`` at w + e without gradients, :meth:`select`, ``loss_fn(idx)`` (backward of the
+        mean), ``second_step()``. Returns the first pass's mean loss (detached); the kept samples' mean
+        loss at w + e is in ``last_perturbed_loss``. An exception in a pass aborts the step (weights
+        restored, no state moved)."""
+        if self._perturbed:
+            raise RuntimeError("ESAM.step_sds() between first_step() and second_step(): finish that step first")
+        self.zero_grad(set_to_none=True)
+        with self.guarded():
+            with torch.enable_grad():
+                before = loss_fn(None)
+                _check_losses("loss_fn(None)", before)
+                before.mean().backward()
+            self.first_step(zero_grad=True)
+            with torch.no_grad():
+                after = loss_fn(None)
+            idx = self.select(before, after)
+            with torch.enable_grad():
+                kept = loss_fn(idx)
+                _check_losses("loss_fn(idx)", kept)
+                kept = kept.mean()
+                kept.backward()
+            self._run.last_perturbed_loss = kept.detach()
+            self.second_step(zero_grad=True)
+        return before.detach().mean()
 
     def _draws(self) -> int:
         st = self.state.get("esam")
