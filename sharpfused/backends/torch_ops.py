@@ -797,7 +797,7 @@ def _sgd_cpu_(p, b, g, buf, lr: float, momentum, dampening, weight_decay, nester
 
 def restore_adamw_(
     params, backup, grads, exp_avgs, exp_avg_sqs, step, lr, beta1, beta2, eps, weight_decay,
-    grad_coef=None, found_inf=None,
+    grad_coef=None, found_inf=None, decoupled=True,
 ):
     if isinstance(step, Tensor):  # bias corrections on the device: no host value needed
         t = step.to(torch.float64)
@@ -817,11 +817,18 @@ def restore_adamw_(
     for dtype, (p, b, g, m, v) in _groups(params, backup, grads, exp_avgs, exp_avg_sqs):
         for tp, tb, tg, tm, tv in _tiled([p, b, g, m, v]):
             _adamw_scratch_(tp, tb, tg, tm, tv, lr, eps, weight_decay, bc1, inv_bc2_sqrt, grad_coef, skip,
-                            (keep_m, w1), (keep_v, w2), dtype)
+                            (keep_m, w1), (keep_v, w2), dtype, bool(decoupled))
 
 
-def _adamw_scratch_(p, b, g, m, v, lr, eps, weight_decay, bc1, inv_bc2_sqrt, grad_coef, skip, mw, vw, dtype):
-    flat, d = _sanitized_grad(p, g, grad_coef, skip, dtype)
+def _adamw_scratch_(p, b, g, m, v, lr, eps, weight_decay, bc1, inv_bc2_sqrt, grad_coef, skip, mw, vw, dtype,
+                    decoupled=True):
+    if decoupled or not weight_decay:
+        flat, d = _sanitized_grad(p, g, grad_coef, skip, dtype)
+    else:  # torch.optim.Adam's L2 decay: g' = grad_coef*g + wd*w0, zeroed afterwards on a skipped step
+        flat, d = _sanitized_grad(p, g, grad_coef, None, dtype)
+        _axpy_(d, _opm(b, dtype, 1), weight_decay)
+        if skip is not None:
+            flat.masked_fill_(skip, 0.0)
     # The moments are kept in the parameter dtype, as torch.optim.AdamW keeps them, updated in
     # opmath (scratch slots 1 and 2 for bf16/fp16) and rounded once; the update uses this step's
     # opmath values, as the kernels do (fp16 would flush a small g^2 in v to zero: 1/eps steps).
@@ -845,6 +852,62 @@ def _adamw_scratch_(p, b, g, m, v, lr, eps, weight_decay, bc1, inv_bc2_sqrt, gra
     _mul_(d, lr)
     _mul_(d, -1.0 / bc1)  # -lr/bc1 * m/denom
     w0 = _opm(b, dtype, 1)  # slot 1 is free again
-    if isinstance(lr, Tensor) or weight_decay:
+    if decoupled and (isinstance(lr, Tensor) or weight_decay):
         _axpy_(d, w0, -lr * weight_decay)  # decoupled decay, accumulated in opmath
+    _store_delta_(p, flat, d, b, skip, dtype)
+
+
+def restore_rmsprop_(
+    params, backup, grads, square_avgs, momentum_buffers, lr, alpha, eps, weight_decay, momentum,
+    grad_coef=None, found_inf=None,
+):
+    host = _host_skip(found_inf, params)
+    if host:
+        return _skipped_(params, backup, None)
+    skip = None if host is False else _skip_mask(found_inf)
+    keep_v = _pick(skip, alpha, 1.0)
+    w_v = _pick(skip, 1.0 - alpha, 0.0)
+    keep_buf = _pick(skip, momentum, 1.0)
+    bufs = momentum_buffers if momentum > 0 else None
+    for dtype, (p, b, g, v, buf) in _groups(params, backup, grads, square_avgs, bufs):
+        for tp, tb, tg, tv, tbuf in _tiled([p, b, g, v, buf]):
+            _rmsprop_scratch_(tp, tb, tg, tv, tbuf, lr, eps, weight_decay, grad_coef, skip, keep_v, w_v, keep_buf,
+                              dtype)
+
+
+def _rmsprop_scratch_(p, b, g, v, buf, lr, eps, weight_decay, grad_coef, skip, keep_v, w_v, keep_buf, dtype):
+    """torch.optim.RMSprop's step (not centered) at w0 = backup through opmath scratch (slots 0-2);
+    the states are kept in the parameter dtype, updated in opmath and rounded once."""
+    flat, d = _sanitized_grad(p, g, grad_coef, None, dtype)  # g' = grad_coef*g (+ wd*w0)
+    if weight_decay:
+        _axpy_(d, _opm(b, dtype, 1), weight_decay)
+    if skip is not None:
+        flat.masked_fill_(skip, 0.0)
+    low = dtype in _LOW
+    st = _opm(v, dtype, 1) if low else v
+    _mul_(st, keep_v)
+    if isinstance(w_v, Tensor):  # the skip on the device: (1-alpha) or 0 as a device weight
+        sq = _workspace(d, opmath(dtype), 2)
+        torch._foreach_copy_(sq, d)
+        torch._foreach_mul_(sq, d)
+        _axpy_(st, sq, w_v)
+    else:  # v*alpha + (1-alpha)*g'*g', torch's addcmul
+        torch._foreach_addcmul_(st, d, d, value=float(w_v))
+    if st is not v:
+        torch._foreach_copy_(v, st)
+    avg = _workspace(d, opmath(dtype), 2)
+    torch._foreach_copy_(avg, st)
+    torch._foreach_sqrt_(avg)
+    torch._foreach_add_(avg, float(eps))
+    torch._foreach_div_(d, avg)  # g'/avg
+    if skip is not None:
+        flat.masked_fill_(skip, 0.0)  # 0/0 where v = 0 and eps = 0: keeps the buffer as it is
+    if buf is not None:
+        bb = _opm(buf, dtype, 1) if low else buf
+        _mul_(bb, keep_buf)
+        torch._foreach_add_(bb, d)  # buf = momentum*buf + g'/avg
+        if bb is not buf:
+            torch._foreach_copy_(buf, bb)
+        torch._foreach_copy_(d, bb)
+    _mul_(d, -lr)
     _store_delta_(p, flat, d, b, skip, dtype)
