@@ -49,6 +49,7 @@ import shapes as shape_sets  # noqa: E402
 
 import sharpfused  # noqa: E402
 from sharpfused import ops  # noqa: E402
+from sharpfused.spec import REQUIRED, SPECS  # noqa: E402
 from tests.baselines import (  # noqa: E402
     LOOP_PRIMITIVES,
     EagerForeachASAM,
@@ -65,14 +66,11 @@ FIELDS = [
 
 # Bytes moved per parameter element, in units of b = bytes per element (all tensors in the
 # parameter dtype). Primitives: each input read once, each output written once (ops.py).
+# Bytes per element (units of b) of each primitive as the bench calls it: every list given but
+# the optional inputs that default to None (ASAM's weights, SSAM's mask); from the spec's byte model.
 PRIMITIVE_BYTES = {
-    "sq_norm": 1,  # read x
-    "perturb_": 4,  # read w, g; write backup, w
-    "restore_": 2,  # read backup; write w
-    "dot_norms": 2,  # read a, b
-    "combine_": 3,  # read g, saved; write g
-    "restore_sgd_": 5,  # read backup, g, buf; write w, buf (momentum on)
-    "restore_adamw_": 7,  # read backup, g, m, v; write w, m, v
+    n: p.bytes({a.name: True for a in p.args if a.kind == "list" or (a.kind == "list?" and a.default is REQUIRED)})
+    for n, p in SPECS.items()
 }
 # A step's bytes are counted from the primitives it calls (step_bytes: one steady-state step on a
 # tiny list with every ops.<primitive> wrapped, each call's bytes by call_bytes), so the model
@@ -89,20 +87,12 @@ STEP_MIN_BYTES = {
 
 def call_bytes(name: str, args: tuple, kwargs: dict) -> int:
     """Bytes per parameter element (units of b) that one call of primitive ``name`` moves with
-    these arguments: optional inputs (ASAM weight, backup, momentum buffer) counted when given."""
-
-    def arg(i, key, default=None):
-        return args[i] if len(args) > i else kwargs.get(key, default)
-
-    if name == "sq_norm":
-        return 1 + (arg(1, "weights") is not None)
-    if name == "perturb_":  # read w, g (w again for ASAM: the same read), write w, backup when saved
-        return 3 + (arg(2, "backup") is not None)
-    if name == "restore_sgd_":  # read backup, g; write w; momentum: read + write the buffer
-        if kwargs.get("momentum", 0.0) == 0 or arg(3, "momentum_buffers") is None:
-            return 3
-        return 4 if kwargs.get("init_momentum") else 5  # a new buffer is written, not read
-    return PRIMITIVE_BYTES[name]
+    these arguments (the spec's byte model: optional lists counted when given)."""
+    p = SPECS[name]
+    values = {a.name: a.default for a in p.args}
+    values.update(zip(p.names, args))
+    values.update(kwargs)
+    return p.bytes(values)
 
 
 _STEP_BYTES: dict[str, int] = {}

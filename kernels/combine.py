@@ -10,8 +10,6 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from sharpfused.backends import torch_ops
-
 from . import table as tb
 from .table import chunk_of, load, load_scalar, store, tensor_ptr
 
@@ -63,25 +61,22 @@ def _combine_kernel(
 
 def combine_(g, saved, c1, c2) -> None:
     """``g <- c1 * g + c2 * saved`` (c1, c2 numbers or 0-d device tensors); a coefficient equal to
-    zero drops its term (inf/NaN behind it never reaches g). Float64 goes to torch_ops."""
-    for native, _, (x, s) in tb.groups(g, saved):
-        if not native:
-            torch_ops.combine_(x, s, c1, c2)
-            continue
-        tab = tb.table([x, s])
-        if tab.n_chunks == 0:
-            continue
-        p1, v1, i1 = tb.scalar(c1, tab.chunk_begin)
-        p2, v2, i2 = tb.scalar(c2, tab.chunk_begin)
-        tb.launch(
-            _combine_kernel,
-            tab,
-            p1,
-            v1,
-            p2,
-            v2,
-            G_DT=tb.tl_dtype(x[0].dtype),
-            S_DT=tb.tl_dtype(s[0].dtype),
-            C1_PTR=i1,
-            C2_PTR=i2,
-        )
+    zero drops its term (inf/NaN behind it never reaches g). One launch for the group."""
+    x, s = g, saved
+    tab = tb.table([x, s])
+    if tab.n_chunks == 0:
+        return
+    p1, v1, i1 = tb.scalar(c1, tab.chunk_begin)
+    p2, v2, i2 = tb.scalar(c2, tab.chunk_begin)
+    tb.launch(
+        _combine_kernel,
+        tab,
+        p1,
+        v1,
+        p2,
+        v2,
+        G_DT=tb.tl_dtype(x[0].dtype),
+        S_DT=tb.tl_dtype(s[0].dtype),
+        C1_PTR=i1,
+        C2_PTR=i2,
+    )

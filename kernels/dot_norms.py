@@ -10,8 +10,6 @@ import torch
 import triton
 import triton.language as tl
 
-from sharpfused.backends import torch_ops
-
 from . import table as tb
 from .table import chunk_of, load, tensor_ptr
 
@@ -90,5 +88,4 @@ def dot_norms(a, b) -> torch.Tensor:
     fp32 for one native group; with several (device, dtype) groups the float64 sum of each
     group's result (as torch_ops does). Float64 groups are computed by torch_ops.
     """
-    out = [_group(x, y) if native else torch_ops.dot_norms(x, y) for native, _, (x, y) in tb.groups(a, b)]
-    return out[0] if len(out) == 1 else torch.stack([o.double() for o in out]).sum(0)
+    return _group(a, b)

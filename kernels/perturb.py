@@ -10,8 +10,6 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from sharpfused.backends import torch_ops
-
 from . import table as tb
 from .table import chunk_of, load, load_scalar, store, tensor_ptr
 
@@ -96,32 +94,29 @@ def _perturb_kernel(
 def perturb_(params, grads, backup, scale, eta=None, mask=None) -> None:
     """``backup <- w`` (skipped when ``backup`` is None), then ``w <- w + scale * T^2 * g [* mask]``.
 
-    One launch per (device, dtype) group; float64 (and non-contiguous) groups go to torch_ops.
+    One launch for the group (the dispatcher routes what :func:`.table.supports` refuses).
     """
-    for native, _, (p, g, b, m) in tb.groups(params, grads, backup, mask):
-        if not native:
-            torch_ops.perturb_(p, g, b, scale, eta, m)
-            continue
-        lists = [p, g] + ([b] if b is not None else []) + ([m] if m is not None else [])
-        tab = tb.table(lists)
-        if tab.n_chunks == 0:
-            continue
-        s_ptr, s_val, s_is = tb.scalar(scale, tab.chunk_begin)
-        e_ptr, e_val, e_is = tb.scalar(0.0 if eta is None else eta, tab.chunk_begin)
-        tb.launch(
-            _perturb_kernel,
-            tab,
-            s_ptr,
-            s_val,
-            e_ptr,
-            e_val,
-            P_DT=tb.tl_dtype(p[0].dtype),
-            G_DT=tb.tl_dtype(g[0].dtype),
-            B_DT=tb.tl_dtype(b[0].dtype) if b is not None else tl.float32,
-            M_DT=tb.tl_dtype(m[0].dtype) if m is not None else tl.float32,
-            SCALE_PTR=s_is,
-            ETA_PTR=e_is,
-            HAS_BACKUP=b is not None,
-            HAS_MASK=m is not None,
-            ADAPTIVE=eta is not None,
-        )
+    p, g, b, m = params, grads, backup, mask
+    lists = [p, g] + ([b] if b is not None else []) + ([m] if m is not None else [])
+    tab = tb.table(lists)
+    if tab.n_chunks == 0:
+        return
+    s_ptr, s_val, s_is = tb.scalar(scale, tab.chunk_begin)
+    e_ptr, e_val, e_is = tb.scalar(0.0 if eta is None else eta, tab.chunk_begin)
+    tb.launch(
+        _perturb_kernel,
+        tab,
+        s_ptr,
+        s_val,
+        e_ptr,
+        e_val,
+        P_DT=tb.tl_dtype(p[0].dtype),
+        G_DT=tb.tl_dtype(g[0].dtype),
+        B_DT=tb.tl_dtype(b[0].dtype) if b is not None else tl.float32,
+        M_DT=tb.tl_dtype(m[0].dtype) if m is not None else tl.float32,
+        SCALE_PTR=s_is,
+        ETA_PTR=e_is,
+        HAS_BACKUP=b is not None,
+        HAS_MASK=m is not None,
+        ADAPTIVE=eta is not None,
+    )

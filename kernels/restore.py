@@ -9,8 +9,6 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from sharpfused.backends import torch_ops
-
 from . import table as tb
 from .table import chunk_of, load, store, tensor_ptr
 
@@ -43,18 +41,15 @@ def _restore_kernel(
 
 
 def restore_(params, backup) -> None:
-    """``w <- backup``, bit-exact. One launch per (device, dtype) group; float64 goes to torch_ops."""
-    for native, _, (p, b) in tb.groups(params, backup):
-        if not native:
-            torch_ops.restore_(p, b)
-            continue
-        tab = tb.table([p, b])
-        if tab.n_chunks == 0:
-            continue
-        same = p[0].dtype == b[0].dtype
-        tb.launch(
-            _restore_kernel,
-            tab,
-            P_DT=tb.BITS[p[0].dtype] if same else tb.tl_dtype(p[0].dtype),
-            B_DT=tb.BITS[b[0].dtype] if same else tb.tl_dtype(b[0].dtype),
-        )
+    """``w <- backup``, bit-exact. One launch for the group."""
+    p, b = params, backup
+    tab = tb.table([p, b])
+    if tab.n_chunks == 0:
+        return
+    same = p[0].dtype == b[0].dtype
+    tb.launch(
+        _restore_kernel,
+        tab,
+        P_DT=tb.BITS[p[0].dtype] if same else tb.tl_dtype(p[0].dtype),
+        B_DT=tb.BITS[b[0].dtype] if same else tb.tl_dtype(b[0].dtype),
+    )

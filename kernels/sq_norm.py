@@ -13,8 +13,6 @@ import torch
 import triton
 import triton.language as tl
 
-from sharpfused.backends import torch_ops, upload
-
 from . import table as tb
 from .table import chunk_of, load, load_scalar, tensor_ptr
 
@@ -118,23 +116,8 @@ def _per_tensor(x, w, eta) -> torch.Tensor:
 def sq_norm(xs, weights=None, eta=0.0, per_tensor=False):
     """Squared L2 norm ``sum_i sum((T_i * x_i)**2)`` with ``T_i = |w_i| + eta`` (ASAM) or 1.
 
-    Returns a 0-d opmath tensor (fp32; float64 when a float64 group is present, that group being
-    computed by torch_ops); with ``per_tensor=True`` also the 1-d per-tensor squared norms.
+    Returns a 0-d fp32 tensor; with ``per_tensor=True`` also the 1-d per-tensor squared norms.
     """
-    parts = []
-    for native, idx, (x, w) in tb.groups(xs, weights):
-        if native:
-            per = _per_tensor(x, w, eta)
-        else:
-            per = torch_ops.sq_norm(x, w, eta, True)[1]
-        parts.append((idx, per))
-    if len(parts) == 1:
-        per = parts[0][1]
-    else:
-        # mixed dtypes: per-tensor results back in list order, float64 when any group is float64
-        out_dtype = torch.float64 if any(p.dtype == torch.float64 for _, p in parts) else torch.float32
-        per = torch.empty(len(xs), dtype=out_dtype, device=xs[0].device)
-        for idx, p in parts:
-            per[upload(idx, per.device)] = p.to(out_dtype)
+    per = _per_tensor(xs, weights, eta)
     total = per.sum()
     return (total, per) if per_tensor else total

@@ -309,6 +309,17 @@ def groups(first: Sequence[Tensor], *others: Optional[Sequence[Tensor]]):
         yield _native(key, subs), idx, subs
 
 
+def supports(name: str, lists: Sequence[Optional[Sequence[Tensor]]]) -> bool:
+    """Whether the Triton kernels take one group of primitive ``name`` (its lists, None for an
+    optional list not given): float32/bf16/fp16 lists -- bool/uint8 masks after the first --, each
+    list of one dtype, one device, contiguous. The dispatcher sends the rest to the torch backend."""
+    present = [lst for lst in lists if lst is not None]
+    kinds = [set(map(_KIND, lst)) for lst in present]  # C-level map: a step's host cost
+    if any(len(k) != 1 for k in kinds):
+        return False
+    return _native(tuple(x for k in kinds for x in next(iter(k))), present)
+
+
 def _native(key: tuple, subs: list) -> bool:
     """Whether the Triton kernels take a group: (device, dtype) pairs ``key`` of its lists ``subs``."""
     dev = key[0]

@@ -1,8 +1,9 @@
 """The primitives: the one dispatch point between algorithms and backends.
 
 Every sharpness-aware algorithm in :mod:`sharpfused.optim` is written in these few
-operations. Each has one signature and one meaning on every backend; a backend is a
-module that defines all of them (see :data:`PRIMITIVES`).
+operations. Their contracts -- argument order and kinds, what they write, what they return,
+their byte models -- are one table, :data:`sharpfused.spec.SPECS`; the public functions
+below are generated from it, so each has one signature and one meaning on every backend.
 
 Conventions shared by every backend:
 
@@ -16,50 +17,65 @@ Conventions shared by every backend:
 * ``found_inf`` (the fused base steps): a 0-d device tensor, nonzero to skip the step on the
   device -- the weights are restored bit-exactly and no optimizer state changes; no host sync.
 
+Dispatch (:func:`call`): the lists are split once by (device, dtype) of the first list -- one
+group in the usual case (an optimizer bucket), checked without building keys --; each group
+goes to the chosen backend when the backend's ``supports(name, lists)`` takes it, else to the
+torch backend, counted in :data:`FALLBACKS` (float64 on Triton, non-contiguous tensors, a
+primitive a backend does not define); results of several groups are joined here, once.
+Backends are :class:`Backend` records; ``auto`` picks the available one of highest priority.
+While torch.compile traces, a primitive goes to its custom op (:mod:`sharpfused.library`),
+which the graph keeps as one opaque node that runs this same dispatch.
+
 Byte models (b = bytes per parameter element, per element of the list):
 
-==================  =====================================================  =====================
-primitive           does                                                   traffic
-==================  =====================================================  =====================
-``sq_norm``         sum((T*x)^2), T = |w|+eta (ASAM) or 1                  read 1b (2b with w)
-``perturb_``        backup <- w; w <- w + scale*T^2*g (*mask)              read 2b, write 2b
-``restore_``        w <- backup, bit-exact                                 read 1b, write 1b
-``dot_norms``       (<a,b>, |a|^2, |b|^2) in one pass                      read 2b
-``combine_``        g <- c1*g + c2*saved                                   read 2b, write 1b
-``restore_sgd_``    w <- backup - lr*SGD(g) (momentum, nesterov, wd)       read 2b (+1b), write 1b (+1b)
-``restore_adamw_``  w <- AdamW(backup, g); moments updated                 read 4b, write 3b
-==================  =====================================================  =====================
 """
 
 from __future__ import annotations
 
+import collections
 import importlib
+import operator
 import os
-from collections.abc import Sequence
+from dataclasses import dataclass
 from types import ModuleType
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 from torch import Tensor
 
+from . import spec as _spec
+from .spec import PRIMITIVES, REQUIRED, SPECS, Primitive
+
 Scalar = Union[float, Tensor]
 
-BACKENDS = ("torch", "triton", "cuda")
-PRIMITIVES = (
-    "sq_norm",
-    "perturb_",
-    "restore_",
-    "dot_norms",
-    "combine_",
-    "restore_sgd_",
-    "restore_adamw_",
-)
+__doc__ += _spec.table() + "\n"
 
-_MODULES = {
-    "torch": "sharpfused.backends.torch_ops",
-    "triton": "sharpfused.kernels",
-    "cuda": "sharpfused.backends.cuda_ops",
+
+@dataclass(frozen=True)
+class Backend:
+    """A backend: the module that defines the primitives (each taking one (device, dtype) group,
+    positionally, in the spec's order; optionally ``supports(name, lists) -> bool``), the device
+    types it runs on and its priority for ``auto``."""
+
+    name: str
+    module: str
+    devices: tuple[str, ...]
+    priority: int
+
+
+REGISTRY: dict[str, Backend] = {
+    b.name: b
+    for b in (
+        Backend("torch", "sharpfused.backends.torch_ops", ("*",), 0),
+        Backend("triton", "sharpfused.kernels", ("cuda",), 1),
+        Backend("cuda", "sharpfused.backends.cuda_ops", ("cuda",), 2),
+    )
 }
+BACKENDS: tuple[str, ...] = tuple(REGISTRY)
+
+#: (backend, primitive) -> groups sent to the torch backend instead (what the backend does not take)
+FALLBACKS: collections.Counter = collections.Counter()
+
 _loaded: dict[str, ModuleType] = {}
 _why_not: dict[str, str] = {}
 
@@ -70,46 +86,55 @@ def _load(name: str) -> Optional[ModuleType]:
     if name in _why_not:
         return None
     try:
-        mod = importlib.import_module(_MODULES[name])
+        mod = importlib.import_module(REGISTRY[name].module)
     except Exception as exc:  # ImportError, or a toolchain that fails to load
         _why_not[name] = f"{type(exc).__name__}: {exc}"
         return None
-    missing = [p for p in PRIMITIVES if not hasattr(mod, p)]
-    if missing:
-        _why_not[name] = f"module {_MODULES[name]} lacks {', '.join(missing)}"
-        return None
+    if name == "torch":
+        missing = [p for p in PRIMITIVES if not hasattr(mod, p)]
+        if missing:  # the torch backend is every other backend's fallback: it must be complete
+            _why_not[name] = f"module {REGISTRY[name].module} lacks {', '.join(missing)}"
+            return None
     _loaded[name] = mod
     return mod
 
 
+def _devices(name: str) -> tuple[str, ...]:
+    devs = REGISTRY[name].devices
+    if name == "triton" and os.environ.get("TRITON_INTERPRET") == "1":
+        return devs + ("cpu",)
+    return devs
+
+
 def unavailable_reason(name: str, device: torch.device) -> Optional[str]:
     """Why backend ``name`` cannot run on ``device``, or None when it can."""
-    if name not in BACKENDS:
+    if name not in REGISTRY:
         return f"unknown backend {name!r}; choose one of 'auto', " + ", ".join(repr(b) for b in BACKENDS)
-    if name != "torch":
-        if device.type == "cpu" and not (name == "triton" and os.environ.get("TRITON_INTERPRET") == "1"):
-            return (
-                f"backend {name!r} runs on CUDA tensors only"
-                + (" (or on CPU with TRITON_INTERPRET=1 set before triton is imported)" if name == "triton" else "")
+    devs = _devices(name)
+    if "*" not in devs and device.type not in devs:
+        if device.type == "cpu":
+            return f"backend {name!r} runs on CUDA tensors only" + (
+                " (or on CPU with TRITON_INTERPRET=1 set before triton is imported)" if name == "triton" else ""
             )
-        if device.type not in ("cpu", "cuda"):
-            return f"backend {name!r} does not support device type {device.type!r}"
+        return f"backend {name!r} does not support device type {device.type!r}"
     if _load(name) is None:
         return f"backend {name!r} is not available: {_why_not[name]}"
     return None
 
 
 def resolve(name: str, device: torch.device) -> str:
-    """Resolve ``"auto"`` (cuda > triton > torch on CUDA, torch elsewhere) and check availability.
+    """Resolve ``"auto"`` (the available backend of highest priority for the device: cuda > triton >
+    torch on CUDA, torch elsewhere) and check availability.
 
     Raises ValueError naming the backend and the reason when it cannot run on ``device``.
     """
     device = torch.device(device)
     if name == "auto":
-        if device.type == "cuda":
-            for cand in ("cuda", "triton"):
-                if unavailable_reason(cand, device) is None:
-                    return cand
+        for cand in sorted(REGISTRY.values(), key=lambda b: -b.priority):
+            if cand.name != "torch" and device.type == "cpu":
+                continue  # the interpreter is for tests: auto never picks it
+            if unavailable_reason(cand.name, device) is None:
+                return cand.name
         return "torch"
     why = unavailable_reason(name, device)
     if why is not None:
@@ -124,153 +149,173 @@ def backend_module(name: str) -> ModuleType:
     return mod
 
 
-# ---------------------------------------------------------------------------------------
-# The primitives. Each forwards to the backend module of the same name; while
-# torch.compile traces, to the custom op of the same name (sharpfused.library), which the
-# graph keeps as one opaque node that runs the same backend function.
-# ---------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------- dispatch
+_KIND = operator.attrgetter("device", "dtype")
 
 
-def sq_norm(
-    xs: Sequence[Tensor],
-    weights: Optional[Sequence[Tensor]] = None,
-    eta: float = 0.0,
-    per_tensor: bool = False,
-    *,
-    backend: str = "torch",
-) -> Union[Tensor, tuple[Tensor, Tensor]]:
-    """Squared L2 norm ``sum_i sum((T_i * x_i)**2)`` with ``T_i = |w_i| + eta`` (ASAM) or 1.
-
-    Returns a 0-d opmath tensor on the list's device; with ``per_tensor=True`` also a
-    1-d tensor of each tensor's squared norm. Non-finite inputs give a non-finite result.
-    """
-    if torch.compiler.is_compiling():
-        return library.sq_norm(xs, weights, eta, per_tensor, backend=backend)
-    return _loaded.get(backend, backend_module(backend)).sq_norm(xs, weights, eta, per_tensor)
-
-
-def perturb_(
-    params: Sequence[Tensor],
-    grads: Sequence[Tensor],
-    backup: Optional[Sequence[Tensor]],
-    scale: Scalar,
-    eta: Optional[float] = None,
-    mask: Optional[Sequence[Tensor]] = None,
-    *,
-    backend: str = "torch",
-) -> None:
-    """``backup <- w`` (skipped when ``backup`` is None), then ``w <- w + scale * T^2 * g [* mask]``.
-
-    ``T = |w| + eta`` (evaluated at the incoming w) when ``eta`` is not None, else 1. A scale
-    equal to zero drops the term: w keeps its bits even where g is inf or NaN (the optimizers
-    pass scale 0 when the gradient norm is not finite, so the next forward sees finite weights).
-    """
-    if torch.compiler.is_compiling():
-        return library.perturb_(params, grads, backup, scale, eta, mask, backend=backend)
-    _loaded.get(backend, backend_module(backend)).perturb_(params, grads, backup, scale, eta, mask)
+def _split(p: Primitive, args: tuple) -> Optional[list[tuple[list[int], tuple]]]:
+    """None when the lists form one group (the usual case); else ``[(index, args), ...]`` per
+    (device, dtype) of the first list, with every list argument narrowed to ``index``."""
+    pos = p.lists
+    first = args[pos[0]]
+    if not first:
+        raise ValueError(f"{p.name}: primitives take a non-empty list of tensors ({p.args[pos[0]].name} is empty)")
+    n = len(first)
+    for i in pos[1:]:
+        o = args[i]
+        if o is not None and len(o) != n:
+            raise ValueError(f"{p.name}: parallel lists differ in length: {p.args[pos[0]].name} has {n}, {p.args[i].name} {len(o)}")
+    if len(set(map(_KIND, first))) == 1:
+        return None
+    by: dict[tuple, list[int]] = {}
+    for i, t in enumerate(first):
+        by.setdefault((t.device, t.dtype), []).append(i)
+    out = []
+    for idx in by.values():
+        sub = list(args)
+        for i in pos:
+            if sub[i] is not None:
+                sub[i] = [args[i][j] for j in idx]
+        out.append((idx, tuple(sub)))
+    return out
 
 
-def restore_(params: Sequence[Tensor], backup: Sequence[Tensor], *, backend: str = "torch") -> None:
-    """``w <- backup``, bit-exact."""
-    if torch.compiler.is_compiling():
-        return library.restore_(params, backup, backend=backend)
-    _loaded.get(backend, backend_module(backend)).restore_(params, backup)
+def _run(p: Primitive, args: tuple, backend: str) -> Any:
+    """One group on ``backend``, or on the torch backend when the backend does not take it."""
+    mod = _loaded.get(backend) or backend_module(backend)
+    if backend != "torch":
+        fn = getattr(mod, p.name, None)
+        supports = getattr(mod, "supports", None)
+        if fn is not None and (supports is None or supports(p.name, [args[i] for i in p.lists])):
+            return fn(*args)
+        FALLBACKS[(backend, p.name)] += 1
+        mod = _loaded.get("torch") or backend_module("torch")
+    return getattr(mod, p.name)(*args)
 
 
-def dot_norms(a: Sequence[Tensor], b: Sequence[Tensor], *, backend: str = "torch") -> Tensor:
-    """``(<a,b>, |a|^2, |b|^2)`` over all tensors, as one 1-d opmath tensor of 3 entries."""
-    if torch.compiler.is_compiling():
-        return library.dot_norms(a, b, backend=backend)
-    return _loaded.get(backend, backend_module(backend)).dot_norms(a, b)
+def call(name: str, args: tuple, backend: str = "torch") -> Any:
+    """Primitive ``name`` with its arguments in the spec's order (positional), on ``backend``."""
+    p = SPECS[name]
+    groups = _split(p, args)
+    if groups is None:
+        return _run(p, args, backend)
+    results = [(idx, _run(p, a, backend)) for idx, a in groups]
+    return _JOIN[p.result](p, args, results)
 
 
-def combine_(
-    g: Sequence[Tensor], saved: Sequence[Tensor], c1: Scalar, c2: Scalar, *, backend: str = "torch"
-) -> None:
-    """``g <- c1 * g + c2 * saved``; a coefficient equal to zero drops its term entirely.
-
-    So a non-finite input behind a zero coefficient never reaches the output: with device
-    coefficients chosen by a skip flag (``torch.where(skip, 1, c1)``, ``torch.where(skip, 0, c2)``)
-    an algorithm keeps its state unchanged on a skipped step without a host sync.
-    """
-    dev = g[0].device if g else None
-    c1 = c1.to(dev) if isinstance(c1, Tensor) and c1.device != dev else c1
-    c2 = c2.to(dev) if isinstance(c2, Tensor) and c2.device != dev else c2
-    if torch.compiler.is_compiling():
-        return library.combine_(g, saved, c1, c2, backend=backend)
-    _loaded.get(backend, backend_module(backend)).combine_(g, saved, c1, c2)
+def _join_none(p: Primitive, args: tuple, results: list) -> None:
+    return None
 
 
-def restore_sgd_(
-    params: Sequence[Tensor],
-    backup: Sequence[Tensor],
-    grads: Sequence[Tensor],
-    momentum_buffers: Optional[Sequence[Tensor]],
-    *,
-    lr: Scalar,
-    momentum: float,
-    dampening: float,
-    weight_decay: float,
-    nesterov: bool,
-    init_momentum: bool,
-    grad_coef: Optional[Scalar] = None,
-    found_inf: Optional[Tensor] = None,
-    backend: str = "torch",
-) -> None:
-    """Restore fused with torch.optim.SGD's update, evaluated at the restored weights w0:
-
-    g' = grad_coef*g;  d = g' + wd*w0;  buf = d (first step) or momentum*buf + (1-dampening)*d;
-    d = d + momentum*buf (nesterov) or buf;  w = w0 - lr*d.
-    ``momentum_buffers`` is None when momentum == 0; ``init_momentum`` marks the first step.
-    ``grad_coef`` (unscale and clip factor) multiplies g first. ``found_inf``: a 0-d device
-    tensor; where nonzero the step is skipped on the device: w = w0 bit-exactly and the
-    momentum buffers keep their values (on an ``init_momentum`` step they become zeros).
-    """
-    if torch.compiler.is_compiling():
-        return library.restore_sgd_(
-            params, backup, grads, momentum_buffers, lr=lr, momentum=momentum, dampening=dampening,
-            weight_decay=weight_decay, nesterov=nesterov, init_momentum=init_momentum, grad_coef=grad_coef,
-            found_inf=found_inf, backend=backend,
-        )
-    _loaded.get(backend, backend_module(backend)).restore_sgd_(
-        params, backup, grads, momentum_buffers, lr, momentum, dampening, weight_decay, nesterov, init_momentum,
-        grad_coef, found_inf,
-    )
+def _join_sq_norm(p: Primitive, args: tuple, results: list) -> Any:
+    """Several groups: the totals summed, in float64 when any group is float64; per-tensor results
+    back in list order by slicing and one ``torch.cat`` (no index tensor: no host-to-device copy in
+    a step, nothing a CUDA graph would have to hold)."""
+    per_tensor = args[p.names.index("per_tensor")]
+    totals = [r[0] if per_tensor else r for _, r in results]
+    out_dtype = torch.float64 if any(t.dtype == torch.float64 for t in totals) else totals[0].dtype
+    total = torch.stack([t.to(out_dtype) for t in totals]).sum()
+    if not per_tensor:
+        return total
+    where = {}  # position in the list -> (group, position in the group)
+    for k, (idx, _) in enumerate(results):
+        for j, i in enumerate(idx):
+            where[i] = (k, j)
+    pers = [r[1].to(out_dtype) for _, r in results]
+    pieces, run = [], None  # runs of consecutive positions of one group
+    for i in range(len(where)):
+        k, j = where[i]
+        if run is not None and run[0] == k and run[2] == j:
+            run[2] = j + 1
+        else:
+            if run is not None:
+                pieces.append(pers[run[0]][run[1] : run[2]])
+            run = [k, j, j + 1]
+    pieces.append(pers[run[0]][run[1] : run[2]])
+    return total, torch.cat(pieces)
 
 
-def restore_adamw_(
-    params: Sequence[Tensor],
-    backup: Sequence[Tensor],
-    grads: Sequence[Tensor],
-    exp_avgs: Sequence[Tensor],
-    exp_avg_sqs: Sequence[Tensor],
-    *,
-    step: Scalar,
-    lr: Scalar,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    grad_coef: Optional[Scalar] = None,
-    found_inf: Optional[Tensor] = None,
-    backend: str = "torch",
-) -> None:
-    """Restore fused with torch.optim.AdamW's update (``step`` already counts this step):
-
-    g' = grad_coef*g; w0 = backup; m = b1*m + (1-b1)*g'; v = b2*v + (1-b2)*g'^2;
-    w = w0*(1 - lr*wd) - lr/(1-b1^t) * m / (sqrt(v)/sqrt(1-b2^t) + eps).
-    ``step`` is an int or a 0-d device tensor (bias corrections then computed on the device, so
-    the call needs no host value and can be captured in a CUDA graph). ``found_inf``: a 0-d
-    device tensor; where nonzero the step is skipped: w = w0 bit-exactly, m and v unchanged.
-    """
-    if torch.compiler.is_compiling():
-        return library.restore_adamw_(
-            params, backup, grads, exp_avgs, exp_avg_sqs, step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
-            weight_decay=weight_decay, grad_coef=grad_coef, found_inf=found_inf, backend=backend,
-        )
-    _loaded.get(backend, backend_module(backend)).restore_adamw_(
-        params, backup, grads, exp_avgs, exp_avg_sqs, step, lr, beta1, beta2, eps, weight_decay, grad_coef, found_inf
-    )
+def _join_vector3(p: Primitive, args: tuple, results: list) -> Tensor:
+    return torch.stack([r.double() for _, r in results]).sum(0)
 
 
-from . import library  # noqa: E402  (imports ops back: the custom ops call backend_module)
+_JOIN = {"none": _join_none, "sq_norm": _join_sq_norm, "vector3": _join_vector3}
+
+
+class _Bound:
+    """The primitives of one backend, called positionally in the spec's order (tests, bench)."""
+
+    def __init__(self, backend: str) -> None:
+        self.backend = backend
+
+    def __getattr__(self, name: str) -> Any:
+        if name not in SPECS:
+            raise AttributeError(name)
+        return lambda *args: call(name, tuple(args) + tuple(_defaults(SPECS[name], len(args))), self.backend)
+
+
+def _defaults(p: Primitive, given: int) -> list:
+    rest = p.args[given:]
+    missing = [a.name for a in rest if a.default is REQUIRED]
+    if missing:
+        raise TypeError(f"{p.name}() missing arguments: {', '.join(missing)}")
+    return [a.default for a in rest]
+
+
+def on(backend: str) -> _Bound:
+    """``on("triton").sq_norm(xs, None, 0.0, True)``: primitives bound to one backend, positional
+    arguments in the spec's order, through the dispatcher (grouping and fallback included)."""
+    return _Bound(backend)
+
+
+# ---------------------------------------------------------------------------------------- public functions
+class _Library:
+    """sharpfused.library, looked up at call time (it imports this module)."""
+
+    @staticmethod
+    def call(name: str, args: tuple, backend: str) -> Any:
+        return library.call(name, args, backend)
+
+
+def _generate(p: Primitive) -> Any:
+    """The public function of primitive ``p``: its signature and docstring from the spec."""
+    params, kw_started = [], False
+    for a in p.args:
+        if a.keyword and not kw_started:
+            params.append("*")
+            kw_started = True
+        params.append(a.name if a.default is REQUIRED else f"{a.name}=_d[{a.name!r}]")
+    params.append("backend='torch'" if kw_started else "*, backend='torch'")
+    moves = [a.name for a in p.args if a.kind in ("scalar", "scalar?") and a.to_device]
+    names = ", ".join(p.names) + ","
+    lines = [f"def {p.name}({', '.join(params)}):"]
+    for m in moves:  # a tensor coefficient made elsewhere (e.g. a skip flag's device) follows the list
+        first = p.args[p.lists[0]].name
+        lines.append(f"    if isinstance({m}, _Tensor) and {first} and {m}.device != {first}[0].device:")
+        lines.append(f"        {m} = {m}.to({first}[0].device)")
+    lines.append("    if _compiling():")
+    lines.append(f"        return _library.call({p.name!r}, ({names}), backend)")
+    lines.append(f"    return _call({p.name!r}, ({names}), backend)")
+    ns: dict[str, Any] = {
+        "_d": {a.name: a.default for a in p.args},
+        "_compiling": torch.compiler.is_compiling,
+        "_call": call,
+        "_Tensor": Tensor,
+        "_library": _Library,
+    }
+    exec("\n".join(lines), ns)  # noqa: S102  (source built from the spec table above, no user input)
+    fn = ns[p.name]
+    fn.__module__ = __name__
+    fn.__qualname__ = p.name
+    fn.__doc__ = p.doc
+    return fn
+
+
+for _p in SPECS.values():
+    globals()[_p.name] = _generate(_p)
+del _p
+
+__all__ = ["BACKENDS", "FALLBACKS", "PRIMITIVES", "REGISTRY", "Backend", "backend_module", "call", "on",
+           "resolve", "unavailable_reason", *PRIMITIVES]
+
+from . import library  # noqa: E402  (imports ops back: the custom ops run call())

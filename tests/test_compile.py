@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 import sharpfused
 from sharpfused import library, ops
+from sharpfused.spec import REQUIRED, SPECS
 
 from .helpers import rand_list, rel_err
 from .test_algorithms import batches, mlp
@@ -142,41 +143,37 @@ def test_custom_op_schemas_and_fakes():
     half = [torch.randn(6).half(), torch.randn(2).half()]
     xs, ys, bk = rand_list(SHAPES), rand_list(SHAPES), rand_list(SHAPES)
     coef = torch.tensor(0.3)
+    pos = [t.abs() for t in rand_list(SHAPES)]
+    # arguments in the spec's order; library._encode gives the op's (scalars as pairs, None lists empty)
     cases = [
-        (torch.ops.sharpfused.sq_norm, (mixed, [], 0.0, True, "torch")),
-        (torch.ops.sharpfused.sq_norm, (half, [t.abs() for t in half], 0.1, False, "torch")),
-        (torch.ops.sharpfused.dot_norms, (mixed, [t.clone() for t in mixed], "torch")),
-        (torch.ops.sharpfused.dot_norms, (half, half, "torch")),
-        (torch.ops.sharpfused.perturb_, (xs, ys, bk, 0.0, coef, 0.01, [], "torch")),
-        (torch.ops.sharpfused.restore_, (xs, bk, "torch")),
-        (torch.ops.sharpfused.combine_, (xs, ys, 0.5, None, 0.0, coef, "torch")),
-        (
-            torch.ops.sharpfused.restore_sgd_,
-            (xs, bk, ys, rand_list(SHAPES), 0.1, None, 0.9, 0.0, 0.0, False, False, None, None, None, "torch"),
-        ),
-        (
-            torch.ops.sharpfused.restore_adamw_,
-            (
-                xs,
-                bk,
-                ys,
-                rand_list(SHAPES),
-                [t.abs() for t in rand_list(SHAPES)],
-                0.0,
-                torch.tensor(2.0),
-                1e-2,
-                None,
-                0.9,
-                0.999,
-                1e-8,
-                0.01,
-                0.0,
-                coef,
-                torch.tensor(0.0),
-                "torch",
-            ),
-        ),
+        ("sq_norm", (mixed, None, 0.0, True)),
+        ("sq_norm", (half, [t.abs() for t in half], 0.1, False)),
+        ("dot_norms", (mixed, [t.clone() for t in mixed])),
+        ("dot_norms", (half, half)),
+        ("perturb_", (xs, ys, bk, coef, 0.01, None)),
+        ("restore_", (xs, bk)),
+        ("combine_", (xs, ys, 0.5, coef)),
+        ("restore_sgd_", (xs, bk, ys, rand_list(SHAPES), 0.1, 0.9, 0.0, 0.0, False, False, None, None)),
     ]
+    extra = {"restore_adamw_": dict(step=torch.tensor(2.0), lr=1e-2, grad_coef=coef, found_inf=torch.tensor(0.0))}
+    for name, p in SPECS.items():  # every other primitive (the fused base steps) from the spec
+        if any(c[0] == name for c in cases):
+            continue
+        args = []
+        for a in p.args:
+            if a.name in extra.get(name, {}):
+                args.append(extra[name][a.name])
+            elif a.kind == "list" or (a.kind == "list?" and a.default is REQUIRED):
+                args.append(pos if "sq" in a.name or "avg" in a.name else rand_list(SHAPES))
+            elif a.kind in ("scalar", "scalar?", "float") and a.default is REQUIRED:
+                args.append(0.9 if "beta" in a.name or a.name in ("alpha", "momentum") else 1e-2)
+            elif a.kind == "bool" and a.default is REQUIRED:
+                args.append(False)
+            else:
+                args.append(a.default)
+        cases.append((name, tuple(args)))
+    assert {c[0] for c in cases} == set(SPECS)
+    cases = [(getattr(torch.ops.sharpfused, n), (*library._encode(SPECS[n], a), "torch")) for n, a in cases]
     for op, args in cases:
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
 
@@ -187,7 +184,7 @@ def test_eager_calls_bypass_the_custom_ops(monkeypatch):
     def forbid(*a, **k):
         raise AssertionError("an eager primitive went through torch.library")
 
-    monkeypatch.setattr(library, "sq_norm", forbid)
+    monkeypatch.setattr(library, "call", forbid)
     xs = rand_list(SHAPES)
     assert rel_err(ops.sq_norm(xs), sum((x.double() ** 2).sum() for x in xs)) < 1e-6
 

@@ -1,5 +1,6 @@
 """Every algorithm's step on the triton backend runs Triton kernels only: no primitive falls back
-to the torch backend (counted at the torch backend's primitives). Float32 parameters, contiguous
+to the torch backend (the dispatcher's one counter, ``ops.FALLBACKS``, and no torch-backend
+primitive called at all). Float32 parameters, contiguous
 (float64 and non-contiguous groups go to the torch backend by design, see kernels/table.py)."""
 
 import pytest
@@ -51,6 +52,21 @@ def test_triton_step_calls_no_torch_backend_primitive(name, base, monkeypatch):
         loss.backward()
         return loss
 
+    before = ops.FALLBACKS.copy()
     for _ in range(4):  # full and reuse steps (LookSAM), mask refreshes (SSAM)
         opt.step(closure)
+    fell = ops.FALLBACKS - before
+    assert not fell, f"{name}+{base} fell back to the torch backend: {dict(fell)}"
     assert not calls, f"{name}+{base} fell back to the torch backend for {sorted(set(calls))}"
+
+
+def test_fallback_counter_counts_what_triton_refuses():
+    """float64 and non-contiguous groups go to the torch backend through the dispatcher, counted."""
+    pytest.importorskip("triton")
+    if ops.unavailable_reason("triton", torch.device("cpu")) is not None:
+        pytest.skip("triton needs TRITON_INTERPRET=1 on CPU")
+    before = ops.FALLBACKS.copy()
+    x = [torch.randn(5, dtype=torch.float64), torch.randn(3, 4).t()]
+    ops.sq_norm([x[0]], backend="triton")
+    ops.restore_([x[1]], [torch.randn(4, 3)], backend="triton")
+    assert ops.FALLBACKS - before == {("triton", "sq_norm"): 1, ("triton", "restore_"): 1}

@@ -14,7 +14,7 @@ import importlib
 import inspect
 
 import pytest
-import sharpfused.kernels as K
+import sharpfused.kernels as KM
 import torch
 from sharpfused.kernels import combine as k_combine
 from sharpfused.kernels import perturb as k_perturb
@@ -25,7 +25,6 @@ from torch import Tensor
 
 import sharpfused
 from sharpfused import ops
-from sharpfused.backends import torch_ops as T
 
 from . import reference as R
 from .helpers import TRITON_DEVICES, assert_within_torch_error, needs_interpreter, rel_err
@@ -34,6 +33,9 @@ from .helpers import TRITON_DEVICES, assert_within_torch_error, needs_interprete
 k_sq = importlib.import_module("sharpfused.kernels.sq_norm")
 k_dot = importlib.import_module("sharpfused.kernels.dot_norms")
 
+# the primitives through the dispatcher (grouping by (device, dtype) and the torch fallback
+# included), positional arguments in the spec's order
+K, T = ops.on("triton"), ops.on("torch")
 DEVICES = TRITON_DEVICES  # ["cpu"] under the interpreter (no GPU visible), ["cuda"] with a GPU
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 SIZES = (1, 7, 0, 1000, 4099)  # odd sizes, an empty tensor inside the list
@@ -607,7 +609,7 @@ def test_optimizer_parity(device, base, adaptive):
 @needs_interpreter
 def test_resolve_triton_on_cpu_under_interpreter():
     assert ops.resolve("triton", torch.device("cpu")) == "triton"
-    assert ops.backend_module("triton") is K
+    assert ops.backend_module("triton") is KM
 
 
 # ------------------------------------------------------------------------------------ rounding, errors

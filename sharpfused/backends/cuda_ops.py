@@ -8,7 +8,8 @@ Kernels run on contiguous float32, bfloat16, float16 and float64 tensors of one 
 group, math in opmath (float32; float64 for float64); ``perturb_``'s mask may also be uint8 or
 bool (SSAM stores a uint8 0/1 mask), read by the kernel as one byte per element. A (device,
 dtype) group that the kernels cannot take -- a non-contiguous tensor, companion lists of another
-dtype, another dtype -- is handed to :mod:`.torch_ops` for that group, with the same results.
+dtype, another dtype -- is refused by :func:`supports`; the dispatcher (:mod:`sharpfused.ops`)
+sends it to the torch backend, with the same results.
 
 Per-step scalars (``scale``, ``lr``, ``c1``, ``c2``, ``eta`` and ``grad_coef``) given as tensors are moved to
 the device in opmath and read there by the kernel; Python numbers are passed by value. The fused
@@ -95,86 +96,45 @@ def _list(xs: Optional[Sequence[Tensor]]) -> Optional[list[Tensor]]:
     return None if xs is None else list(xs)
 
 
+def supports(name: str, lists: Sequence[Optional[Sequence[Tensor]]]) -> bool:
+    """Whether the kernels take one group of primitive ``name`` (the dispatcher sends the rest to
+    the torch backend): see :func:`_fits`; perturb_'s mask (its fourth list) may be bytes."""
+    if name == "perturb_":
+        return _fits(*lists[:3], mask=lists[3])
+    return _fits(*lists)
+
+
 def sq_norm(xs, weights=None, eta=0.0, per_tensor=False):
     _check_cuda(xs)
-    parts, order = [], []
-    for _, (x, w) in _groups(xs, weights):
-        if _fits(x, w):
-            et, ev = _scalar(eta, x[0].dtype, x[0].device)
-            total, per = _C.sq_norm(list(x), _list(w), et, ev)
-        else:
-            total, per = torch_ops.sq_norm(x, w, eta, True)
-        parts.append((total, per))
-        order.append(x)
-    if len(parts) == 1:
-        total, per = parts[0]
-        return (total, per) if per_tensor else total
-    per = _in_list_order(xs, order, [p for _, p in parts])
-    total = per.sum()
+    et, ev = _scalar(eta, xs[0].dtype, xs[0].device)
+    total, per = _C.sq_norm(list(xs), _list(weights), et, ev)
     return (total, per) if per_tensor else total
-
-
-def _in_list_order(xs: Sequence[Tensor], order: list, pers: list[Tensor]) -> Tensor:
-    """Per-tensor results of the groups (``order[k]``: group k's tensors, ``pers[k]``: its results)
-    as one tensor in the order of ``xs``, float64 when any group's is. Slices of the group results
-    joined by one ``torch.cat``: no index tensor, so no host-to-device copy (nor sync) in a step,
-    and nothing that CUDA-graph capture would have to hold."""
-    out_dtype = torch.float64 if any(p.dtype == torch.float64 for p in pers) else torch.float32
-    pers = [p.to(out_dtype) for p in pers]
-    where = {}  # id of a tensor -> (group, position in the group)
-    for k, x in enumerate(order):
-        for j, t in enumerate(x):
-            where[id(t)] = (k, j)
-    pieces, run = [], None  # runs of consecutive positions of one group
-    for t in xs:
-        k, j = where[id(t)]
-        if run is not None and run[0] == k and run[2] == j:
-            run[2] = j + 1
-        else:
-            if run is not None:
-                pieces.append(pers[run[0]][run[1] : run[2]])
-            run = [k, j, j + 1]
-    pieces.append(pers[run[0]][run[1] : run[2]])
-    return torch.cat(pieces)
 
 
 def perturb_(params, grads, backup, scale, eta=None, mask=None):
     _check_cuda(params)
-    for dtype, (p, g, b, m) in _groups(params, grads, backup, mask):
-        if not _fits(p, g, b, mask=m):
-            torch_ops.perturb_(p, g, b, scale, eta, m)
-            continue
-        st, sv = _scalar(scale, dtype, p[0].device)
-        et, ev = _scalar(0.0 if eta is None else eta, dtype, p[0].device)
-        _C.perturb_(list(p), list(g), _list(b), st, sv, eta is not None, et, ev, _list(m))
+    dtype, dev = params[0].dtype, params[0].device
+    st, sv = _scalar(scale, dtype, dev)
+    et, ev = _scalar(0.0 if eta is None else eta, dtype, dev)
+    _C.perturb_(list(params), list(grads), _list(backup), st, sv, eta is not None, et, ev, _list(mask))
 
 
 def restore_(params, backup):
     _check_cuda(params)
-    for _, (p, b) in _groups(params, backup):
-        if _fits(p, b):
-            _C.restore_(list(p), list(b))
-        else:
-            torch_ops.restore_(p, b)
+    _C.restore_(list(params), list(backup))
 
 
 def dot_norms(a, b):
     _check_cuda(a)
-    out = []
-    for _, (x, y) in _groups(a, b):
-        out.append(_C.dot_norms(list(x), list(y)) if _fits(x, y) else torch_ops.dot_norms(x, y))
-    return out[0] if len(out) == 1 else torch.stack([o.double() for o in out]).sum(0)
+    return _C.dot_norms(list(a), list(b))
 
 
 def combine_(g, saved, c1, c2):
     _check_cuda(g)
-    for dtype, (x, s) in _groups(g, saved):
-        if not _fits(x, s):
-            torch_ops.combine_(x, s, c1, c2)
-            continue
-        t1, v1 = _scalar(c1, dtype, x[0].device)
-        t2, v2 = _scalar(c2, dtype, x[0].device)
-        _C.combine_(list(x), list(s), t1, v1, t2, v2)
+    dtype, dev = g[0].dtype, g[0].device
+    t1, v1 = _scalar(c1, dtype, dev)
+    t2, v2 = _scalar(c2, dtype, dev)
+    _C.combine_(list(g), list(saved), t1, v1, t2, v2)
 
 
 def _device_f32(t: Optional[Tensor], device: torch.device) -> Optional[Tensor]:

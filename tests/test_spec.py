@@ -1,0 +1,107 @@
+"""Every backend, the public functions and the custom ops against the one table of primitive
+contracts (sharpfused/spec.py): a new backend is checked by registering it in ops.REGISTRY."""
+
+import inspect
+
+import pytest
+import torch
+
+from sharpfused import library, ops
+from sharpfused.spec import REQUIRED, SPECS
+
+
+def _available():
+    out = []
+    for name in ops.BACKENDS:
+        mod = ops._load(name)
+        if mod is not None:
+            out.append((name, mod))
+    return out
+
+
+def test_torch_backend_is_complete_and_others_loaded_here():
+    names = [n for n, _ in _available()]
+    assert "torch" in names
+    assert set(ops.PRIMITIVES) == set(SPECS)
+
+
+@pytest.mark.parametrize("backend", [n for n, _ in _available()])
+@pytest.mark.parametrize("name", list(SPECS))
+def test_backend_function_takes_the_spec_arguments_in_order(backend, name):
+    """Positional parameter names equal the spec's; a backend may leave a primitive out (then the
+    dispatcher routes it to the torch backend), but not define it with another signature."""
+    mod = ops.backend_module(backend)
+    fn = getattr(mod, name, None)
+    if fn is None:
+        assert backend != "torch", f"the torch backend lacks {name}"
+        return
+    params = list(inspect.signature(fn).parameters.values())
+    assert [p.name for p in params] == list(SPECS[name].names), f"{backend}.{name}"
+    assert all(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params)
+
+
+@pytest.mark.parametrize("name", list(SPECS))
+def test_public_function_signature_from_the_spec(name):
+    p = SPECS[name]
+    sig = inspect.signature(getattr(ops, name))
+    params = list(sig.parameters.values())
+    assert [q.name for q in params] == [*p.names, "backend"]
+    for a, q in zip(p.args, params):
+        assert (q.default is inspect.Parameter.empty) == (a.default is REQUIRED), a.name
+        assert (q.kind == q.KEYWORD_ONLY) == a.keyword or (q.kind == q.KEYWORD_ONLY and params.index(q) > 0), a.name
+    assert getattr(ops, name).__doc__ == p.doc
+
+
+@pytest.mark.parametrize("name", list(SPECS))
+def test_custom_op_schema_from_the_spec(name):
+    p = SPECS[name]
+    op = getattr(torch.ops.sharpfused, name).default
+    args = op._schema.arguments
+    want = []
+    for a in p.args:
+        want += [a.name, f"{a.name}_t"] if a.kind in ("scalar", "scalar?") else [a.name]
+    assert [x.name for x in args] == [*want, "backend"]
+    mutated = {x.name for x in args if x.alias_info is not None and x.alias_info.is_write}
+    assert mutated == set(p.mutates)
+    assert str(op._schema).endswith(library.schema(p).split(") -> ")[1])
+
+
+def test_byte_models_from_the_spec():
+    # bytes counted per list given: perturb_ reads w, g and writes w and the backup
+    assert SPECS["perturb_"].bytes({"params": 1, "grads": 1, "backup": 1}) == 4
+    assert SPECS["perturb_"].bytes({"params": 1, "grads": 1, "backup": None}) == 3
+    sgd = {"params": 1, "backup": 1, "grads": 1, "momentum_buffers": 1}
+    assert SPECS["restore_sgd_"].bytes(sgd) == 5
+    assert SPECS["restore_sgd_"].bytes({**sgd, "init_momentum": True}) == 4  # a new buffer: written only
+    assert SPECS["sq_norm"].bytes({"xs": 1, "weights": 1}) == 2
+    assert "traffic" in ops.__doc__ and all(f"``{n}``" in ops.__doc__ for n in SPECS)
+
+
+def test_dispatcher_refuses_bad_lists_naming_them():
+    x = [torch.randn(3)]
+    with pytest.raises(ValueError, match="non-empty.*params"):
+        ops.restore_([], [])
+    with pytest.raises(ValueError, match="differ in length.*params has 1, backup 2"):
+        ops.restore_(x, x + x)
+
+
+def test_mixed_groups_joined_once():
+    """Several (device, dtype) groups: each to the backend, results joined by the dispatcher."""
+    torch.manual_seed(0)
+    xs = [torch.randn(4), torch.randn(3, dtype=torch.float64), torch.randn(5).bfloat16(), torch.randn(2)]
+    total, per = ops.sq_norm(xs, per_tensor=True)
+    want = torch.stack([x.double().square().sum() for x in xs])
+    assert per.dtype == total.dtype == torch.float64
+    torch.testing.assert_close(per, want, rtol=1e-2, atol=0)
+    torch.testing.assert_close(total, want.sum(), rtol=1e-2, atol=0)
+    d = ops.dot_norms(xs, xs)
+    assert d.dtype == torch.float64 and d.shape == (3,)
+    torch.testing.assert_close(d[0], d[1])
+    w = [x.clone() for x in xs]
+    ops.combine_(w, xs, 0.5, 0.5)
+    assert all(torch.equal(a, b) for a, b in zip(w, xs))
+
+
+def test_unknown_backend_named():
+    with pytest.raises(ValueError, match="unknown backend 'nope'"):
+        ops.resolve("nope", torch.device("cpu"))
