@@ -1,7 +1,7 @@
 """Ahead-of-time compile of every Triton kernel variant of kernels/*.py for sm_80 and sm_90, no GPU.
 
 The variants are the ones the launch wrappers really launch: each wrapper (perturb_, restore_,
-restore_sgd_, restore_adamw_, combine_, dot_norms, sq_norm, bisam_lower_bound_fwd) is called on
+restore_sgd_, restore_adamw_, restore_rmsprop_, combine_, dot_norms, sq_norm, bisam_lower_bound_fwd) is called on
 small CPU tensors over a grid of dtypes (fp32/bf16/fp16), aligned and unaligned tables (one
 tensor moved off 16 bytes makes a table unaligned) and its option flags, with
 ``JITFunction.run`` replaced by a recorder. The recorder binds the arguments with Triton's own
@@ -54,7 +54,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SHORT = {"float32": "f32", "bfloat16": "bf16", "float16": "f16", "int32": "i32", "int16": "i16", "uint8": "u8"}
 #: kernels that stream the multi-tensor table (checked for 16-byte access when aligned)
 STREAMING = {
-    "_perturb_kernel", "_restore_kernel", "_restore_sgd_kernel", "_restore_adamw_kernel",
+    "_perturb_kernel", "_restore_kernel", "_restore_sgd_kernel", "_restore_adamw_kernel", "_restore_rmsprop_kernel",
     "_combine_kernel", "_dot_norms_kernel", "_sq_norm_kernel", "_bisam_lower_bound_kernel",
 }  # fmt: skip
 #: streaming kernels that store only one scalar per program
@@ -186,8 +186,16 @@ def enumerate_variants() -> None:
         for flip in (
             {}, dict(step=torch.tensor(3.0)), dict(lr=one * 1e-3), dict(grad_coef=0.5), dict(grad_coef=one * 0.5),
             dict(found_inf=torch.zeros(1)), dict(step=torch.tensor(3.0), found_inf=torch.zeros(1), grad_coef=one),
+            dict(decoupled=False), dict(decoupled=False, step=torch.tensor(3.0), found_inf=torch.zeros(1)),
         ):  # fmt: skip
             K.restore_adamw_(p, b, g, mm, vv, **{**base, **flip})
+        # restore_rmsprop_
+        base = dict(lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.9)
+        for flip in (
+            {}, dict(momentum=0.0), dict(weight_decay=1e-4), dict(lr=one * 1e-2), dict(grad_coef=0.5),
+            dict(grad_coef=one * 0.5), dict(found_inf=torch.zeros(1)), dict(found_inf=torch.zeros(1), momentum=0.0),
+        ):  # fmt: skip
+            K.restore_rmsprop_(p, b, g, vv, buf, **{**base, **flip})
         # combine_: each coefficient a number or a device tensor (the first list: the unaligned one)
         for c1 in (0.5, one * 0.5):
             for c2 in (0.5, one * 0.5):
@@ -206,6 +214,7 @@ def enumerate_variants() -> None:
         K.restore_(p, b)
         K.restore_sgd_(p, b, g, buf, 0.1, 0.9, 0.0, 0.0, False, False, None, torch.zeros(1))
         K.restore_adamw_(p, b, g, mm, vv, 3, 1e-3, 0.9, 0.999, 1e-8, 0.01, None, torch.zeros(1))
+        K.restore_rmsprop_(p, b, g, vv, buf, 1e-2, 0.99, 1e-8, 0.0, 0.9, None, torch.zeros(1))
 
     # bisam: row lengths giving BLOCK 16 / 1024 / 4096, with K % 16 == 0 (aligned) or not
     for _dn, dt in DTYPES.items():

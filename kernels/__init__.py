@@ -16,8 +16,11 @@ from .combine import combine_
 from .dot_norms import dot_norms
 from .perturb import perturb_
 from .restore import restore_
-from .restore_step import restore_adamw_, restore_sgd_
+from .restore_step import restore_adamw_, restore_rmsprop_, restore_sgd_
 from .sq_norm import sq_norm
 from .table import supports
 
-__all__ = ["combine_", "dot_norms", "perturb_", "restore_", "restore_adamw_", "restore_sgd_", "sq_norm", "supports"]
+__all__ = [
+    "combine_", "dot_norms", "perturb_", "restore_", "restore_adamw_", "restore_rmsprop_", "restore_sgd_", "sq_norm",
+    "supports",
+]  # fmt: skip

@@ -1,8 +1,10 @@
 """Restore fused with the base optimizer's update: ``w <- backup - update(g)``, states in place.
 
-``restore_sgd_`` is torch.optim.SGD's update (momentum, dampening, nesterov, weight decay) and
-``restore_adamw_`` torch.optim.AdamW's (Loshchilov & Hutter, ICLR 2019), both evaluated at the
-restored weights w0 = backup, so restore and base step are one pass. fp32 math; every output
+``restore_sgd_`` is torch.optim.SGD's update (momentum, dampening, nesterov, weight decay),
+``restore_adamw_`` torch.optim.AdamW's (Loshchilov & Hutter, ICLR 2019) or, with
+``decoupled=False``, torch.optim.Adam's (L2 weight decay: a constexpr switch of the same kernel),
+and ``restore_rmsprop_`` torch.optim.RMSprop's (not centered), all evaluated at the restored
+weights w0 = backup, so restore and base step are one pass. fp32 math; every output
 (w and each state) is rounded once. The gradient is first multiplied by ``grad_coef`` (GradScaler
 unscale, clipping) when given. ``found_inf`` (a 0-d device tensor) is read once per program: when
 nonzero the program only copies the backup's bits into w (a skipped step, decided on the device,
@@ -12,7 +14,9 @@ no host sync), never reads the gradient and leaves every state alone -- except t
 
 * SGD: read 2b (backup, g) + 1b (momentum buffer, after the first momentum step);
   write 1b (w) + 1b (momentum buffer, with momentum).
-* AdamW: read 4b (backup, g, exp_avg, exp_avg_sq); write 3b (w, exp_avg, exp_avg_sq).
+* AdamW / Adam: read 4b (backup, g, exp_avg, exp_avg_sq); write 3b (w, exp_avg, exp_avg_sq).
+* RMSprop: read 3b (backup, g, square_avg) + 1b (momentum buffer, with momentum); write 2b
+  (w, square_avg) + 1b (momentum buffer).
 * A skipped step (either): read 1b (backup); write 1b (w) (+1b zeros into the SGD momentum
   buffer on an ``init_momentum`` step).
 """
@@ -170,7 +174,9 @@ def _restore_sgd_kernel(
     if HAS_FOUND_INF:
         skip = tl.load(found_ptr) != 0  # once per program, any dtype; nonzero (NaN too) skips
     if skip:
-        _skipped_step(addrs_ptr, n_tensors, t, start, n, buf_ptr, PB_DT, BB_DT, HAS_MOMENTUM, INIT, ALIGNED, CHUNK, BLOCK)
+        _skipped_step(
+            addrs_ptr, n_tensors, t, start, n, buf_ptr, PB_DT, BB_DT, HAS_MOMENTUM, INIT, ALIGNED, CHUNK, BLOCK
+        )
     else:
         p_ptr = tensor_ptr(addrs_ptr, 0, n_tensors, t, P_DT, ALIGNED)
         b_ptr = tensor_ptr(addrs_ptr, 1, n_tensors, t, B_DT, ALIGNED)
@@ -292,13 +298,17 @@ def _restore_adamw_block(
     eps,
     bc2_sqrt,
     coef,
+    weight_decay,
     HAS_COEF: tl.constexpr,
+    DECOUPLED: tl.constexpr,
     MASKED: tl.constexpr,
 ):
     w0 = load(b_ptr, offs, mask, MASKED).to(tl.float32)
     g = load(g_ptr, offs, mask, MASKED).to(tl.float32)
     if HAS_COEF:
         g = g * coef
+    if not DECOUPLED:  # torch.optim.Adam's L2 decay: g' = g + wd*w0
+        g = g + weight_decay * w0
     m = load(m_ptr, offs, mask, MASKED).to(tl.float32)
     v = load(v_ptr, offs, mask, MASKED).to(tl.float32)
     m = m + one_minus_beta1 * (g - m)  # lerp(m, g, 1 - beta1), as torch.optim.AdamW
@@ -307,7 +317,11 @@ def _restore_adamw_block(
     denom = tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps
     store(m_ptr, offs, m, mask, MASKED)
     store(v_ptr, offs, v, mask, MASKED)
-    store(p_ptr, offs, decay * w0 + neg_step * tl.div_rn(m, denom), mask, MASKED)
+    if DECOUPLED:
+        w = decay * w0 + neg_step * tl.div_rn(m, denom)
+    else:
+        w = w0 + neg_step * tl.div_rn(m, denom)
+    store(p_ptr, offs, w, mask, MASKED)
 
 
 @triton.jit
@@ -346,11 +360,12 @@ def _restore_adamw_kernel(
     COEF_PTR: tl.constexpr,
     HAS_COEF: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr,
+    DECOUPLED: tl.constexpr,
     ALIGNED: tl.constexpr,
     CHUNK: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """AdamW(coef*g) at w0 = backup. Bytes/element: read backup, g, exp_avg, exp_avg_sq; write w,
+    """AdamW(coef*g) (DECOUPLED) or Adam with L2 decay at w0 = backup. Bytes/element: read backup, g, exp_avg, exp_avg_sq; write w,
     exp_avg, exp_avg_sq. Skipped step (found_inf != 0): read backup, write w."""
     t, start, n = chunk_of(chunk_tensor_ptr, chunk_start_ptr, numels_ptr, BLOCK)
     skip = False
@@ -379,12 +394,14 @@ def _restore_adamw_kernel(
             if base + BLOCK <= n:
                 _restore_adamw_block(
                     p_ptr, b_ptr, g_ptr, m_ptr, v_ptr, offs, mask, decay, neg_step,
-                    one_minus_beta1, beta2, one_minus_beta2, eps, bc2_sqrt, coef, HAS_COEF, False,
+                    one_minus_beta1, beta2, one_minus_beta2, eps, bc2_sqrt, coef, weight_decay, HAS_COEF, DECOUPLED,
+                    False,
                 )  # fmt: skip
             elif base < n:
                 _restore_adamw_block(
                     p_ptr, b_ptr, g_ptr, m_ptr, v_ptr, offs, mask, decay, neg_step,
-                    one_minus_beta1, beta2, one_minus_beta2, eps, bc2_sqrt, coef, HAS_COEF, True,
+                    one_minus_beta1, beta2, one_minus_beta2, eps, bc2_sqrt, coef, weight_decay, HAS_COEF, DECOUPLED,
+                    True,
                 )  # fmt: skip
 
 
@@ -396,12 +413,13 @@ def _fp32_halves(x: float) -> tuple[float, float]:
 
 def restore_adamw_(
     params, backup, grads, exp_avgs, exp_avg_sqs, step, lr, beta1, beta2, eps, weight_decay,
-    grad_coef=None, found_inf=None,
+    grad_coef=None, found_inf=None, decoupled=True,
 ) -> None:  # fmt: skip
-    """Restore fused with torch.optim.AdamW's update (``step`` already counts this step):
+    """Restore fused with torch.optim.AdamW's update, or torch.optim.Adam's (L2 weight decay)
+    with ``decoupled=False`` (``step`` already counts this step):
 
-    g' = grad_coef*g; w0 = backup; m = b1*m + (1-b1)*g'; v = b2*v + (1-b2)*g'^2;
-    w = w0*(1 - lr*wd) - lr/(1-b1^t) * m / (sqrt(v)/sqrt(1-b2^t) + eps).
+    g' = grad_coef*g (+ wd*w0 when not decoupled); w0 = backup; m = b1*m + (1-b1)*g';
+    v = b2*v + (1-b2)*g'^2; w = w0*(1 - lr*wd when decoupled) - lr/(1-b1^t) * m / (sqrt(v)/sqrt(1-b2^t) + eps).
     The bias corrections are computed on the host in double for an int ``step``, and in the
     kernel (fp64, no host sync) for a 0-d device tensor. ``found_inf`` nonzero: w = w0
     bit-exactly, m and v untouched, decided in the kernel. One launch per (device, dtype) group;
@@ -419,7 +437,9 @@ def restore_adamw_(
     b2_hi, b2_lo = _fp32_halves(float(beta2))
     for native, _, (p, b, g, m, v) in tb.groups(params, backup, grads, exp_avgs, exp_avg_sqs):
         if not native:
-            torch_ops.restore_adamw_(p, b, g, m, v, step, lr, beta1, beta2, eps, weight_decay, grad_coef, found_inf)
+            torch_ops.restore_adamw_(
+                p, b, g, m, v, step, lr, beta1, beta2, eps, weight_decay, grad_coef, found_inf, decoupled
+            )  # fmt: skip
             continue
         tab = tb.table([p, b, g, m, v])
         if tab.n_chunks == 0:
@@ -461,4 +481,169 @@ def restore_adamw_(
             COEF_PTR=coef_is,
             HAS_COEF=grad_coef is not None,
             HAS_FOUND_INF=has_found,
+            DECOUPLED=bool(decoupled) or not weight_decay,  # no decay: the two rules are one
+        )
+
+
+# --------------------------------------------------------------------------------------- RMSprop
+@triton.jit
+def _restore_rmsprop_block(
+    p_ptr,
+    b_ptr,
+    g_ptr,
+    v_ptr,
+    buf_ptr,
+    offs,
+    mask,
+    neg_lr,
+    alpha,
+    one_minus_alpha,
+    eps,
+    weight_decay,
+    momentum,
+    coef,
+    HAS_COEF: tl.constexpr,
+    HAS_WD: tl.constexpr,
+    HAS_MOMENTUM: tl.constexpr,
+    MASKED: tl.constexpr,
+):
+    w0 = load(b_ptr, offs, mask, MASKED).to(tl.float32)
+    g = load(g_ptr, offs, mask, MASKED).to(tl.float32)
+    if HAS_COEF:
+        g = g * coef
+    if HAS_WD:
+        g = g + weight_decay * w0
+    v = load(v_ptr, offs, mask, MASKED).to(tl.float32)
+    v = v * alpha + (one_minus_alpha * g) * g  # torch's mul_(alpha).addcmul_(g, g, value=1-alpha)
+    store(v_ptr, offs, v, mask, MASKED)
+    # correctly rounded sqrt and division (Triton's defaults are approximate on GPU): fp32 parity
+    d = tl.div_rn(g, tl.sqrt_rn(v) + eps)
+    if HAS_MOMENTUM:
+        d = momentum * load(buf_ptr, offs, mask, MASKED).to(tl.float32) + d
+        store(buf_ptr, offs, d, mask, MASKED)
+    store(p_ptr, offs, w0 + neg_lr * d, mask, MASKED)
+
+
+@triton.jit
+def _restore_rmsprop_kernel(
+    addrs_ptr,
+    numels_ptr,
+    chunk_tensor_ptr,
+    chunk_start_ptr,
+    n_tensors,
+    lr_ptr,
+    lr_val,
+    alpha,
+    one_minus_alpha,
+    eps,
+    weight_decay,
+    momentum,
+    coef_ptr,
+    coef_val,
+    found_ptr,
+    P_DT: tl.constexpr,
+    B_DT: tl.constexpr,
+    G_DT: tl.constexpr,
+    V_DT: tl.constexpr,
+    BUF_DT: tl.constexpr,
+    PB_DT: tl.constexpr,
+    BB_DT: tl.constexpr,
+    LR_PTR: tl.constexpr,
+    COEF_PTR: tl.constexpr,
+    HAS_COEF: tl.constexpr,
+    HAS_FOUND_INF: tl.constexpr,
+    HAS_WD: tl.constexpr,
+    HAS_MOMENTUM: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    CHUNK: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """RMSprop(coef*g) at w0 = backup. Bytes/element: read backup, g, square_avg (+buf); write w,
+    square_avg (+buf). Skipped step (found_inf != 0): read backup, write w."""
+    t, start, n = chunk_of(chunk_tensor_ptr, chunk_start_ptr, numels_ptr, BLOCK)
+    skip = False
+    if HAS_FOUND_INF:
+        skip = tl.load(found_ptr) != 0  # once per program, any dtype; nonzero (NaN too) skips
+    if skip:
+        _skipped_step(addrs_ptr, n_tensors, t, start, n, lr_ptr, PB_DT, BB_DT, False, False, ALIGNED, CHUNK, BLOCK)
+    else:
+        p_ptr = tensor_ptr(addrs_ptr, 0, n_tensors, t, P_DT, ALIGNED)
+        b_ptr = tensor_ptr(addrs_ptr, 1, n_tensors, t, B_DT, ALIGNED)
+        g_ptr = tensor_ptr(addrs_ptr, 2, n_tensors, t, G_DT, ALIGNED)
+        v_ptr = tensor_ptr(addrs_ptr, 3, n_tensors, t, V_DT, ALIGNED)
+        buf_ptr = v_ptr
+        if HAS_MOMENTUM:
+            buf_ptr = tensor_ptr(addrs_ptr, 4, n_tensors, t, BUF_DT, ALIGNED)
+        neg_lr = -load_scalar(lr_ptr, lr_val, LR_PTR)
+        coef = 1.0
+        if HAS_COEF:
+            coef = load_scalar(coef_ptr, coef_val, COEF_PTR)
+        for i in range(0, CHUNK, BLOCK):
+            base = tl.multiple_of(start + i, BLOCK)  # chunk starts are multiples of CHUNK
+            offs = base + tl.arange(0, BLOCK)
+            mask = offs < n
+            if base + BLOCK <= n:
+                _restore_rmsprop_block(
+                    p_ptr, b_ptr, g_ptr, v_ptr, buf_ptr, offs, mask, neg_lr, alpha, one_minus_alpha, eps,
+                    weight_decay, momentum, coef, HAS_COEF, HAS_WD, HAS_MOMENTUM, False,
+                )  # fmt: skip
+            elif base < n:
+                _restore_rmsprop_block(
+                    p_ptr, b_ptr, g_ptr, v_ptr, buf_ptr, offs, mask, neg_lr, alpha, one_minus_alpha, eps,
+                    weight_decay, momentum, coef, HAS_COEF, HAS_WD, HAS_MOMENTUM, True,
+                )  # fmt: skip
+
+
+def restore_rmsprop_(
+    params, backup, grads, square_avgs, momentum_buffers, lr, alpha, eps, weight_decay, momentum,
+    grad_coef=None, found_inf=None,
+) -> None:  # fmt: skip
+    """Restore fused with torch.optim.RMSprop's update (not centered) at w0 = backup:
+
+    g' = grad_coef*g + wd*w0; v = alpha*v + (1-alpha)*g'^2; avg = sqrt(v) + eps;
+    momentum > 0: buf = momentum*buf + g'/avg, w = w0 - lr*buf; else w = w0 - lr*g'/avg.
+    ``found_inf`` nonzero: w = w0 bit-exactly, v and buf untouched, decided in the kernel. One
+    launch per (device, dtype) group; float64 groups go to torch_ops.
+    """
+    has_momentum = momentum > 0
+    bufs = momentum_buffers if has_momentum else None
+    for native, _, (p, b, g, v, buf) in tb.groups(params, backup, grads, square_avgs, bufs):
+        if not native:
+            torch_ops.restore_rmsprop_(
+                p, b, g, v, buf, lr, alpha, eps, weight_decay, momentum, grad_coef, found_inf
+            )  # fmt: skip
+            continue
+        tab = tb.table([p, b, g, v] + ([buf] if has_momentum else []))
+        if tab.n_chunks == 0:
+            continue
+        lr_p, lr_v, lr_is = tb.scalar(lr, tab.chunk_begin)
+        coef_p, coef_v, coef_is = tb.scalar(1.0 if grad_coef is None else grad_coef, tab.chunk_begin)
+        found_p, has_found = _found_inf(found_inf, tab.chunk_begin)
+        pb_dt, bb_dt = _bits_dtypes(p[0].dtype, b[0].dtype)
+        tb.launch(
+            _restore_rmsprop_kernel,
+            tab,
+            lr_p,
+            lr_v,
+            float(alpha),
+            1.0 - float(alpha),
+            float(eps),
+            float(weight_decay),
+            float(momentum),
+            coef_p,
+            coef_v,
+            found_p,
+            P_DT=tb.tl_dtype(p[0].dtype),
+            B_DT=tb.tl_dtype(b[0].dtype),
+            G_DT=tb.tl_dtype(g[0].dtype),
+            V_DT=tb.tl_dtype(v[0].dtype),
+            BUF_DT=tb.tl_dtype(buf[0].dtype) if has_momentum else tl.float32,
+            PB_DT=pb_dt,
+            BB_DT=bb_dt,
+            LR_PTR=lr_is,
+            COEF_PTR=coef_is,
+            HAS_COEF=grad_coef is not None,
+            HAS_FOUND_INF=has_found,
+            HAS_WD=bool(weight_decay),
+            HAS_MOMENTUM=has_momentum,
         )

@@ -301,6 +301,7 @@ ELEMENTWISE = {
     "combine_": k_combine._combine_kernel,
     "restore_sgd_": k_step._restore_sgd_kernel,
     "restore_adamw_": k_step._restore_adamw_kernel,
+    "restore_rmsprop_": k_step._restore_rmsprop_kernel,
     "sq_norm": k_sq._sq_norm_kernel,
     "dot_norms": k_dot._dot_norms_kernel,
 }
@@ -412,7 +413,7 @@ def test_scalars_are_not_constexpr():
     """Per-step scalars are runtime args or tensors: only block sizes, dtypes and flags are constexpr."""
     allowed_suffix = ("_DT", "_PTR")
     allowed = {"CHUNK", "BLOCK", "ALIGNED", "MASKED", "HAS_BACKUP", "HAS_MASK", "ADAPTIVE", "WEIGHTED"}
-    allowed |= {"HAS_WD", "HAS_MOMENTUM", "NESTEROV", "INIT", "HAS_COEF", "HAS_FOUND_INF"}
+    allowed |= {"HAS_WD", "HAS_MOMENTUM", "NESTEROV", "INIT", "HAS_COEF", "HAS_FOUND_INF", "DECOUPLED"}
     kernels = [*ELEMENTWISE.values(), k_sq._sq_norm_per_tensor_kernel]
     for k in kernels:
         sig = inspect.signature(k.fn)
@@ -694,7 +695,8 @@ cases = [
         BUF_DT=tl.bfloat16, PB_DT=tl.int16, BB_DT=tl.int16, LR_PTR=False, COEF_PTR=True, HAS_COEF=True,
         HAS_FOUND_INF=True, HAS_WD=True, HAS_MOMENTUM=True, NESTEROV=True, INIT=False, **G)),
     (m("restore_step")._restore_adamw_kernel, dict(P_DT=F, B_DT=F, G_DT=F, M_DT=F, V_DT=F, PB_DT=tl.int32,
-        BB_DT=tl.int32, LR_PTR=True, STEP_PTR=True, COEF_PTR=False, HAS_COEF=True, HAS_FOUND_INF=True, **G)),
+        BB_DT=tl.int32, LR_PTR=True, STEP_PTR=True, COEF_PTR=False, HAS_COEF=True, HAS_FOUND_INF=True,
+        DECOUPLED=True, **G)),
     (m("sq_norm")._sq_norm_per_tensor_kernel, dict(BLOCK=1024)),
 ]
 FLOATS = {"momentum", "one_minus_dampening", "weight_decay", "inv_bc1", "one_minus_beta1", "beta2",
