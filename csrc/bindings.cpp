@@ -176,14 +176,29 @@ void restore_sgd_(const TensorList& params, const TensorList& backup, const Tens
 void restore_adamw_(const TensorList& params, const TensorList& backup, const TensorList& grads,
                     const TensorList& exp_avgs, const TensorList& exp_avg_sqs, const OptTensor& lr, double lr_value,
                     double beta1, double beta2, double eps, double weight_decay, const OptTensor& step, double bc1,
-                    double bc2_sqrt, const OptTensor& grad_coef, double grad_coef_value, const OptTensor& found_inf) {
+                    double bc2_sqrt, const OptTensor& grad_coef, double grad_coef_value, const OptTensor& found_inf,
+                    bool decoupled) {
   Packed p("restore_adamw_", {&params, &backup, &grads, &exp_avgs, &exp_avg_sqs});
   const c10::cuda::CUDAGuard guard(p.device);
   check(sharpfused::restore_adamw(to_dtype(p.dtype), p.lists, p.scalar("restore_adamw_", lr, lr_value), beta1,
                                   beta2, eps, weight_decay, p.device_f32("restore_adamw_", "step", step), bc1,
                                   bc2_sqrt, p.scalar("restore_adamw_", grad_coef, grad_coef_value),
-                                  p.device_f32("restore_adamw_", "found_inf", found_inf), stream()),
+                                  p.device_f32("restore_adamw_", "found_inf", found_inf), decoupled, stream()),
         "restore_adamw_");
+}
+
+void restore_rmsprop_(const TensorList& params, const TensorList& backup, const TensorList& grads,
+                      const TensorList& square_avgs, const OptList& momentum_buffers, const OptTensor& lr,
+                      double lr_value, double alpha, double eps, double weight_decay, double momentum,
+                      const OptTensor& grad_coef, double grad_coef_value, const OptTensor& found_inf) {
+  TORCH_CHECK(momentum <= 0.0 || momentum_buffers.has_value(), "restore_rmsprop_: momentum needs momentum_buffers");
+  Packed p("restore_rmsprop_",
+           {&params, &backup, &grads, &square_avgs, momentum > 0.0 ? &*momentum_buffers : nullptr});
+  const c10::cuda::CUDAGuard guard(p.device);
+  check(sharpfused::restore_rmsprop(to_dtype(p.dtype), p.lists, p.scalar("restore_rmsprop_", lr, lr_value), alpha, eps,
+                                    weight_decay, momentum, p.scalar("restore_rmsprop_", grad_coef, grad_coef_value),
+                                    p.device_f32("restore_rmsprop_", "found_inf", found_inf), stream()),
+        "restore_rmsprop_");
 }
 
 }  // namespace
@@ -212,5 +227,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("params"), py::arg("backup"), py::arg("grads"), py::arg("exp_avgs"), py::arg("exp_avg_sqs"), py::arg("lr"),
         py::arg("lr_value"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"), py::arg("weight_decay"),
         py::arg("step"), py::arg("bc1"), py::arg("bc2_sqrt"), py::arg("grad_coef"), py::arg("grad_coef_value"),
-        py::arg("found_inf"));
+        py::arg("found_inf"), py::arg("decoupled"));
+  m.def("restore_rmsprop_", &restore_rmsprop_,
+        "w <- RMSprop(backup, grad_coef*g), square_avg (and momentum buffer) updated; w <- backup bit-exactly when "
+        "found_inf != 0",
+        py::arg("params"), py::arg("backup"), py::arg("grads"), py::arg("square_avgs"), py::arg("momentum_buffers"),
+        py::arg("lr"), py::arg("lr_value"), py::arg("alpha"), py::arg("eps"), py::arg("weight_decay"),
+        py::arg("momentum"), py::arg("grad_coef"), py::arg("grad_coef_value"), py::arg("found_inf"));
 }

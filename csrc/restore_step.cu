@@ -3,9 +3,14 @@
 // restore_sgd_ (torch.optim.SGD): g' = grad_coef*g; d = g' + wd*w0; buf = d (first step) or
 //   momentum*buf + (1-dampening)*d; d = d + momentum*buf (nesterov) or buf; w = w0 - lr*d.
 //   Bytes per element: read backup, g (+ buf): 2b (3b); write w (+ buf): 1b (2b).
-// restore_adamw_ (torch.optim.AdamW): g' = grad_coef*g; m = lerp(m, g', 1-b1); v = b2*v + (1-b2)*g'^2;
-//   w = w0*(1 - lr*wd) - lr/bc1 * m / (sqrt(v)/bc2_sqrt + eps).
+// restore_adamw_ (torch.optim.AdamW, Decoupled): g' = grad_coef*g; m = lerp(m, g', 1-b1);
+//   v = b2*v + (1-b2)*g'^2; w = w0*(1 - lr*wd) - lr/bc1 * m / (sqrt(v)/bc2_sqrt + eps).
+//   torch.optim.Adam (L2 decay, not Decoupled): g' = grad_coef*g + wd*w0, w = w0 - lr/bc1 * ...
 //   Bytes per element: read backup, g, m, v: 4b; write w, m, v: 3b.
+// restore_rmsprop_ (torch.optim.RMSprop, not centered): g' = grad_coef*g + wd*w0;
+//   v = alpha*v + (1-alpha)*g'^2; avg = sqrt(v) + eps; momentum > 0: buf = momentum*buf + g'/avg,
+//   w = w0 - lr*buf; else w = w0 - lr*g'/avg.
+//   Bytes per element: read backup, g, v (+ buf): 3b (4b); write w, v (+ buf): 2b (3b).
 // The states are stored in the parameter dtype and, as torch does, the update uses the stored
 // (rounded) values, so a low-precision run follows torch.optim's trajectory.
 //
@@ -106,7 +111,7 @@ struct SgdOp {
   }
 };
 
-template <typename T>
+template <typename T, bool Decoupled>
 struct AdamWOp {
   using A = acc_t<T>;
   DevScalar<A> lr, grad_coef;
@@ -144,6 +149,7 @@ struct AdamWOp {
 #pragma unroll
       for (int k = 0; k < K; ++k) {
         gv[k] = mul_rn(gv[k], coef);
+        if (!Decoupled) gv[k] = gv[k] + weight_decay * w0[k];  // torch.optim.Adam's L2 decay
         // torch's lerp: start + weight*(end - start) for weight < 0.5, else end - (end - start)*(1 - weight)
         mv[k] = wgt < A(0.5) ? mv[k] + wgt * (gv[k] - mv[k]) : gv[k] - (gv[k] - mv[k]) * beta1;
         vv[k] = beta2 * vv[k] + (A(1) - beta2) * gv[k] * gv[k];
@@ -153,8 +159,58 @@ struct AdamWOp {
 #pragma unroll
       for (int k = 0; k < K; ++k) {
         const A mr = to_acc(from_acc<T>(mv[k])), vr = to_acc(from_acc<T>(vv[k]));
-        w0[k] = w0[k] * decay - step_size * (mr / (sqrt(vr) / c2_sqrt + eps));
+        const A u = step_size * (mr / (sqrt(vr) / c2_sqrt + eps));
+        w0[k] = Decoupled ? w0[k] * decay - u : w0[k] - u;
       }
+      store<K>(w + i, w0);
+    });
+  }
+};
+
+template <typename T>
+struct RmspropOp {
+  using A = acc_t<T>;
+  DevScalar<A> lr, grad_coef;
+  const float* found_inf;  // nullptr: never skip
+  A alpha, eps, weight_decay, momentum;
+
+  __device__ void operator()(const Ptrs<5>& ptrs, int64_t start, int64_t len, int64_t) const {
+    T* w = static_cast<T*>(ptrs.ptr[0]) + start;
+    const T* backup = static_cast<const T*>(ptrs.ptr[1]) + start;
+    const T* g = static_cast<const T*>(ptrs.ptr[2]) + start;
+    T* v = static_cast<T*>(ptrs.ptr[3]) + start;
+    T* buf = ptrs.ptr[4] ? static_cast<T*>(ptrs.ptr[4]) + start : nullptr;
+    if (skipped(found_inf)) {  // uniform over the grid: no divergence
+      skip_chunk<T>(w, backup, nullptr, len);
+      return;
+    }
+    const bool vec = aligned16(w) && aligned16(backup) && aligned16(g) && aligned16(v) && (!buf || aligned16(buf));
+    const A a = lr.get(), coef = grad_coef.get(), wv = A(1) - alpha;
+    for_chunk<T>(len, vec, [&](auto width, int64_t i) {
+      constexpr int K = decltype(width)::value;
+      A w0[K], gv[K], vv[K];
+      load<K>(w0, backup + i);
+      load<K>(gv, g + i);
+      load<K>(vv, v + i);
+#pragma unroll
+      for (int k = 0; k < K; ++k) {
+        gv[k] = mul_rn(gv[k], coef) + weight_decay * w0[k];
+        vv[k] = vv[k] * alpha + wv * gv[k] * gv[k];  // torch's mul_(alpha).addcmul_(g, g, value=1-alpha)
+      }
+      store<K>(v + i, vv);
+#pragma unroll
+      for (int k = 0; k < K; ++k) gv[k] = gv[k] / (sqrt(to_acc(from_acc<T>(vv[k]))) + eps);  // the stored v
+      if (buf) {
+        A b[K];
+        load<K>(b, buf + i);
+#pragma unroll
+        for (int k = 0; k < K; ++k) b[k] = momentum * b[k] + gv[k];
+        store<K>(buf + i, b);
+#pragma unroll
+        for (int k = 0; k < K; ++k) gv[k] = to_acc(from_acc<T>(b[k]));  // the stored buffer, as torch uses it
+      }
+#pragma unroll
+      for (int k = 0; k < K; ++k) w0[k] -= a * gv[k];
       store<K>(w + i, w0);
     });
   }
@@ -177,14 +233,29 @@ cudaError_t restore_sgd(DType dt, const Lists& lists, Scalar lr, double momentum
 
 cudaError_t restore_adamw(DType dt, const Lists& lists, Scalar lr, double beta1, double beta2, double eps,
                           double weight_decay, const float* step, double bc1, double bc2_sqrt, Scalar grad_coef,
-                          const float* found_inf, cudaStream_t stream) {
+                          const float* found_inf, bool decoupled, cudaStream_t stream) {
   return dispatch(dt, [&](auto tag) -> cudaError_t {
     using T = decltype(tag);
     using A = acc_t<T>;
-    const AdamWOp<T> op{dev_scalar<A>(lr),       dev_scalar<A>(grad_coef),    found_inf,
-                        step,                    static_cast<A>(beta1),       static_cast<A>(beta2),
-                        static_cast<A>(eps),     static_cast<A>(weight_decay), static_cast<A>(bc1),
-                        static_cast<A>(bc2_sqrt), beta1,                       beta2};
+    auto run = [&](auto op) { return multi_tensor_apply<5>(lists, op, stream); };
+    if (decoupled)
+      return run(AdamWOp<T, true>{dev_scalar<A>(lr), dev_scalar<A>(grad_coef), found_inf, step, static_cast<A>(beta1),
+                                  static_cast<A>(beta2), static_cast<A>(eps), static_cast<A>(weight_decay),
+                                  static_cast<A>(bc1), static_cast<A>(bc2_sqrt), beta1, beta2});
+    return run(AdamWOp<T, false>{dev_scalar<A>(lr), dev_scalar<A>(grad_coef), found_inf, step, static_cast<A>(beta1),
+                                 static_cast<A>(beta2), static_cast<A>(eps), static_cast<A>(weight_decay),
+                                 static_cast<A>(bc1), static_cast<A>(bc2_sqrt), beta1, beta2});
+  });
+}
+
+cudaError_t restore_rmsprop(DType dt, const Lists& lists, Scalar lr, double alpha, double eps, double weight_decay,
+                            double momentum, Scalar grad_coef, const float* found_inf, cudaStream_t stream) {
+  return dispatch(dt, [&](auto tag) -> cudaError_t {
+    using T = decltype(tag);
+    using A = acc_t<T>;
+    const RmspropOp<T> op{dev_scalar<A>(lr),     dev_scalar<A>(grad_coef),     found_inf,
+                          static_cast<A>(alpha), static_cast<A>(eps),          static_cast<A>(weight_decay),
+                          static_cast<A>(momentum)};
     return multi_tensor_apply<5>(lists, op, stream);
   });
 }

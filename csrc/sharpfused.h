@@ -72,13 +72,19 @@ cudaError_t restore_sgd(DType dt, const Lists& lists, Scalar lr, double momentum
                         double weight_decay, bool nesterov, bool init_momentum, Scalar grad_coef,
                         const float* found_inf, cudaStream_t stream);
 
-// torch.optim.AdamW's step at the restored weights; lists: w, backup, g, exp_avg, exp_avg_sq.
+// torch.optim.AdamW's step (decoupled) or torch.optim.Adam's (L2 decay: g' = g + wd*w0) at the
+// restored weights; lists: w, backup, g, exp_avg, exp_avg_sq.
 // step: nullptr, and bc1 = 1 - beta1^t, bc2_sqrt = sqrt(1 - beta2^t) computed by the caller from
 // the host step count; or the device address of one float32 step count t (this step included),
 // and the kernel computes bc1, bc2_sqrt from it in double (bc1, bc2_sqrt unused).
 cudaError_t restore_adamw(DType dt, const Lists& lists, Scalar lr, double beta1, double beta2, double eps,
                           double weight_decay, const float* step, double bc1, double bc2_sqrt, Scalar grad_coef,
-                          const float* found_inf, cudaStream_t stream);
+                          const float* found_inf, bool decoupled, cudaStream_t stream);
+
+// torch.optim.RMSprop's step (not centered) at the restored weights; lists: w, backup, g,
+// square_avg, momentum_buffer (only with momentum > 0).
+cudaError_t restore_rmsprop(DType dt, const Lists& lists, Scalar lr, double alpha, double eps, double weight_decay,
+                            double momentum, Scalar grad_coef, const float* found_inf, cudaStream_t stream);
 
 // Whether the current device takes the large (32 KB) multi-tensor tables: built with CUDA >= 12.1,
 // driver >= 12.1 (r530), compute capability >= 7.0 (multi_tensor.cuh). Host queries only.

@@ -806,6 +806,7 @@ struct AdamCfg {
   double coef = 1;
   bool coef_ptr = false;
   int found_inf = -1;
+  bool decoupled = true;  // false: torch.optim.Adam's L2 decay (g' = g + wd*w0, no decay of w)
 };
 
 template <typename T>
@@ -829,7 +830,7 @@ void test_adamw(const std::vector<int64_t>& numel, const char* set, AdamCfg f) {
     return restore_adamw(Ty<T>::dt, s.view(), lr, f.b1, f.b2, f.eps, f.wd,
                          kt >= 0 ? static_cast<const float*>(s.s(kt)) : nullptr, kt >= 0 ? std::nan("") : bc1,
                          kt >= 0 ? std::nan("") : bc2_sqrt, coef, kf >= 0 ? static_cast<const float*>(s.s(kf)) : nullptr,
-                         nullptr);
+                         f.decoupled, nullptr);
   };
   auto verify = [&](const State<T>& b, const State<T>& a, Check& c) {
     c.same_list("backup", a.list[1], b.list[1]);
@@ -844,11 +845,13 @@ void test_adamw(const std::vector<int64_t>& numel, const char* set, AdamCfg f) {
             wd = opm<T>(f.wd);
     // bias corrections: double, rounded to opmath (from the device step: computed in the kernel the same way)
     const R c1 = static_cast<R>(static_cast<A>(bc1)), c2s = static_cast<R>(static_cast<A>(bc2_sqrt));
-    const R decay = 1 - lr * wd, step = lr / c1;
+    const R decay = f.decoupled ? 1 - lr * wd : 1, step = lr / c1;
     for (size_t i = 0; i < numel.size(); ++i)
       for (int64_t j = 0; j < numel[i]; ++j) {
-        const R w0 = b.list[1].r(i, j), g = coef * b.list[2].r(i, j), m0 = b.list[3].r(i, j), v0 = b.list[4].r(i, j);
-        c.close("exp_avg", i, j, a.list[3].get(i, j), b1 * m0 + (1 - b1) * g, std::fabs(m0) + std::fabs(g), 6);
+        const R w0 = b.list[1].r(i, j), m0 = b.list[3].r(i, j), v0 = b.list[4].r(i, j);
+        const R gc = coef * b.list[2].r(i, j), g = f.decoupled ? gc : gc + wd * w0;
+        const R gm = f.decoupled ? std::fabs(g) : std::fabs(gc) + std::fabs(wd * w0);  // magnitude of the terms
+        c.close("exp_avg", i, j, a.list[3].get(i, j), b1 * m0 + (1 - b1) * g, std::fabs(m0) + gm, 6);
         c.close("exp_avg_sq", i, j, a.list[4].get(i, j), b2 * v0 + (1 - b2) * g * g, b2 * v0 + (1 - b2) * g * g, 6);
         const R mr = a.list[3].r(i, j), vr = a.list[4].r(i, j);  // the stored moments, as torch uses them
         const R u = step * mr / (std::sqrt(vr) / c2s + eps);
@@ -856,9 +859,75 @@ void test_adamw(const std::vector<int64_t>& numel, const char* set, AdamCfg f) {
       }
   };
   char label[200];
-  std::snprintf(label, sizeof label, "restore_adamw lr=%g%s b1=%g b2=%g wd=%g t=%d%s coef=%g%s found_inf=%s %s", f.lr,
-                f.lr_ptr ? "(dev)" : "", f.b1, f.b2, f.wd, f.t, f.step_ptr ? "(dev)" : "", f.coef,
-                f.coef_ptr ? "(dev)" : "", f.found_inf < 0 ? "null" : kFlagNames[f.found_inf], set);
+  std::snprintf(label, sizeof label, "restore_adamw%s lr=%g%s b1=%g b2=%g wd=%g t=%d%s coef=%g%s found_inf=%s %s",
+                f.decoupled ? "" : " (Adam, L2)", f.lr, f.lr_ptr ? "(dev)" : "", f.b1, f.b2, f.wd, f.t,
+                f.step_ptr ? "(dev)" : "", f.coef, f.coef_ptr ? "(dev)" : "",
+                f.found_inf < 0 ? "null" : kFlagNames[f.found_inf], set);
+  run_case<T>(label, s0, call, verify, tables(numel, 5));
+}
+
+// ------------------------------------------------------------------ restore_rmsprop
+struct RmspropCfg {
+  double lr = 1e-2;
+  bool lr_ptr = false;
+  double alpha = 0.99, eps = 1e-8, wd = 0, momentum = 0;
+  double coef = 1;
+  bool coef_ptr = false;
+  int found_inf = -1;
+};
+
+template <typename T>
+void test_rmsprop(const std::vector<int64_t>& numel, const char* set, RmspropCfg f) {
+  const bool buf = f.momentum > 0;  // as the binding: a buffer list only with momentum
+  const bool skip = f.found_inf >= 0 && kFlags[f.found_inf] != 0.0f;
+  State<T> s0 = make_state<T>(numel, 5);
+  s0.used[4] = buf;
+  fill_bits(s0.list[0]);
+  fill(s0.list[1], normal);
+  fill(s0.list[2], normal);
+  if (skip) poison(s0.list[2]);
+  fill(s0.list[3], [] { return 0.01 * std::fabs(normal()); });
+  if (buf) fill(s0.list[4], [] { return 0.3 * normal(); });
+  const int klr = f.lr_ptr ? scalar_buf<T>(s0, f.lr) : -1, kc = f.coef_ptr ? scalar_buf<T>(s0, f.coef) : -1;
+  const int kf = f.found_inf >= 0 ? scalar_buf<T, float>(s0, kFlags[f.found_inf]) : -1;
+  auto call = [&](State<T>& s) {
+    const Scalar lr = klr >= 0 ? Scalar{s.s(klr), std::nan("")} : Scalar{nullptr, f.lr};
+    const Scalar coef = kc >= 0 ? Scalar{s.s(kc), std::nan("")} : Scalar{nullptr, f.coef};
+    return restore_rmsprop(Ty<T>::dt, s.view(), lr, f.alpha, f.eps, f.wd, f.momentum, coef,
+                           kf >= 0 ? static_cast<const float*>(s.s(kf)) : nullptr, nullptr);
+  };
+  auto verify = [&](const State<T>& b, const State<T>& a, Check& c) {
+    c.same_list("backup", a.list[1], b.list[1]);
+    c.same_list("g", a.list[2], b.list[2]);
+    if (skip) {  // w <- backup bit for bit, square_avg and the buffer untouched
+      c.same_list("w", a.list[0], b.list[1]);
+      c.same_list("square_avg", a.list[3], b.list[3]);
+      if (buf) c.same_list("buf", a.list[4], b.list[4]);
+      return;
+    }
+    const R lr = opm<T>(f.lr), coef = opm<T>(f.coef), al = opm<T>(f.alpha), eps = opm<T>(f.eps), wd = opm<T>(f.wd),
+            mom = opm<T>(f.momentum);
+    for (size_t i = 0; i < numel.size(); ++i)
+      for (int64_t j = 0; j < numel[i]; ++j) {
+        const R w0 = b.list[1].r(i, j), gc = coef * b.list[2].r(i, j), g = gc + wd * w0, v0 = b.list[3].r(i, j);
+        const R gm = std::fabs(gc) + std::fabs(wd * w0);
+        const R nv = al * v0 + (1 - al) * g * g;
+        c.close("square_avg", i, j, a.list[3].get(i, j), nv, al * v0 + (1 - al) * gm * gm, 6);
+        const R avg = std::sqrt(a.list[3].r(i, j)) + eps;  // the stored square_avg, as torch uses it
+        R d = g / avg, dm = gm / avg;
+        if (buf) {
+          const R b0 = b.list[4].r(i, j);
+          c.close("buf", i, j, a.list[4].get(i, j), mom * b0 + d, std::fabs(mom * b0) + dm, 8);
+          d = a.list[4].r(i, j);  // the stored buffer
+          dm = std::fabs(d);
+        }
+        c.close("w", i, j, a.list[0].get(i, j), w0 - lr * d, std::fabs(w0) + std::fabs(lr) * dm, 8);
+      }
+  };
+  char label[200];
+  std::snprintf(label, sizeof label, "restore_rmsprop lr=%g%s alpha=%g eps=%g wd=%g m=%g coef=%g%s found_inf=%s %s",
+                f.lr, f.lr_ptr ? "(dev)" : "", f.alpha, f.eps, f.wd, f.momentum, f.coef, f.coef_ptr ? "(dev)" : "",
+                f.found_inf < 0 ? "null" : kFlagNames[f.found_inf], set);
   run_case<T>(label, s0, call, verify, tables(numel, 5));
 }
 
@@ -949,6 +1018,38 @@ void run_dtype() {
   a = {};
   a.step_ptr = true, a.t = 2, a.found_inf = 1;  // -0: not skipped
   test_adamw<T>(m80, "[80 tensors]", a);
+  // restore_adamw, torch.optim.Adam's L2 decay
+  a = {};
+  a.decoupled = false, a.wd = 0.1, a.t = 4;
+  test_adamw<T>(kMix, "[mix]", a);
+  a = {};
+  a.decoupled = false, a.wd = 0.05, a.step_ptr = true, a.t = 9, a.lr_ptr = true, a.coef = 0.5, a.coef_ptr = true,
+  a.found_inf = 0;
+  test_adamw<T>(kMix, "[mix]", a);
+  a = {};
+  a.decoupled = false, a.wd = 0.1, a.step_ptr = true, a.t = 3, a.found_inf = 2;  // skipped
+  test_adamw<T>(kMix, "[mix]", a);
+  // restore_rmsprop
+  RmspropCfg r;
+  test_rmsprop<T>(kMix, "[mix]", r);  // plain, no buffer
+  r = {};
+  r.wd = 1e-2, r.lr_ptr = true, r.coef = 0.5, r.coef_ptr = true, r.found_inf = 0;
+  test_rmsprop<T>(kMix, "[mix]", r);
+  r = {};
+  r.momentum = 0.9, r.wd = 1e-3, r.alpha = 0.9, r.coef = 0.25;
+  test_rmsprop<T>(kMix, "[mix]", r);
+  r = {};
+  r.momentum = 0.5, r.lr_ptr = true, r.found_inf = 1;  // -0: not skipped
+  test_rmsprop<T>(kMix, "[mix]", r);
+  r = {};
+  r.momentum = 0.9, r.found_inf = 3;  // skipped (NaN flag): v and buffer untouched
+  test_rmsprop<T>(kMix, "[mix]", r);
+  r = {};
+  r.found_inf = 4;  // skipped, no buffer
+  test_rmsprop<T>(kMix, "[mix]", r);
+  r = {};
+  r.momentum = 0.9, r.wd = 1e-4;
+  test_rmsprop<T>(m80, "[80 tensors]", r);
 }
 
 // ------------------------------------------------------------------ a list of 1200 tensors

@@ -199,6 +199,7 @@ def restore_adamw_(
     weight_decay,
     grad_coef=None,
     found_inf=None,
+    decoupled=True,
 ):
     _check_cuda(params)
     if isinstance(step, Tensor):  # the kernel computes the bias corrections from the device value
@@ -208,7 +209,9 @@ def restore_adamw_(
         bc2_sqrt = (1.0 - beta2**step) ** 0.5
     for dtype, (p, b, g, m, v) in _groups(params, backup, grads, exp_avgs, exp_avg_sqs):
         if not _fits(p, b, g, m, v):
-            torch_ops.restore_adamw_(p, b, g, m, v, step, lr, beta1, beta2, eps, weight_decay, grad_coef, found_inf)
+            torch_ops.restore_adamw_(
+                p, b, g, m, v, step, lr, beta1, beta2, eps, weight_decay, grad_coef, found_inf, decoupled
+            )
             continue
         dev = p[0].device
         lt, lv = _scalar(lr, dtype, dev)
@@ -228,6 +231,50 @@ def restore_adamw_(
             _device_f32(step if isinstance(step, Tensor) else None, dev),
             bc1,
             bc2_sqrt,
+            ct,
+            cv,
+            _device_f32(found_inf, dev),
+            bool(decoupled) or not weight_decay,  # no decay: the two rules are one
+        )
+
+
+def restore_rmsprop_(
+    params,
+    backup,
+    grads,
+    square_avgs,
+    momentum_buffers,
+    lr,
+    alpha,
+    eps,
+    weight_decay,
+    momentum,
+    grad_coef=None,
+    found_inf=None,
+):
+    _check_cuda(params)
+    bufs = momentum_buffers if momentum > 0 else None
+    for dtype, (p, b, g, v, buf) in _groups(params, backup, grads, square_avgs, bufs):
+        if not _fits(p, b, g, v, buf):
+            torch_ops.restore_rmsprop_(
+                p, b, g, v, buf, lr, alpha, eps, weight_decay, momentum, grad_coef, found_inf
+            )
+            continue
+        dev = p[0].device
+        lt, lv = _scalar(lr, dtype, dev)
+        ct, cv = _scalar(1.0 if grad_coef is None else grad_coef, dtype, dev)
+        _C.restore_rmsprop_(
+            list(p),
+            list(b),
+            list(g),
+            list(v),
+            _list(buf),
+            lt,
+            lv,
+            float(alpha),
+            float(eps),
+            float(weight_decay),
+            float(momentum),
             ct,
             cv,
             _device_f32(found_inf, dev),
