@@ -120,6 +120,17 @@ CLASSES = {"gsam": GSAM, "gsam-adaptive": GSAM, "bisam": BiSAM, "xsam": XSAM, "x
            "ssam": SSAM, "looksam": LookSAM, "friendly": FriendlySAM}
 CLASSES["esam"] = ESAM
 
+# the cheap-sharpness variants (tests/test_cheap_sharpness.py has their own tests too)
+CASES["rst"] = (
+    dict(rho=0.05, p=0.5, seed=3),  # a plain 3rd and 8th step
+    lambda p, x, y, m, rb, st, t: ref.rst_step(p, grad_fn_for(m, x, y), rb, t, seed=3, rho=0.05, p=0.5)[0],
+)
+CASES["aesam"] = (
+    dict(rho=0.05, delta=0.5, c=-0.5),  # SAM steps but the 6th and 8th
+    lambda p, x, y, m, rb, st, t: ref.aesam_step(p, grad_fn_for(m, x, y), rb, st, rho=0.05, delta=0.5, c=-0.5),
+)
+CLASSES.update(rst=sharpfused.RST, aesam=sharpfused.AESAM)
+
 
 def closure_for(name, model, x, y):
     if name == "bisam":

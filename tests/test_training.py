@@ -521,4 +521,5 @@ def test_second_forward_sees_finite_weights_after_a_nonfinite_first_pass(name):
     recording.model = model
     opt.step(recording)
     assert bool(opt.last_step_skipped)
-    assert len(finite_at_call) >= 2 and all(finite_at_call), finite_at_call
+    # AE-SAM: a non-finite first pass makes the step a one-pass (skipped) step, with no later pass
+    assert (len(finite_at_call) >= 2 or name == "aesam") and all(finite_at_call), finite_at_call

@@ -99,7 +99,8 @@ class RST(SwitchingSAM):
     no device value is read, so the optimizer never syncs, and every replica of a data-parallel
     run draws the same choice when they share ``seed``). The step counter is saved in
     ``state_dict``: a resumed run draws the same sequence. It counts attempted steps (a step
-    skipped for non-finite gradients counts too, as LookSAM's does; an aborted one does not).
+    skipped for non-finite gradients counts too, as LookSAM's does, except a skipped first step,
+    which leaves no state; an aborted one does not).
 
     How to call it: as LookSAM -- ``first_step()`` returns True when a second pass is due (then
     the second forward/backward and ``second_step()``) and False when the step is already done;
@@ -166,10 +167,15 @@ class RST(SwitchingSAM):
     def _decide(self, buckets: list[Bucket]) -> tuple[bool, Optional[Tensor]]:
         t = self.state.get("rst", {}).get("step", 0)
         self._commits.append(("_commit_step", (t,)))
+        # the first step reads the skip flag once, so that a skipped first step leaves no state
+        self._run.commit_needs_host = "rst" not in self.state
         return self.draw(t) < self.probability(t), None
 
     def _commit_step(self, t: int, skipped: Optional[bool]) -> None:
-        self.state["rst"] = {"step": t + 1}
+        """The counter moves when the step completes (a skipped step counts, but a skipped first
+        step creates no state: the first step's draw comes again)."""
+        if not (skipped and "rst" not in self.state):
+            self.state["rst"] = {"step": t + 1}
 
     def _repr_settings(self) -> dict[str, Any]:
         out: dict[str, Any] = {"p": self.p, "schedule": self.schedule, "seed": self.seed}
