@@ -195,14 +195,39 @@ keep their values (on an ``init_momentum`` step they become zeros).""",
             Arg("weight_decay", "float", keyword=True),
             Arg("grad_coef", "scalar?", None, keyword=True),
             Arg("found_inf", "tensor?", None, keyword=True),
-            does="w <- AdamW(backup, g); moments updated",
-            doc="""Restore fused with torch.optim.AdamW's update (``step`` already counts this step):
+            Arg("decoupled", "bool", True, keyword=True),
+            does="w <- Adam(W)(backup, g); moments updated",
+            doc="""Restore fused with torch.optim.AdamW's update, or with ``decoupled=False``
+torch.optim.Adam's (L2 weight decay); ``step`` already counts this step:
 
-g' = grad_coef*g; w0 = backup; m = b1*m + (1-b1)*g'; v = b2*v + (1-b2)*g'^2;
-w = w0*(1 - lr*wd) - lr/(1-b1^t) * m / (sqrt(v)/sqrt(1-b2^t) + eps).
+g' = grad_coef*g (+ wd*w0 when not decoupled); w0 = backup; m = b1*m + (1-b1)*g';
+v = b2*v + (1-b2)*g'^2; w = w0*(1 - lr*wd when decoupled) - lr/(1-b1^t) * m / (sqrt(v)/sqrt(1-b2^t) + eps).
 ``step`` is an int or a 0-d device tensor (bias corrections then computed on the device, so the
 call needs no host value and can be captured in a CUDA graph). ``found_inf``: a 0-d device
 tensor; where nonzero the step is skipped: w = w0 bit-exactly, m and v unchanged.""",
+        ),
+        _p(
+            "restore_rmsprop_",
+            Arg("params", L, io="w"),
+            Arg("backup", L, io="r"),
+            Arg("grads", L, io="r"),
+            Arg("square_avgs", L, io="rw"),
+            Arg("momentum_buffers", OL, io="rw"),
+            Arg("lr", "scalar", keyword=True),
+            Arg("alpha", "float", keyword=True),
+            Arg("eps", "float", keyword=True),
+            Arg("weight_decay", "float", keyword=True),
+            Arg("momentum", "float", keyword=True),
+            Arg("grad_coef", "scalar?", None, keyword=True),
+            Arg("found_inf", "tensor?", None, keyword=True),
+            does="w <- RMSprop(backup, g); square_avg (+ buf) updated",
+            doc="""Restore fused with torch.optim.RMSprop's update (not centered), at w0 = backup:
+
+g' = grad_coef*g + wd*w0; v = alpha*v + (1-alpha)*g'^2; avg = sqrt(v) + eps;
+momentum > 0: buf = momentum*buf + g'/avg, w = w0 - lr*buf; else w = w0 - lr*g'/avg.
+``momentum_buffers`` is None when momentum == 0 (torch creates them as zeros, so there is no
+first-step case). ``found_inf``: a 0-d device tensor; where nonzero the step is skipped: w = w0
+bit-exactly, v and buf unchanged.""",
         ),
     )
 }

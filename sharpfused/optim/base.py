@@ -23,6 +23,7 @@ from torch.optim import Optimizer
 
 from .. import ops
 from ..buffers import FlatBuffer
+from . import adapters
 
 EPS = 1e-12  # added to norms before dividing, as in the papers
 
@@ -706,63 +707,21 @@ class SharpnessAware(Optimizer):
         self._clear_pending()
 
     # ---------------------------------------------------------------- base step
-    def _fused_kind(self) -> Optional[str]:
-        base = self.base_optimizer
-        groups = base.param_groups
-        # while torch.compile traces, dynamo marks every group capturable; the fused primitives take
-        # device scalars and skip on the device, so they serve capturable steps as they are
-        capturable = not torch.compiler.is_compiling() and any(g.get("capturable") for g in groups)
-        if capturable or any(g.get("maximize") or g.get("differentiable") for g in groups):
-            return None
-        if type(base) is torch.optim.SGD:
-            return "sgd"
-        if type(base) is torch.optim.AdamW and not any(g.get("amsgrad") for g in groups):
-            return "adamw"
-        return None
+    def _fused_kind(self) -> Optional[adapters.Adapter]:
+        """The adapter that fuses the base optimizer's step (optim/adapters.py), or None: unfused."""
+        return adapters.lookup(self.base_optimizer)
 
-    def _prepare_base_state(self, b: Bucket, kind: str) -> bool:
-        """Point the bucket at the base optimizer's state tensors, creating them like torch does."""
-        st = self.base_optimizer.state
-        g = b.group
-        m = g.get("momentum", 0)
-        momentum = kind == "sgd" and not (isinstance(m, numbers.Number) and m == 0)
-        if b.base_state is not None and (kind != "sgd" or b.base_state["momentum"] == momentum):
+    def _prepare_base_state(self, b: Bucket, kind: adapters.Adapter) -> bool:
+        """Point the bucket at the base optimizer's state tensors, creating them like torch does
+        (again when the group's state layout changed, e.g. SGD's momentum to or from 0)."""
+        layout = kind.layout(b.group)
+        if b.base_state is not None and b.base_state["layout"] == layout:
             return True
-        if kind == "sgd":  # (again when momentum changed to or from 0: torch.optim.SGD's rules then)
-            if not momentum:  # no buffer read or written, as torch's SGD with momentum 0
-                b.base_state = {"bufs": None, "init": False, "momentum": False}
-                return True
-            bufs = [st.get(p, {}).get("momentum_buffer") for p in b.sources]
-            init = bufs[0] is None
-            if any((x is None) != init for x in bufs):
-                return False
-            if init:
-                bufs = [torch.empty_like(p, memory_format=torch.preserve_format) for p in b.sources]
-            b.base_state = {"bufs": [kernel_view(x) for x in bufs], "init": init, "state_bufs": bufs, "momentum": True}
-            return True
-        fresh = [not st.get(p) for p in b.sources]
-        if any(fresh) and not all(fresh):
+        view = kind.prepare(self.base_optimizer, b)
+        if view is None:
             return False
-        states = [st[p] for p in b.sources]
-        if all(fresh):
-            for p, s in zip(b.sources, states):
-                s["step"] = torch.tensor(0.0, dtype=torch.float32)
-                s["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                s["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        if len({float(s["step"]) for s in states}) != 1:  # read once per bucket build, not per step
-            return False
-        if b.device.type != "cpu":
-            # counted on the device, as torch's capturable AdamW does: a skipped step must not
-            # count, and that is only known on the device
-            for s in states:
-                s["step"] = s["step"].to(b.device, torch.float32)
-        steps = [s["step"] for s in states]
-        b.base_state = {
-            "steps": steps,
-            "m": [kernel_view(s["exp_avg"]) for s in states],
-            "v": [kernel_view(s["exp_avg_sq"]) for s in states],
-            "init": all(fresh),  # state created for this step: removed again if it is skipped
-        }
+        view["layout"] = layout
+        b.base_state = view
         return True
 
     def unless_skipped(self, value: Any, skipped: float) -> Any:
@@ -828,9 +787,10 @@ class SharpnessAware(Optimizer):
     def restore_and_base_step(self, buckets: list[Bucket]) -> None:
         """Restore w exactly and take the base optimizer's step with the gradients now in ``.grad``.
 
-        For torch.optim.SGD and AdamW this is one fused primitive per bucket that writes the
-        base optimizer's own state and honours a skip on the device (no host sync); any other
-        base optimizer gets restore + ``base.step()``, which needs one host read of the skip flag.
+        For the torch.optim classes of optim/adapters.py (SGD, Adam, AdamW, RMSprop) this is one
+        fused primitive per bucket that writes the base optimizer's own state and honours a skip
+        on the device (no host sync); any other base optimizer gets restore + ``base.step()``,
+        which needs one host read of the skip flag.
         Sets ``last_step_skipped``.
         """
         if not buckets:
@@ -866,42 +826,15 @@ class SharpnessAware(Optimizer):
         self._fused_base_step(buckets, kind, coef, skip)
         _base_hooks(self.base_optimizer, 1)
 
-    def _fused_base_step(self, buckets: list[Bucket], kind: str, coef: Optional[Tensor], skip: Tensor) -> None:
+    def _fused_base_step(
+        self, buckets: list[Bucket], kind: adapters.Adapter, coef: Optional[Tensor], skip: Tensor
+    ) -> None:
         # A step that creates the base optimizer's state reads the skip flag once on the host (the
         # first step only), so that a skipped first step leaves no state behind.
         skipped = bool(skip) if any(b.base_state["init"] for b in buckets) else None
         for b in buckets:
-            g, s = b.group, b.base_state
             c = None if coef is None else coef.to(b.device)
-            found = skip.to(b.device)
-            if kind == "sgd":
-                ops.restore_sgd_(
-                    b.params, b.backup.views, b.grads(), s["bufs"], lr=g["lr"], momentum=g["momentum"],
-                    dampening=g["dampening"], weight_decay=g["weight_decay"], nesterov=g["nesterov"],
-                    init_momentum=s["init"], grad_coef=c, found_inf=found, backend=b.backend,
-                )
-                if s["init"] and not skipped:
-                    for p, buf in zip(b.sources, s["state_bufs"]):
-                        self.base_optimizer.state[p]["momentum_buffer"] = buf
-                    s["init"] = False
-            elif s["init"] and skipped:  # AdamW state made for a step that did not happen
-                for p in b.sources:
-                    self.base_optimizer.state.pop(p, None)
-                b.base_state = None
-                ops.restore_(b.params, b.backup.views, backend=b.backend)
-            else:
-                steps = s["steps"]
-                # a skipped step does not count; the list overload keeps the count on the device (a 0-d
-                # tensor as foreach's "scalar" would be read back to the host: a sync per step)
-                inc = (~found).to(steps[0].device, torch.float32)
-                torch._foreach_add_(steps, [inc] * len(steps))
-                beta1, beta2 = g["betas"]
-                ops.restore_adamw_(
-                    b.params, b.backup.views, b.grads(), s["m"], s["v"], step=steps[0].to(b.device), lr=g["lr"],
-                    beta1=beta1, beta2=beta2, eps=g["eps"], weight_decay=g["weight_decay"], grad_coef=c,
-                    found_inf=found, backend=b.backend,
-                )
-                s["init"] = False
+            kind.step(self.base_optimizer, b, b.base_state, c, skip.to(b.device), skipped)
 
     # ---------------------------------------------------------------- protocol
     def _begin_first(self) -> list[Bucket]:
