@@ -26,7 +26,7 @@ from sharpfused.buffers import FlatBuffer
 from sharpfused.losses import bisam_lower_bound
 
 from .helpers import MLP, data, optimizer_snapshot, rel_err, run_gloo, same_values
-from .reference import EPS, SGDRef, slerp, topk_mask
+from .reference import EPS, SGDRef, esam_draw_seed, slerp, topk_mask
 
 dist = pytest.importorskip("torch.distributed")
 if not dist.is_available() or not dist.is_gloo_available():
@@ -52,6 +52,8 @@ CONFIGS = {
     "LookSAM": ("LookSAM", dict(rho=0.05, k=2, beta=0.7), lambda t: FLAT),
     "BSAM": ("BSAM", dict(rho_max=0.05), lambda t: FLAT),
     "SAMPa": ("SAMPa", dict(rho=0.1, lam=0.2), None),  # refused
+    "ESAM": ("ESAM", dict(rho=0.05, beta=0.5, seed=3), lambda t: []),  # same seed: one mask for every replica
+    "MESA": ("MESA", dict(decay=0.9), None),  # refused: one pass, nothing perturbed
 }
 SUPPORTED = [n for n, c in CONFIGS.items() if c[2] is not None]
 REFUSED = [n for n, c in CONFIGS.items() if c[2] is None]
@@ -273,6 +275,19 @@ def m_sharpness_reference(name, steps=STEPS):
             else:
                 d = _mean([grad([wi + kw["rho"] / (_norm(g[r]) + EPS) * m * gi for wi, m, gi in zip(w, state["mask"], g[r])],
                                 *xs[r]) for r in R])
+        elif cls == "ESAM":  # the documented masks: one generator per step, the buckets (groups) in order
+            gen = torch.Generator().manual_seed(esam_draw_seed(kw["seed"], t))
+            masks = [None] * 4
+            for gr in (0, 1):
+                idx = [i for i in range(4) if group_of[i] == gr]
+                sizes = [-(-w[i].numel() // 16) * 16 for i in idx]
+                flat = torch.zeros(sum(sizes), dtype=torch.uint8).bernoulli_(kw["beta"], generator=gen)
+                off = 0
+                for i, size in zip(idx, sizes):
+                    masks[i] = flat[off : off + w[i].numel()].view(w[i].shape).double()
+                    off += size
+            scale = [kw["rho"] / kw["beta"] / (_norm(g[r]) + EPS) for r in R]
+            d = _mean([grad([wi + scale[r] * m * gi for wi, m, gi in zip(w, masks, g[r])], *xs[r]) for r in R])
         elif cls == "FriendlySAM":
             if "m" not in state:
                 dirs = g

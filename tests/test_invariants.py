@@ -88,17 +88,17 @@ SHORT = {v: k for k, v in DTYPES.items()}
 
 VARIANTS = [
     "sam", "asam", "asam_eta", "gsam", "gsam_sched", "bisam", "xsam", "xsam2", "xsam_alpha",
-    "sampa", "bsam", "ssam_fisher", "ssam_random", "looksam", "friendly",
+    "sampa", "bsam", "ssam_fisher", "ssam_random", "looksam", "friendly", "esam", "mesa",
 ]  # fmt: skip
 #: README, "fp16 with torch.amp.GradScaler": SAM, ASAM, GSAM, BiSAM, XSAM with steps=1, SSAM, FriendlySAM
 SCALER_SAFE = {"sam", "asam", "asam_eta", "gsam", "gsam_sched", "bisam", "xsam", "xsam_alpha",
-               "ssam_fisher", "ssam_random", "friendly"}  # fmt: skip
+               "ssam_fisher", "ssam_random", "friendly", "esam"}  # fmt: skip
 CLS = {
     "sam": sharpfused.SAM, "asam": sharpfused.SAM, "asam_eta": sharpfused.SAM, "gsam": sharpfused.GSAM,
     "gsam_sched": sharpfused.GSAM, "bisam": sharpfused.BiSAM, "xsam": sharpfused.XSAM, "xsam2": sharpfused.XSAM,
     "xsam_alpha": sharpfused.XSAM, "sampa": sharpfused.SAMPa, "bsam": sharpfused.BSAM,
     "ssam_fisher": sharpfused.SSAM, "ssam_random": sharpfused.SSAM, "looksam": sharpfused.LookSAM,
-    "friendly": sharpfused.FriendlySAM,
+    "friendly": sharpfused.FriendlySAM, "esam": sharpfused.ESAM, "mesa": sharpfused.MESA,
 }  # fmt: skip
 assert set(sharpfused.optim.__all__) - {"SharpnessAware"} == {c.__name__ for c in CLS.values()}
 
@@ -113,7 +113,7 @@ class GenericAdamW(torch.optim.AdamW):
 
 #: host-side step counters that count attempted steps after the first (a skip is known only on the
 #: device): the documented exception to "a skipped step leaves all state as it was" (README)
-ATTEMPT_COUNTERS = (("looksam", "step"), ("ssam", "since_refresh"))
+ATTEMPT_COUNTERS = (("looksam", "step"), ("ssam", "since_refresh"), ("esam", "draws"), ("mesa", "step"))
 BASES = {"SGD": torch.optim.SGD, "AdamW": torch.optim.AdamW, "Adam": torch.optim.Adam, "RMSprop": torch.optim.RMSprop}
 GENERIC = {"SGD": GenericSGD, "AdamW": GenericAdamW, "Adam": torch.optim.Adam, "RMSprop": torch.optim.RMSprop}
 
@@ -226,6 +226,11 @@ def draw_algo(r: random.Random, v: str):
     if v == "friendly":
         kw = dict(rho=u(0.02, 0.1), sigma=u(0.5, 1.0), lam=u(0.5, 0.95))
         return kw, lambda: dict(rho=u(0.02, 0.1), lam=u(0.5, 0.95))
+    if v == "esam":
+        kw = dict(rho=u(0.02, 0.1), beta=r.choice([0.3, 0.6, 1.0]), seed=r.randrange(2**31))
+        return kw, lambda: dict(rho=u(0.02, 0.1), beta=r.choice([0.5, 1.0]))
+    if v == "mesa":
+        return dict(decay=r.choice([0.5, 0.9, 0.99])), lambda: dict(decay=r.choice([0.0, 0.8]))
     raise AssertionError(v)
 
 

@@ -84,6 +84,7 @@ class MESA(SharpnessAware):
 
     hyper = {"decay": check_unit}
     m_sharpness = None  # no perturbation: local_perturbation has nothing to localize
+    m_sharpness_refusal = "MESA takes one pass per step, its update pass, and perturbs nothing"
 
     def __init__(
         self,
