@@ -114,6 +114,21 @@ class Bucket:
         return buf
 
 
+def _on_bucket(name: str) -> Callable[..., Any]:
+    def method(self: Bucket, *args: Any, **kwargs: Any) -> Any:
+        return getattr(ops, name)(*args, backend=self.backend, **kwargs)  # looked up per call: wrappable
+
+    method.__name__ = method.__qualname__ = name
+    method.__doc__ = f":func:`sharpfused.ops.{name}` on the bucket's backend (``b.{name}(...)``)."
+    return method
+
+
+# the primitives as bucket methods, so algorithm files do not repeat ``backend=b.backend``
+for _name in ops.PRIMITIVES:
+    setattr(Bucket, _name, _on_bucket(_name))
+del _name
+
+
 def _host_value(value: Any) -> Any:
     """A hyperparameter as a host number when reading it is free (a number, or a CPU tensor), else None."""
     if isinstance(value, Tensor):
@@ -189,6 +204,13 @@ class _StepState:
         self.created: list[tuple[Bucket, str, list[Tensor]]] = []  # see SharpnessAware._clear_pending
         self.commits: list[tuple[str, tuple]] = []
         self.rollbacks: list[tuple[str, tuple]] = []
+
+
+def _nonfinite(x: Tensor) -> Tensor:
+    """0-d bool on the device: any entry of ``x`` inf or NaN. ``x * 0`` is 0 (or -0) exactly where
+    ``x`` is finite and NaN elsewhere: two device ops (``~isfinite(x).all()`` decomposes into five)."""
+    bad = x.mul(0).ne(0)
+    return bad.any() if bad.dim() else bad
 
 
 def _run_attr(name: str, default: Any = None) -> property:
@@ -561,7 +583,7 @@ class SharpnessAware(Optimizer):
             g = b.group
             adaptive = g.get("adaptive", False)
             parts.append(
-                ops.sq_norm(xs(b) if xs else b.grads(), b.params if adaptive else None, g.get("eta", 0.0), backend=b.backend)
+                b.sq_norm(xs(b) if xs else b.grads(), b.params if adaptive else None, g.get("eta", 0.0))
             )
         return self.note_finite(self.all_reduce_partials(buckets, parts)).sqrt()
 
@@ -571,7 +593,7 @@ class SharpnessAware(Optimizer):
         Every norm and dot product of a step passes through here, so an inf/NaN gradient of any
         pass marks the step for skipping at no extra pass over memory.
         """
-        bad = ~torch.isfinite(total).all()
+        bad = _nonfinite(total)
         self._run.nonfinite = bad if self._nonfinite is None else self._nonfinite | bad.to(self._nonfinite.device)
         return total
 
@@ -606,7 +628,8 @@ class SharpnessAware(Optimizer):
         """1 / (norm + eps), or 0 when the norm is not finite: a perturbation scaled by it is then
         dropped (``perturb_`` leaves w as it is for a zero scale), so the next forward pass of a
         step that will be skipped still runs at finite weights (BatchNorm buffers stay finite)."""
-        return torch.where(torch.isfinite(norm), (norm + EPS).reciprocal(), torch.zeros_like(norm))
+        # 1/inf is 0 already; NaN -> 0: three device ops, the same bits as a where() on isfinite
+        return torch.nan_to_num((norm + EPS).reciprocal(), nan=0.0)
 
     def perturb(self, buckets: list[Bucket], norm: Tensor, rho_key: str = "rho", save: bool = True) -> None:
         """w <- w + rho * T^2 g / (||T g|| + eps) per bucket, saving w for exact restore."""
@@ -615,11 +638,11 @@ class SharpnessAware(Optimizer):
             g = b.group
             scale = inv.to(b.device) * g[rho_key]
             eta = g.get("eta", 0.0) if g.get("adaptive", False) else None
-            ops.perturb_(b.params, b.grads(), b.backup.views if save else None, scale, eta, backend=b.backend)
+            b.perturb_(b.params, b.grads(), b.backup.views if save else None, scale, eta)
 
     def restore(self, buckets: list[Bucket]) -> None:
         for b in buckets:
-            ops.restore_(b.params, b.backup.views, backend=b.backend)
+            b.restore_(b.params, b.backup.views)
 
     # ---------------------------------------------------------------- algorithm state (additive helpers)
     def global_dot_norms(
@@ -633,7 +656,7 @@ class SharpnessAware(Optimizer):
     def copy(self, buckets: list[Bucket], dst: Callable[[Bucket], list[Tensor]], src: Callable[[Bucket], list[Tensor]]) -> None:
         """dst <- src, bit-exact, per bucket (``restore_`` is a copy)."""
         for b in buckets:
-            ops.restore_(dst(b), src(b), backend=b.backend)
+            b.restore_(dst(b), src(b))
 
     def state_buffer(self, b: Bucket, name: str, dtype: Optional[torch.dtype] = None) -> tuple[FlatBuffer, bool]:
         """A flat buffer of bucket ``b`` that is also algorithm state: its views are ``self.state[p][name]``.
@@ -748,10 +771,10 @@ class SharpnessAware(Optimizer):
         ``grad_coef`` folds GradScaler's unscale (1/``grad_scale``) and ``max_grad_norm``
         clipping (min(1, max/(||g||+1e-6)), on the unscaled norm) into one factor.
         """
-        sq = self.all_reduce_partials(buckets, [ops.sq_norm(b.grads(), backend=b.backend) for b in buckets])
+        sq = self.all_reduce_partials(buckets, [b.sq_norm(b.grads()) for b in buckets])
         for backend, grads in extra:  # gradients that appeared in a later pass (see _unbucketed_grads)
             sq = sq + ops.sq_norm(grads, backend=backend).to(sq.device)
-        bad = ~torch.isfinite(sq)
+        bad = _nonfinite(sq)
         prior = self._nonfinite
         skip = self._run.nonfinite = bad if prior is None else prior | bad.to(prior.device)
         found = getattr(self, "found_inf", None)  # set by GradScaler.step()
@@ -781,7 +804,7 @@ class SharpnessAware(Optimizer):
         """Buckets (this step only) of the parameters with a gradient outside ``buckets``; backup = w."""
         later = self._make_buckets(self.with_grads(outside=buckets))
         for b in later:
-            ops.restore_(b.backup.views, b.params, backend=b.backend)
+            b.restore_(b.backup.views, b.params)
         return later
 
     def restore_and_base_step(self, buckets: list[Bucket]) -> None:
@@ -815,7 +838,7 @@ class SharpnessAware(Optimizer):
             for b in buckets:
                 b.base_state = None  # base.step() may create or replace state tensors
                 if coef is not None:
-                    ops.combine_(b.grads(), b.grads(), coef.to(b.device), 0.0, backend=b.backend)
+                    b.combine_(b.grads(), b.grads(), coef.to(b.device), 0.0)
             if coef is not None:
                 for backend, grads in extra:
                     ops.combine_(grads, grads, coef.to(grads[0].device), 0.0, backend=backend)
@@ -1037,14 +1060,19 @@ class SharpnessAware(Optimizer):
         """``step()`` after ``first_step()``: ``closure`` (if given, with ``kwargs``) runs the second
         pass, then ``second_step()`` -- what a framework's optimizer step (or GradScaler.step) does.
         With a closure the gradients are cleared afterwards, as ``step(closure)`` leaves them."""
-        loss = None
         with self.guarded():
-            if closure is not None:
-                closure = torch.enable_grad()(closure)
-                self.remaining_passes(closure)
-                loss = detached(closure(**kwargs))
-                setattr(self._run, self._last_pass_loss, loss)
-            self.second_step(zero_grad=closure is not None)
+            if closure is None:
+                self.second_step(zero_grad=False)
+                return None
+            return self._last_passes(torch.enable_grad()(closure), **kwargs)
+
+    def _last_passes(self, closure: Callable[..., Any], **kwargs: Any) -> Any:
+        """After ``first_step()``: the passes still due (:meth:`remaining_passes`), the last pass
+        (its loss kept in ``_last_pass_loss``), ``second_step()``; returns the last pass's loss."""
+        self.remaining_passes(closure)
+        loss = detached(closure(**kwargs))
+        setattr(self._run, self._last_pass_loss, loss)
+        self.second_step(zero_grad=True)
         return loss
 
     #: where step(closure) keeps the loss of a step's last pass
@@ -1074,30 +1102,35 @@ class SharpnessAware(Optimizer):
 
         return self.step(closure)
 
+    #: how to take a step by hand, for the error of step() without a closure
+    _by_hand = "call first_step() and second_step() around the second forward/backward"
+
     def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:  # type: ignore[override]
         """One full step. ``closure`` recomputes the loss and its gradients (zero_grad is done here).
 
-        If gradients are already present they are used for the first pass; otherwise the
-        closure runs for it too. Returns the first-pass loss (None when the first pass used
-        gradients that were already there); the perturbed-point loss is kept in
-        ``last_perturbed_loss``. Gradients are cleared (set to None) at the end, so that the
-        perturbed-point gradients never seed the next step's first pass.
+        If gradients are already present they are used for the first pass; otherwise the closure
+        runs for it too. Then ``first_step()``, the passes an algorithm declares between it and the
+        last one (:meth:`remaining_passes`: XSAM's ascents, BSAM's bilateral pass), the last pass
+        and ``second_step()``; a ``first_step()`` that returns False has finished the step (LookSAM's
+        reuse steps). Returns the first-pass loss (None when the first pass used gradients that were
+        already there); the last pass's loss is kept in ``last_perturbed_loss`` (BSAM:
+        ``last_min_loss``). Gradients are cleared (set to None) at the end, so that the
+        perturbed-point gradients never seed the next step's first pass. After ``first_step()``,
+        ``step()`` finishes the step begun by hand (what ``GradScaler.step(opt)`` calls).
         """
-        if self._perturbed:  # after first_step: step() is second_step(), as GradScaler.step(opt) calls it
+        if self._perturbed:
             return self._finish_perturbed(closure)
         if closure is None:
             raise RuntimeError(
-                f"{type(self).__name__}.step() needs a closure that runs forward and backward; "
-                "or call first_step() and second_step() around the second forward/backward"
+                f"{type(self).__name__}.step() needs a closure that runs forward and backward; or {self._by_hand}"
             )
         closure = torch.enable_grad()(closure)
         loss = None
         with self.guarded():
             if not self._first_pass_grads():
                 loss = closure()
-            self.first_step(zero_grad=True)
-            self._run.last_perturbed_loss = detached(closure())
-            self.second_step(zero_grad=True)
+            if self.first_step(zero_grad=True) is not False:
+                self._last_passes(closure)
         return loss
 
     # ---------------------------------------------------------------- state

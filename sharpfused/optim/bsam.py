@@ -7,7 +7,6 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from .. import ops
 from .base import EPS, SharpnessAware, _check_number, _run_attr, check_rho, detached
 
 
@@ -63,7 +62,7 @@ class BSAM(SharpnessAware):
             self._run._inv0 = self.inverse_norm(self.global_norm(buckets))
             for b in buckets:
                 scale = self._inv0.to(b.device) * b.group["rho_max"]
-                ops.perturb_(b.params, b.grads(), b.backup.views, scale, backend=b.backend)
+                b.perturb_(b.params, b.grads(), b.backup.views, scale)
         self._run._phase = 1
         self._end_first(zero_grad)
 
@@ -81,7 +80,7 @@ class BSAM(SharpnessAware):
             self.restore(buckets)
             for b in buckets:
                 rho = b.group["rho_min"] if b.group["rho_min"] is not None else b.group["rho_max"]
-                ops.perturb_(b.params, b.buffer("g0").views, None, self._inv0.to(b.device) * -rho, backend=b.backend)
+                b.perturb_(b.params, b.buffer("g0").views, None, self._inv0.to(b.device) * -rho)
         self._run._phase = 2
         self._next_pass(zero_grad)
 
@@ -95,8 +94,8 @@ class BSAM(SharpnessAware):
             ratio = self._norm_max / (self.global_norm(buckets) + EPS)
             self.average_local(buckets, "g0")  # m-sharpness: the replicas' mean g_0, after both local moves
             for b in buckets:
-                ops.combine_(b.grads(), b.buffer("gmax").views, -ratio.to(b.device), 1.0, backend=b.backend)
-                ops.combine_(b.grads(), b.buffer("g0").views, 1.0, 1.0, backend=b.backend)
+                b.combine_(b.grads(), b.buffer("gmax").views, -ratio.to(b.device), 1.0)
+                b.combine_(b.grads(), b.buffer("g0").views, 1.0, 1.0)
         self.restore_and_base_step(buckets)
         self._end_second(zero_grad)
 
@@ -108,27 +107,7 @@ class BSAM(SharpnessAware):
             self._run.last_perturbed_loss = detached(closure())
             self.bilateral_step(zero_grad=True)
 
-    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:  # type: ignore[override]
-        """All three passes; returns the loss at w (None if the gradients at w were already there).
-
-        Without a closure after ``bilateral_step()`` it is ``second_step()`` (what ``GradScaler.step`` calls).
-        """
-        if self._perturbed:  # after first_step(): the closure (if any) is the last pass, then second_step()
-            return self._finish_perturbed(closure)
-        if closure is None:
-            raise RuntimeError(
-                "BSAM.step() needs a closure that runs forward and backward; or call first_step(), "
-                "bilateral_step() and second_step() around the backwards"
-            )
-        closure = torch.enable_grad()(closure)
-        with self.guarded():
-            loss = closure() if not self._first_pass_grads() else None
-            self.first_step(zero_grad=True)
-            self._run.last_perturbed_loss = detached(closure())
-            self.bilateral_step(zero_grad=True)
-            self._run.last_min_loss = detached(closure())
-            self.second_step(zero_grad=True)
-        return loss
+    _by_hand = "call first_step(), bilateral_step() and second_step() around the backwards"
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)

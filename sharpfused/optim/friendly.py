@@ -7,7 +7,6 @@ from typing import Any, Optional
 
 import torch
 
-from .. import ops
 from .base import SharpnessAware, _run_attr, check_nonneg, check_rho, check_unit
 
 
@@ -78,12 +77,12 @@ class FriendlySAM(SharpnessAware):
             fresh.append(new)
             c = 1.0 if inv is None else inv.to(b.device)
             g = b.buffer("grad").views  # this step's (unscaled) gradient, committed into m at the end
-            ops.combine_(g, b.grads(), 0.0, c, backend=b.backend)
+            b.combine_(g, b.grads(), 0.0, c)
             (fresh_g, _), (grads, ms) = _split(new, b.grads(), m.views)
             if fresh_g and inv is not None:  # the new ones' d = g, unscaled like the rest
-                ops.combine_(fresh_g, fresh_g, c, 0.0, backend=b.backend)
+                b.combine_(fresh_g, fresh_g, c, 0.0)
             if grads:  # d = g - sigma m (up to the loss scale: the perturbation is normalized)
-                ops.combine_(grads, ms, c, -b.group["sigma"], backend=b.backend)
+                b.combine_(grads, ms, c, -b.group["sigma"])
         if buckets:
             self.perturb(buckets, self.global_norm(buckets))
             self.average_local(buckets, "grad")  # m-sharpness: m follows the replicas' mean g (no-op otherwise)
@@ -96,10 +95,9 @@ class FriendlySAM(SharpnessAware):
             lam = b.group["lam"]
             (m0, g0), (m, g) = _split(new, b.extra["momentum"].views, b.extra["grad"].views)
             if m0:  # m_0 = g; on a skipped step these entries are dropped altogether (_finish_step)
-                ops.combine_(m0, g0, 0.0, 1.0, backend=b.backend)
+                b.combine_(m0, g0, 0.0, 1.0)
             if m:
-                ops.combine_(m, g, self.unless_skipped(lam, 1.0), self.unless_skipped(1.0 - lam, 0.0),
-                             backend=b.backend)
+                b.combine_(m, g, self.unless_skipped(lam, 1.0), self.unless_skipped(1.0 - lam, 0.0))
 
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False) -> None:

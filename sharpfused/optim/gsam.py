@@ -8,7 +8,6 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor
 
-from .. import ops
 from .base import EPS, SharpnessAware, _check_number, _run_attr, check_bool, check_nonneg, check_rho
 
 
@@ -120,7 +119,7 @@ class GSAM(SharpnessAware):
             for b in buckets:
                 scale = inv.to(b.device) * self.rho_t(b.group)
                 eta = 0.0 if b.group.get("adaptive") else None  # adaptive: e = rho_t |w|^2 g / ||T g||
-                ops.perturb_(b.params, b.grads(), b.backup.views, scale, eta, backend=b.backend)
+                b.perturb_(b.params, b.grads(), b.backup.views, scale, eta)
             self.average_local(buckets, "g")  # m-sharpness: the replicas' mean g (no-op otherwise)
         self._end_first(zero_grad)
 
@@ -136,7 +135,7 @@ class GSAM(SharpnessAware):
             for b in buckets:
                 a = b.group["alpha"]
                 # d = g_s - a (g - proj g_s) = (1 + a proj) g_s - a g
-                ops.combine_(b.grads(), b.buffer("g").views, 1.0 + a * proj.to(b.device), -a, backend=b.backend)
+                b.combine_(b.grads(), b.buffer("g").views, 1.0 + a * proj.to(b.device), -a)
         if loss is not None and perturbed_loss is not None:
             self._run.surrogate_gap = perturbed_loss.detach() - loss.detach()
         self.restore_and_base_step(buckets)

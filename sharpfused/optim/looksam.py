@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 
-from .. import ops
-from .base import EPS, SharpnessAware, _run_attr, check_nonneg, check_rho, detached
+from .base import EPS, SharpnessAware, _run_attr, check_nonneg, check_rho
 
 
 class LookSAM(SharpnessAware):
@@ -75,7 +74,7 @@ class LookSAM(SharpnessAware):
         gvnorm = self.global_norm(buckets, lambda b: b.extra["g_v"].views)
         ratio = gnorm / (gvnorm + EPS)
         for b in buckets:
-            ops.combine_(b.grads(), b.extra["g_v"].views, 1.0, ratio.to(b.device) * b.group["beta"], backend=b.backend)
+            b.combine_(b.grads(), b.extra["g_v"].views, 1.0, ratio.to(b.device) * b.group["beta"])
         self.copy(buckets, lambda b: b.backup.views, lambda b: b.params)  # no perturbation: restore is a no-op
         self.restore_and_base_step(buckets)
         self._end_second(zero_grad)
@@ -101,26 +100,11 @@ class LookSAM(SharpnessAware):
             coef = -dot / (gg + EPS)
             for b in buckets:  # g_v = g_s - (<g,g_s>/|g|^2) g; kept as it was on a skipped step
                 g_v = self.state_buffer(b, "g_v")[0].views
-                ops.combine_(g_v, b.grads(), self.unless_skipped(0.0, 1.0), self.unless_skipped(1.0, 0.0),
-                             backend=b.backend)
-                ops.combine_(g_v, b.buffer("g").views, 1.0, self.unless_skipped(coef, 0.0).to(b.device),
-                             backend=b.backend)
+                b.combine_(g_v, b.grads(), self.unless_skipped(0.0, 1.0), self.unless_skipped(1.0, 0.0))
+                b.combine_(g_v, b.buffer("g").views, 1.0, self.unless_skipped(coef, 0.0).to(b.device))
         self.restore_and_base_step(buckets)
         self._end_second(zero_grad)
 
     def _repr_settings(self) -> dict[str, Any]:
         return {"k": self.k}
 
-    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:  # type: ignore[override]
-        """One step: one forward/backward on reuse steps, two on full steps."""
-        if self._perturbed:  # after a full step's first_step(): the closure (if any) is its second pass
-            return self._finish_perturbed(closure)
-        if closure is None:
-            raise RuntimeError("LookSAM.step() needs a closure that runs forward and backward")
-        closure = torch.enable_grad()(closure)
-        with self.guarded():
-            loss = closure() if not self._first_pass_grads() else None
-            if self.first_step(zero_grad=True):
-                self._run.last_perturbed_loss = detached(closure())
-                self.second_step(zero_grad=True)
-        return loss

@@ -136,7 +136,7 @@ class SAMPa(SharpnessAware):
             take = torch.where(torch.isfinite(self.global_norm(buckets)), 1.0, 0.0)
             for b, new in zip(buckets, fresh):
                 if new:
-                    ops.combine_(b.extra["grad_y"].views, b.grads(), 0.0, take, backend=b.backend)
+                    b.combine_(b.extra["grad_y"].views, b.grads(), 0.0, take)
         gy = lambda b: b.extra["grad_y"].views  # noqa: E731
         gx = lambda b: b.buffer("grad_x").views  # noqa: E731
         rank = None if self.process_group is None else dist.get_rank(self.process_group)
@@ -144,7 +144,7 @@ class SAMPa(SharpnessAware):
         try:
             inv = self.inverse_norm(self.global_norm(buckets, gy))
             for b in buckets:  # x~ = x + rho grad_y / ||grad_y||   (x saved for exact restore)
-                ops.perturb_(b.params, gy(b), b.backup.views, inv.to(b.device) * b.group["rho"], backend=b.backend)
+                b.perturb_(b.params, gy(b), b.backup.views, inv.to(b.device) * b.group["rho"])
             loss = None
             outside: dict = {}  # parameters with a gradient now but none at the step's start (LayerDrop)
             if rank in (None, 0):
@@ -160,8 +160,8 @@ class SAMPa(SharpnessAware):
                 outside = self._outside_grads(buckets)
             if rank in (None, 1):
                 for b in buckets:  # y = x - lr grad_y
-                    ops.restore_(b.params, b.backup.views, backend=b.backend)
-                    ops.perturb_(b.params, gy(b), None, -b.group["lr"], backend=b.backend)
+                    b.restore_(b.params, b.backup.views)
+                    b.perturb_(b.params, gy(b), None, -b.group["lr"])
                 self.zero_grad()
                 self._run.last_y_loss = detached(closure())
                 self.fill_missing_grads(buckets)
@@ -181,10 +181,10 @@ class SAMPa(SharpnessAware):
             fresh_ok = torch.isfinite(self.global_dot_norms(buckets, gx, lambda b: b.grads())).all()
             for b in buckets:  # grad_y <- grad f(y_{t+1}) when that is finite (even if the old one was not)
                 take = torch.where(fresh_ok, 1.0, 0.0)
-                ops.combine_(gy(b), b.grads(), 1.0 - take, take, backend=b.backend)
+                b.combine_(gy(b), b.grads(), 1.0 - take, take)
             for b in buckets:  # .grad = lam grad f(y_{t+1}) + (1 - lam) grad f(x~)
                 lam = b.group["lam"]
-                ops.combine_(b.grads(), gx(b), lam, 1.0 - lam, backend=b.backend)
+                b.combine_(b.grads(), gx(b), lam, 1.0 - lam)
         except BaseException:
             with torch.no_grad():
                 self.restore(buckets)  # an exception in a closure: back to x_t, bit-exactly

@@ -7,7 +7,6 @@ from typing import Any, Optional
 
 import torch
 
-from .. import ops
 from .base import SharpnessAware, check_rho, check_unit
 
 MASKS = ("fisher", "random")
@@ -148,5 +147,5 @@ class SSAM(SharpnessAware):
             for b in buckets:
                 scale = inv.to(b.device) * b.group["rho"]
                 mask = b.extra["mask"].views
-                ops.perturb_(b.params, b.grads(), b.backup.views, scale, mask=mask, backend=b.backend)
+                b.perturb_(b.params, b.grads(), b.backup.views, scale, mask=mask)
         self._end_first(zero_grad)

@@ -8,8 +8,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor
 
-from .. import ops
-from .base import EPS, SharpnessAware, _check_number, _run_attr, check_nonneg, check_rho, detached
+from .base import EPS, SharpnessAware, _check_number, _run_attr, check_nonneg, check_rho
 
 GRID = tuple(i / 10 for i in range(21))  # 0, 0.1, .., 2.0
 
@@ -76,11 +75,11 @@ class XSAM(SharpnessAware):
             scale = inv.to(b.device) * (b.group["rho"] / self.steps)
             u = b.buffer("ascent").views
             if save:
-                ops.restore_(u, b.grads(), backend=b.backend)  # u <- g0, then scaled: no stale values survive
-                ops.combine_(u, b.grads(), scale, 0.0, backend=b.backend)
+                b.restore_(u, b.grads())  # u <- g0, then scaled: no stale values survive
+                b.combine_(u, b.grads(), scale, 0.0)
             else:
-                ops.combine_(u, b.grads(), 1.0, scale, backend=b.backend)
-            ops.perturb_(b.params, b.grads(), b.backup.views if save else None, scale, backend=b.backend)
+                b.combine_(u, b.grads(), 1.0, scale)
+            b.perturb_(b.params, b.grads(), b.backup.views if save else None, scale)
 
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False) -> None:
@@ -138,7 +137,7 @@ class XSAM(SharpnessAware):
                 a0, a1 = self._coefficients(b.group["alpha"], theta, sin)
                 # ||g_k|| d = a1 g_k + a0 (||g_k|| / ||u||) u
                 c2 = a0 * ng / (nu + EPS)
-                ops.combine_(b.grads(), b.buffer("ascent").views, a1.to(b.device), c2.to(b.device), backend=b.backend)
+                b.combine_(b.grads(), b.buffer("ascent").views, a1.to(b.device), c2.to(b.device))
         self.restore_and_base_step(buckets)
         self._end_second(zero_grad)
 
@@ -167,9 +166,9 @@ class XSAM(SharpnessAware):
             c_u, c_g = a0 / (nu + EPS), a1 / (ng + EPS)  # unit d(alpha) = c_u u + c_g g_k
             for b in buckets:
                 r = b.group["rho_max"]
-                ops.restore_(b.params, b.backup.views, backend=b.backend)
-                ops.perturb_(b.params, b.buffer("ascent").views, None, (r * c_u).to(b.device), backend=b.backend)
-                ops.perturb_(b.params, b.grads(), None, (r * c_g).to(b.device), backend=b.backend)
+                b.restore_(b.params, b.backup.views)
+                b.perturb_(b.params, b.buffer("ascent").views, None, (r * c_u).to(b.device))
+                b.perturb_(b.params, b.grads(), None, (r * c_g).to(b.device))
             loss = loss_fn()
             losses.append(torch.as_tensor(loss, dtype=torch.float64).detach().reshape(()).cpu())
         self.restore(buckets)
@@ -187,30 +186,7 @@ class XSAM(SharpnessAware):
             closure()
             self.ascent_step(zero_grad=True)
 
-    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:  # type: ignore[override]
-        """Runs the ``steps + 1`` forward/backward passes; same closure contract as SAM's ``step``.
-
-        Without a closure after ``first_step()`` it is ``second_step()`` (what ``GradScaler.step`` calls).
-        """
-        if self._perturbed:  # after first_step(): the closure (if any) is the last pass, then second_step()
-            return self._finish_perturbed(closure)
-        if closure is None:
-            raise RuntimeError(
-                "XSAM.step() needs a closure that runs forward and backward; or call first_step(), "
-                "ascent_step() (steps - 1 times) and second_step() around the backwards"
-            )
-        closure = torch.enable_grad()(closure)
-        loss = None
-        with self.guarded():
-            if not self._first_pass_grads():
-                loss = closure()
-            self.first_step(zero_grad=True)
-            for _ in range(self.steps - 1):
-                closure()
-                self.ascent_step(zero_grad=True)
-            self._run.last_perturbed_loss = detached(closure())
-            self.second_step(zero_grad=True)
-        return loss
+    _by_hand = "call first_step(), ascent_step() (steps - 1 times) and second_step() around the backwards"
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
