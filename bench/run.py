@@ -49,7 +49,7 @@ import shapes as shape_sets  # noqa: E402
 
 import sharpfused  # noqa: E402
 from sharpfused import ops  # noqa: E402
-from sharpfused.spec import REQUIRED, SPECS  # noqa: E402
+from sharpfused.spec import SPECS  # noqa: E402
 from tests.baselines import (  # noqa: E402
     LOOP_PRIMITIVES,
     EagerForeachASAM,
@@ -66,12 +66,9 @@ FIELDS = [
 
 # Bytes moved per parameter element, in units of b = bytes per element (all tensors in the
 # parameter dtype). Primitives: each input read once, each output written once (ops.py).
-# Bytes per element (units of b) of each primitive as the bench calls it: every list given but
-# the optional inputs that default to None (ASAM's weights, SSAM's mask); from the spec's byte model.
-PRIMITIVE_BYTES = {
-    n: p.bytes({a.name: True for a in p.args if a.kind == "list" or (a.kind == "list?" and a.default is REQUIRED)})
-    for n, p in SPECS.items()
-}
+# Bytes per element (units of b) of each primitive as the bench calls it (the spec's typical call:
+# every list given but the optional inputs that default to None, ASAM's weights, SSAM's mask).
+PRIMITIVE_BYTES = {n: p.typical_bytes() for n, p in SPECS.items()}
 # A step's bytes are counted from the primitives it calls (step_bytes: one steady-state step on a
 # tiny list with every ops.<primitive> wrapped, each call's bytes by call_bytes), so the model
 # follows the code. STEP_MIN_BYTES is the least a step of the algorithm has to move (every
@@ -281,6 +278,11 @@ def primitive_calls(name: str, shape_list, dtype, device, impl) -> Callable[[], 
         for x in v:
             x.abs_()  # a second moment is non-negative
         return lambda: fn(w, b, g, m, v, step=10, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=1e-2)
+    if name == "restore_rmsprop_":
+        w, b, g, v, buf = make_tensors(shape_list, dtype, device, 5)
+        for x in v:
+            x.abs_()  # a running mean of squares is non-negative
+        return lambda: fn(w, b, g, v, buf, lr=1e-3, alpha=0.99, eps=1e-8, weight_decay=1e-2, momentum=0.9)
     raise ValueError(name)
 
 

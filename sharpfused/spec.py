@@ -84,6 +84,14 @@ class Primitive:
             n += "r" in a.io and not (a.read_unless is not None and values.get(a.read_unless))
         return n
 
+    def typical_bytes(self) -> int:
+        """Bytes of the typical call: every list given but the optional inputs that default to None
+        (ASAM's weights, SSAM's mask); what bench/run.py times each primitive with."""
+        return self.bytes({a.name: True for a in self._typical_lists()})
+
+    def _typical_lists(self) -> list[Arg]:
+        return [a for a in self.args if a.kind == "list" or (a.kind == "list?" and a.default is REQUIRED)]
+
     def traffic(self) -> str:
         """The byte model in words, every optional list given."""
         reads = [a.name for a in self.args if "r" in a.io]
@@ -233,6 +241,18 @@ bit-exactly, v and buf unchanged.""",
 }
 
 PRIMITIVES: tuple[str, ...] = tuple(SPECS)
+
+
+def markdown() -> str:
+    """The byte-model table of docs/benchmarks.md (a test keeps the two equal)."""
+    rows = ["| primitive | does | reads | writes | b |", "|---|---|---|---|---|"]
+    for p in SPECS.values():
+        given = p._typical_lists()
+        reads = ", ".join(a.name for a in given if "r" in a.io)
+        writes = ", ".join(a.name for a in given if "w" in a.io)
+        does = p.does.replace("|", "\\|")
+        rows.append(f"| `{p.name}` | {does} | {reads} | {writes or '-'} | {p.typical_bytes()} |")
+    return "\n".join(rows)
 
 
 def table() -> str:

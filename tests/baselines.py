@@ -257,6 +257,23 @@ def loop_restore_adamw_(params, backup, grads, exp_avgs, exp_avg_sqs, *, step, l
         w.copy_(w0 * (1 - lr * weight_decay) - lr / bc1 * m32 / (v32.sqrt() / bc2**0.5 + eps))
 
 
+@torch.no_grad()
+def loop_restore_rmsprop_(params, backup, grads, square_avgs, momentum_buffers, *, lr, alpha, eps, weight_decay,
+                          momentum):
+    for i, (w, b, g, v) in enumerate(zip(params, backup, grads, square_avgs)):
+        w0, d = b.to(_opmath(b)), g.to(_opmath(b))
+        if weight_decay:
+            d = d + weight_decay * w0
+        v32 = alpha * v.to(w0.dtype) + (1 - alpha) * d * d
+        v.copy_(v32)
+        step = d / (v32.sqrt() + eps)
+        if momentum:
+            buf = momentum_buffers[i]
+            step = momentum * buf.to(w0.dtype) + step
+            buf.copy_(step)
+        w.copy_(w0 - lr * step)
+
+
 LOOP_PRIMITIVES = {
     "sq_norm": loop_sq_norm,
     "perturb_": loop_perturb_,
@@ -265,4 +282,5 @@ LOOP_PRIMITIVES = {
     "combine_": loop_combine_,
     "restore_sgd_": loop_restore_sgd_,
     "restore_adamw_": loop_restore_adamw_,
+    "restore_rmsprop_": loop_restore_rmsprop_,
 }

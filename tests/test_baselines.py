@@ -124,3 +124,23 @@ def test_loop_restore_adamw_matches_reference(dtype, tol):
         assert rel_err(w, expected) < tol
         assert rel_err(m, adam.m) < tol and rel_err(v, adam.v) < tol
         backup = [x.clone() for x in w]
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-6)])
+def test_loop_restore_rmsprop_matches_torch_optim(dtype, tol):
+    backup = rand_list(ODD_SIZES, dtype)
+    ps = [torch.nn.Parameter(x.double().clone()) for x in backup]
+    rms = torch.optim.RMSprop(ps, lr=1e-2, alpha=0.9, eps=1e-8, weight_decay=0.05, momentum=0.8)
+    w = [torch.full_like(x, float("nan")) for x in backup]
+    v, buf = [torch.zeros_like(x) for x in backup], [torch.zeros_like(x) for x in backup]
+    for _ in range(3):
+        g = rand_list(ODD_SIZES, dtype)
+        LOOP_PRIMITIVES["restore_rmsprop_"](
+            w, backup, g, v, buf, lr=1e-2, alpha=0.9, eps=1e-8, weight_decay=0.05, momentum=0.8
+        )
+        for p, gi in zip(ps, g):
+            p.grad = gi.double()
+        rms.step()
+        assert rel_err(w, [p.detach() for p in ps]) < tol
+        assert rel_err(v, [rms.state[p]["square_avg"] for p in ps]) < tol
+        backup = [x.clone() for x in w]

@@ -21,7 +21,6 @@ import torch
 
 import sharpfused
 from sharpfused import _build, ops
-from sharpfused.backends import torch_ops
 
 from . import reference as R
 from .helpers import assert_within_torch_error, rel_err

@@ -105,3 +105,14 @@ def test_mixed_groups_joined_once():
 def test_unknown_backend_named():
     with pytest.raises(ValueError, match="unknown backend 'nope'"):
         ops.resolve("nope", torch.device("cpu"))
+
+
+def test_docs_byte_table_is_the_spec():
+    from pathlib import Path
+
+    from sharpfused import spec
+
+    docs = (Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md").read_text()
+    assert spec.markdown() in docs, "docs/benchmarks.md's primitive table differs from sharpfused.spec.markdown()"
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    assert all(f"`{n}`" in readme for n in SPECS), "README's list of primitives misses one"
