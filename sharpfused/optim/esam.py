@@ -10,7 +10,6 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor
 
-from .. import ops
 from .base import SharpnessAware, _check_number, check_rho
 
 _MASK64 = (1 << 64) - 1
@@ -226,7 +225,7 @@ class ESAM(SharpnessAware):
                 beta = float(b.group["beta"])
                 scale = inv.to(b.device) * (b.group["rho"] / beta)
                 if beta == 1.0:  # every weight: SAM's perturbation, nothing drawn
-                    ops.perturb_(b.params, b.grads(), b.backup.views, scale, backend=b.backend)
+                    b.perturb_(b.params, b.grads(), b.backup.views, scale)
                     continue
                 gen = self._generator(b.device)
                 if b.device not in seeded:  # one seed per step and device; buckets draw in order
@@ -234,5 +233,5 @@ class ESAM(SharpnessAware):
                     seeded.add(b.device)
                 mask = b.buffer("swp_mask", torch.uint8)
                 mask.flat.bernoulli_(beta, generator=gen)
-                ops.perturb_(b.params, b.grads(), b.backup.views, scale, mask=mask.views, backend=b.backend)
+                b.perturb_(b.params, b.grads(), b.backup.views, scale, mask=mask.views)
         self._end_first(zero_grad)

@@ -10,7 +10,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .. import ops
 from .base import SharpnessAware, check_unit
 
 
@@ -162,22 +161,20 @@ class MESA(SharpnessAware):
                 ema, valid = self.state_buffer(b, "ema")
                 if not valid:  # the EMA starts at the weights before their first update
                     new = self.created_now(b, "ema")
-                    ops.restore_(
+                    b.restore_(
                         [v for v, f in zip(ema.views, new) if f],
                         [p for p, f in zip(b.params, new) if f],
-                        backend=b.backend,
                     )
             self._commits.append(("_commit_count", (self.steps_taken,)))
             self.copy(buckets, lambda b: b.backup.views, lambda b: b.params)  # no perturbation: backup = w
         self.restore_and_base_step(buckets)
         for b in buckets:
             d = b.group["decay"]
-            ops.combine_(
+            b.combine_(
                 b.extra["ema"].views,
                 b.params,
                 self.unless_skipped(d, 1.0),
                 self.unless_skipped(1.0 - d, 0.0),
-                backend=b.backend,
             )
         self._end_second(zero_grad)
         return False
@@ -190,13 +187,10 @@ class MESA(SharpnessAware):
 
     def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:  # type: ignore[override]
         """One step: ``closure`` (if given) runs the forward/backward, unless gradients are already
-        there; without a closure the gradients in ``.grad`` are used (``loss.backward(); opt.step()``)."""
+        there; without a closure the gradients in ``.grad`` are used (``loss.backward(); opt.step()``,
+        and what ``GradScaler.step(opt)`` calls)."""
         if closure is None:
             with self.guarded():
                 self.first_step()
             return None
-        closure = torch.enable_grad()(closure)
-        with self.guarded():
-            loss = closure() if not self._first_pass_grads() else None
-            self.first_step(zero_grad=True)
-        return loss
+        return super().step(closure)  # the closure's pass, then first_step(), which ends the step
