@@ -145,7 +145,7 @@ def test_gradscaler_fp16_loop_with_forced_overflow(base):
     assert losses[-1] < losses[0]
 
 
-GRADSCALER_SAFE = ["sam", "asam", "gsam", "bisam", "xsam", "ssam", "friendly"]
+GRADSCALER_SAFE = ["sam", "asam", "gsam", "bisam", "xsam", "ssam", "friendly", "esam"]
 
 
 def scaler_kwargs(opt, scaler):
