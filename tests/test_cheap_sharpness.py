@@ -361,6 +361,10 @@ def test_example_quick_mode(tmp_path):
     rows = [line.split("|")[1].strip() for line in table.splitlines() if line.startswith("| ") and "---" not in line]
     for name in ["SGD", "SAM", "LookSAM", "MSAM", "RST", "AE-SAM"]:
         assert any(r.startswith(name) for r in rows), f"{name} missing from the table:\n{table}"
+    acc = {
+        line.split("|")[1].strip(): line.split("|")[3].strip() for line in table.splitlines() if line.startswith("| ")
+    }
+    assert acc["SGD (fused)"] == acc["SGD"]  # RST with p=0 is torch's SGD bit for bit: the same accuracy
     for name in ("ESAM", "MESA"):
         if hasattr(sharpfused, name):
             assert any(r.startswith(name) for r in rows), f"{name} missing from the table:\n{table}"
