@@ -395,3 +395,39 @@ def test_muon_skipped_step_moves_nothing():
     opt.second_step(zero_grad=True)
     assert bool(opt.last_step_skipped) and not opt.base_optimizer.state
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), before))
+
+
+@pytest.mark.parametrize("base", ["adam-l2", "rmsprop", "rmsprop-momentum-wd"])
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_fused_step_never_waits_for_the_device(base, backend, monkeypatch):
+    """After the first (state-creating) steps, the fused Adam/RMSprop step reads no device value:
+    the torch backend's device path (HOST_BRANCH_ON_CPU off) and the kernels, as tests/test_no_sync.py
+    holds SGD and AdamW to it."""
+    from sharpfused.backends import torch_ops
+
+    from .test_no_sync import SyncDetector, TensorFactoryDetector
+
+    monkeypatch.setattr(torch_ops, "HOST_BRANCH_ON_CPU", False)
+    cls, kw = BASES[base]
+    device = BACKENDS[backend][0]
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4)).to(device)
+    opt = SAM(model.parameters(), cls, rho=0.05, backend=backend, max_grad_norm=1.0, **kw)
+    assert adapters.lookup(opt.base_optimizer) is not None
+    x = torch.randn(5, 8, device=device)
+
+    def closure():
+        loss = model(x).square().mean()
+        loss.backward()
+        return loss
+
+    for t in range(3):
+        detector = SyncDetector()
+        with detector, TensorFactoryDetector(detector.hits):
+            opt.step(closure)
+        if t >= 1:
+            assert not detector.hits, f"{base} on {backend}, step {t}: {detector.hits}"
+    detector = SyncDetector()
+    with adapters.unfused(), detector:  # the unfused step reads the skip flag: the detector sees it
+        opt.step(closure)
+    assert detector.hits
