@@ -17,7 +17,7 @@ from sharpfused import AESAM, MSAM, RST, SAM
 from . import reference as ref
 from .helpers import TRITON_DEVICES, optimizer_snapshot, rel_err, same_values
 from .test_algorithms import BASES, batches, ce, grad_fn_for, mlp
-from .test_no_sync import SyncDetector
+from .test_no_sync import SyncDetector, TensorFactoryDetector, _where
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 8
@@ -292,19 +292,23 @@ def test_aesam_skipped_first_step_leaves_no_state():
 
 # ------------------------------------------------------------------ host reads
 @pytest.mark.parametrize("name,reads", [("msam", 0), ("rst", 0), ("aesam", 1)])
-def test_host_reads_per_step(name, reads, monkeypatch):
-    """MSAM and RST never read a device value in a step; AE-SAM reads its one choice (documented)."""
+@pytest.mark.parametrize("backend,device", _where())
+def test_host_reads_per_step(name, reads, backend, device, monkeypatch):
+    """MSAM and RST never wait for the device in a step; AE-SAM reads its one choice (documented).
+    On a GPU the detector also sees blocking copies (see tests/test_no_sync.py)."""
     from sharpfused.backends import torch_ops
 
     monkeypatch.setattr(torch_ops, "HOST_BRANCH_ON_CPU", False)
-    model, data = mlp(torch.float32), batches(5, dtype=torch.float32)
-    opt = build(name, model)
+    model = mlp(torch.float32).to(device)
+    data = [(x.to(device), y.to(device)) for x, y in batches(5, dtype=torch.float32)]
+    opt = build(name, model, backend=backend)
     for t, (x, y) in enumerate(data):
         det = SyncDetector()
-        with det:
+        with det, TensorFactoryDetector(det.hits):
             opt.step(closure_for(model, x, y))
         if t >= 2:  # the first step creates state and reads the skip flag once, as every algorithm
             assert len(det.hits) == reads, det.hits
+            assert all(h.startswith("aten._local_scalar_dense") for h in det.hits), det.hits
 
 
 # ------------------------------------------------------------------ bad inputs
