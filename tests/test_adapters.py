@@ -431,3 +431,38 @@ def test_fused_step_never_waits_for_the_device(base, backend, monkeypatch):
     with adapters.unfused(), detector:  # the unfused step reads the skip flag: the detector sees it
         opt.step(closure)
     assert detector.hits
+
+
+@pytest.mark.parametrize(
+    "base,op",
+    [("adam-l2", "sharpfused.restore_adamw_.default"), ("rmsprop-momentum-wd", "sharpfused.restore_rmsprop_.default")],
+)
+def test_compiled_sam_step_uses_the_fused_base_step(base, op):
+    """Under dynamo (which marks param groups capturable) the fused Adam/RMSprop step is a graph
+    node, and the traced step equals the eager one."""
+    cls, kw = BASES[base]
+    x, y = data("mlp")
+
+    def ready():
+        torch.manual_seed(0)
+        model = MLP()
+        opt = SAM(model.parameters(), cls, rho=0.05, **kw)
+        for _ in range(2):
+            _loss(model, x, y).backward()
+            opt.first_step(zero_grad=True)
+            _loss(model, x, y).backward()
+            opt.second_step(zero_grad=True)
+        _loss(model, x, y).backward()
+        return model, opt
+
+    def sam_step(model, opt):
+        opt.first_step(zero_grad=True)
+        _loss(model, x, y).backward()
+        opt.second_step(zero_grad=True)
+
+    ref_model, ref_opt = ready()
+    sam_step(ref_model, ref_opt)
+    model, opt = ready()
+    ex = torch._dynamo.explain(sam_step)(model, opt)
+    assert op in {str(o) for ops_of_graph in ex.ops_per_graph for o in ops_of_graph}
+    assert rel_err(list(model.parameters()), list(ref_model.parameters())) < 1e-6
