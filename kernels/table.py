@@ -45,6 +45,7 @@ import triton.language as tl
 from torch import Tensor
 
 from sharpfused.backends import upload
+from sharpfused.lists import info
 
 #: elements per program (a multiple of BLOCK)
 CHUNK = 16384
@@ -262,8 +263,7 @@ def table(lists: Sequence[Sequence[Tensor]]) -> Table:
         TABLE_TENSORS,
         TABLE_CHUNKS,
         len(lists),
-        tuple(ptr for lst in lists for ptr in map(Tensor.data_ptr, lst)),
-        tuple(n for lst in lists for n in map(Tensor.numel, lst)),
+        *[i.ptrs + i.numels for i in map(info, lists)],
     )
     tab = _CACHE.get(key)
     if tab is None:
@@ -314,10 +314,16 @@ def supports(name: str, lists: Sequence[Optional[Sequence[Tensor]]]) -> bool:
     optional list not given): float32/bf16/fp16 lists -- bool/uint8 masks after the first --, each
     list of one dtype, one device, contiguous. The dispatcher sends the rest to the torch backend."""
     present = [lst for lst in lists if lst is not None]
-    kinds = [set(map(_KIND, lst)) for lst in present]  # C-level map: a step's host cost
-    if any(len(k) != 1 for k in kinds):
+    infos = [info(lst) for lst in present]  # kept by a Tensors list, else one scan
+    if any(i.dtype is None or not i.contiguous for i in infos):
         return False
-    return _native(tuple(x for k in kinds for x in next(iter(k))), present)
+    dev = infos[0].device
+    return (
+        dev.type in ("cuda", "cpu")
+        and all(i.device == dev for i in infos)
+        and infos[0].dtype in NATIVE
+        and all(i.dtype in NATIVE or i.dtype in MASKS for i in infos[1:])
+    )
 
 
 def _native(key: tuple, subs: list) -> bool:

@@ -7,6 +7,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from .lists import Tensors
+
 #: every segment of a flat buffer starts at a multiple of this many bytes, so that the kernels'
 #: 16-byte vector accesses apply to every view (the allocation itself is at least this aligned)
 ALIGN_BYTES = 16
@@ -37,7 +39,8 @@ class FlatBuffer:
         self.padded = off != self.numel
         alloc = torch.zeros if zero or self.padded else torch.empty  # the gaps are zero: a whole-buffer
         self.flat = alloc(off, dtype=dtype, device=like[0].device)  # all-reduce or broadcast stays finite
-        self.views = [self.flat[o : o + n].view(t.shape) for o, n, t in zip(self.offsets, self.numels, like)]
+        # described once (sharpfused.lists): the dispatcher and the launch tables read no tensor of it
+        self.views = Tensors([self.flat[o : o + n].view(t.shape) for o, n, t in zip(self.offsets, self.numels, like)])
 
     def __len__(self) -> int:
         return len(self.views)

@@ -44,6 +44,7 @@ import torch
 from torch import Tensor
 
 from . import spec as _spec
+from .lists import Tensors
 from .spec import PRIMITIVES, REQUIRED, SPECS, Primitive
 
 Scalar = Union[float, Tensor]
@@ -165,7 +166,8 @@ def _split(p: Primitive, args: tuple) -> Optional[list[tuple[list[int], tuple]]]
         o = args[i]
         if o is not None and len(o) != n:
             raise ValueError(f"{p.name}: parallel lists differ in length: {p.args[pos[0]].name} has {n}, {p.args[i].name} {len(o)}")
-    if len(set(map(_KIND, first))) == 1:
+    known = getattr(first, "info", None)  # a Tensors list (sharpfused.lists): described once
+    if (known.dtype is not None) if known is not None else len(set(map(_KIND, first))) == 1:
         return None
     by: dict[tuple, list[int]] = {}
     for i, t in enumerate(first):
@@ -184,6 +186,11 @@ def _run(p: Primitive, args: tuple, backend: str) -> Any:
     """One group on ``backend``, or on the torch backend when the backend does not take it."""
     mod = _loaded.get(backend) or backend_module(backend)
     if backend != "torch":
+        # each list described once for this call (supports() and the launch table both read it);
+        # a Tensors list (the optimizer's own) keeps the description it was built with
+        args = tuple(
+            Tensors(a) if i in p.lists and a is not None and not isinstance(a, Tensors) else a for i, a in enumerate(args)
+        )
         fn = getattr(mod, p.name, None)
         supports = getattr(mod, "supports", None)
         if fn is not None and (supports is None or supports(p.name, [args[i] for i in p.lists])):

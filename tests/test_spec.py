@@ -116,3 +116,39 @@ def test_docs_byte_table_is_the_spec():
     assert spec.markdown() in docs, "docs/benchmarks.md's primitive table differs from sharpfused.spec.markdown()"
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     assert all(f"`{n}`" in readme for n in SPECS), "README's list of primitives misses one"
+
+
+def test_described_lists_refuse_change_and_grads_are_rescanned():
+    """A Tensors list (described once) cannot change; a bucket's gradient list takes device, dtype
+    and sizes from the parameters but reads contiguity and addresses anew (a non-contiguous gradient
+    goes to the torch backend, counted)."""
+    from sharpfused.lists import Tensors, describe
+
+    ps = Tensors([torch.randn(3, 4), torch.randn(5)])
+    assert ps.info.dtype == torch.float32 and ps.info.contiguous and ps.info.numels == (12, 5)
+    for bad in (lambda: ps.append(torch.randn(1)), lambda: ps.__setitem__(0, torch.randn(1)), ps.clear):
+        with pytest.raises(TypeError, match="cannot change"):
+            bad()
+    g = Tensors.grads_of(ps, [torch.randn(4, 3).t(), torch.randn(5)])
+    assert not g.info.contiguous and g.info.ptrs == describe(g).ptrs
+    mixed = Tensors([torch.randn(2), torch.randn(2, dtype=torch.float64)])
+    assert mixed.info.dtype is None  # heterogeneous: the dispatcher splits it
+    total, per = ops.sq_norm(mixed, per_tensor=True)
+    assert per.dtype == torch.float64 and per.shape == (2,)
+    if ops.unavailable_reason("triton", torch.device("cpu")) is None:
+        before = ops.FALLBACKS.copy()
+        ops.sq_norm(g, backend="triton")
+        assert ops.FALLBACKS - before == {("triton", "sq_norm"): 1}
+
+
+def test_described_lists_copy_with_a_new_description():
+    import copy
+    import pickle
+
+    from sharpfused.lists import Tensors
+
+    ps = Tensors([torch.randn(3), torch.randn(2, 2)])
+    for other in (copy.deepcopy(ps), pickle.loads(pickle.dumps(ps))):
+        assert isinstance(other, Tensors) and all(torch.equal(a, b) for a, b in zip(other, ps))
+        assert other.info.ptrs == tuple(t.data_ptr() for t in other) != ps.info.ptrs
+    assert copy.copy(ps).info.ptrs == ps.info.ptrs  # a shallow copy holds the same tensors

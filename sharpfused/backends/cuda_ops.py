@@ -31,6 +31,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ..lists import info
 from . import torch_ops
 from .torch_ops import _groups, opmath
 
@@ -68,17 +69,15 @@ def _fits(
 ) -> bool:
     """True when the kernels can take this group: one supported dtype, one device, contiguous; a
     ``mask`` list in that dtype or all uint8 or all bool."""
-    dtype, device = first[0].dtype, first[0].device
-    if dtype not in _KERNEL_DTYPES:
+    head = info(first)  # kept by a Tensors list, else one scan
+    dtype, device = head.dtype, head.device
+    if dtype not in _KERNEL_DTYPES or not head.contiguous:
         return False
-    lists = [(lst, dtype) for lst in (first, *others) if lst is not None]
+    lists = [(info(lst), dtype) for lst in others if lst is not None]
     if mask is not None:
-        lists.append((mask, mask[0].dtype if mask[0].dtype in _BYTE_MASKS else dtype))
-    for lst, want in lists:
-        for t in lst:
-            if t.dtype != want or t.device != device or not t.is_contiguous():
-                return False
-    return True
+        m = info(mask)
+        lists.append((m, m.dtype if m.dtype in _BYTE_MASKS else dtype))
+    return all(i.dtype == want and i.device == device and i.contiguous for i, want in lists)
 
 
 def _scalar(s, dtype: torch.dtype, device: torch.device) -> tuple[Optional[Tensor], float]:

@@ -11,6 +11,7 @@ import functools
 import inspect
 import math
 import numbers
+import operator
 import sys
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
@@ -23,6 +24,7 @@ from torch.optim import Optimizer
 
 from .. import ops
 from ..buffers import FlatBuffer
+from ..lists import Tensors
 from . import adapters
 
 EPS = 1e-12  # added to norms before dividing, as in the papers
@@ -84,7 +86,7 @@ class Bucket:
         self.group = group
         self.group_index = group_index
         self.sources = params
-        self.params = [kernel_view(p) for p in params]
+        self.params = Tensors([kernel_view(p) for p in params])  # described once (sharpfused.lists)
         # no DTensor and no complex parameter: a gradient is its own kernel view (grads() skips the views)
         self.plain = all(v is p for v, p in zip(self.params, params))
         self.reduce = reduce
@@ -102,8 +104,8 @@ class Bucket:
         return self.params[0].dtype
 
     def grads(self) -> list[Tensor]:
-        if self.plain:
-            return [p.grad for p in self.sources]
+        if self.plain:  # device, dtype and sizes are the parameters' (torch enforces it for .grad)
+            return Tensors.grads_of(self.params, [p.grad for p in self.sources])
         return [kernel_view(p.grad) for p in self.sources]
 
     def buffer(self, name: str, dtype: Optional[torch.dtype] = None, zero: bool = False) -> FlatBuffer:
@@ -511,19 +513,16 @@ class SharpnessAware(Optimizer):
 
     # ---------------------------------------------------------------- buckets
     def _grad_key(self) -> tuple:
-        key = []
-        for group in self.param_groups:
-            for p in group["params"]:
-                g = p.grad
-                if g is None:
-                    continue
-                if g.is_sparse:
-                    raise RuntimeError(
-                        f"{type(self).__name__} does not support sparse gradients (a parameter of shape "
-                        f"{tuple(p.shape)} has one); use a dense embedding or a dense optimizer"
-                    )
-                key.append((id(p), local_tensor(p).data_ptr()))
-        return tuple(key)
+        """Which parameters have a gradient now, and where their storage is: the buckets are rebuilt
+        when this changes. C-level maps over the parameters (a step's host cost)."""
+        ps = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+        if any(map(operator.attrgetter("is_sparse"), map(operator.attrgetter("grad"), ps))):
+            p = next(p for p in ps if p.grad.is_sparse)
+            raise RuntimeError(
+                f"{type(self).__name__} does not support sparse gradients (a parameter of shape "
+                f"{tuple(p.shape)} has one); use a dense embedding or a dense optimizer"
+            )
+        return tuple(map(id, ps)) + tuple(map(Tensor.data_ptr, map(local_tensor, ps)))
 
     def with_grads(self, outside: Optional[list[Bucket]] = None) -> list[tuple[int, Tensor]]:
         """(group index, parameter) of every parameter with a gradient now, in group order; with
