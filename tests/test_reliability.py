@@ -19,7 +19,7 @@ from .test_algorithms import CASES, CLASSES, closure_for
 
 ALL = ["sam", "asam", *CASES]
 #: algorithms with the first_step / backward / second_step protocol and no extra call
-TWO_PASS = ["sam", "asam", "gsam", "bisam", "xsam", "ssam", "friendly"]
+TWO_PASS = ["sam", "asam", "gsam", "bisam", "xsam", "ssam", "friendly", "esam"]
 BASES = {
     "sgd-damp": (torch.optim.SGD, dict(lr=0.1, momentum=0.9, dampening=0.3, weight_decay=5e-4)),
     "sgd-nesterov": (torch.optim.SGD, dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)),
