@@ -85,7 +85,7 @@ def _group(x, y) -> torch.Tensor:
 def dot_norms(a, b) -> torch.Tensor:
     """``(<a,b>, |a|^2, |b|^2)`` over all tensors, as one 1-d opmath tensor of 3 entries.
 
-    fp32 for one native group; with several (device, dtype) groups the float64 sum of each
-    group's result (as torch_ops does). Float64 groups are computed by torch_ops.
+    fp32, for one (device, dtype) group: the dispatcher joins several groups' results and sends
+    float64 groups to the torch backend.
     """
     return _group(a, b)

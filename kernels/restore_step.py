@@ -30,8 +30,6 @@ import torch
 import triton
 import triton.language as tl
 
-from sharpfused.backends import torch_ops
-
 from . import table as tb
 from .table import chunk_of, load, load_scalar, store, tensor_ptr
 
@@ -211,48 +209,43 @@ def restore_sgd_(
     d = d + momentum*buf (nesterov) or buf;  w = w0 - lr*d.
     ``found_inf`` nonzero (0-d device tensor): w = w0 bit-exactly, buffers kept (zeros on an
     ``init_momentum`` step), decided in the kernel. One launch per (device, dtype) group either
-    way; float64 groups go to torch_ops.
+    way (one group per call: the dispatcher sends what supports() refuses to the torch backend).
     """
     has_momentum = bool(momentum)
-    for native, _, (p, b, g, buf) in tb.groups(params, backup, grads, momentum_buffers if has_momentum else None):
-        if not native:
-            torch_ops.restore_sgd_(
-                p, b, g, buf, lr, momentum, dampening, weight_decay, nesterov, init_momentum, grad_coef, found_inf
-            )  # fmt: skip
-            continue
-        tab = tb.table([p, b, g] + ([buf] if has_momentum else []))
-        if tab.n_chunks == 0:
-            continue
-        lr_p, lr_v, lr_is = tb.scalar(lr, tab.chunk_begin)
-        coef_p, coef_v, coef_is = tb.scalar(1.0 if grad_coef is None else grad_coef, tab.chunk_begin)
-        found_p, has_found = _found_inf(found_inf, tab.chunk_begin)
-        pb_dt, bb_dt = _bits_dtypes(p[0].dtype, b[0].dtype)
-        tb.launch(
-            _restore_sgd_kernel,
-            tab,
-            lr_p,
-            lr_v,
-            float(momentum),
-            1.0 - float(dampening),
-            float(weight_decay),
-            coef_p,
-            coef_v,
-            found_p,
-            P_DT=tb.tl_dtype(p[0].dtype),
-            B_DT=tb.tl_dtype(b[0].dtype),
-            G_DT=tb.tl_dtype(g[0].dtype),
-            BUF_DT=tb.tl_dtype(buf[0].dtype) if has_momentum else tl.float32,
-            PB_DT=pb_dt,
-            BB_DT=bb_dt,
-            LR_PTR=lr_is,
-            COEF_PTR=coef_is,
-            HAS_COEF=grad_coef is not None,
-            HAS_FOUND_INF=has_found,
-            HAS_WD=bool(weight_decay),
-            HAS_MOMENTUM=has_momentum,
-            NESTEROV=bool(nesterov),
-            INIT=bool(init_momentum),
-        )
+    p, b, g, buf = params, backup, grads, momentum_buffers if has_momentum else None
+    tab = tb.table([p, b, g] + ([buf] if has_momentum else []))
+    if tab.n_chunks == 0:
+        return
+    lr_p, lr_v, lr_is = tb.scalar(lr, tab.chunk_begin)
+    coef_p, coef_v, coef_is = tb.scalar(1.0 if grad_coef is None else grad_coef, tab.chunk_begin)
+    found_p, has_found = _found_inf(found_inf, tab.chunk_begin)
+    pb_dt, bb_dt = _bits_dtypes(p[0].dtype, b[0].dtype)
+    tb.launch(
+        _restore_sgd_kernel,
+        tab,
+        lr_p,
+        lr_v,
+        float(momentum),
+        1.0 - float(dampening),
+        float(weight_decay),
+        coef_p,
+        coef_v,
+        found_p,
+        P_DT=tb.tl_dtype(p[0].dtype),
+        B_DT=tb.tl_dtype(b[0].dtype),
+        G_DT=tb.tl_dtype(g[0].dtype),
+        BUF_DT=tb.tl_dtype(buf[0].dtype) if has_momentum else tl.float32,
+        PB_DT=pb_dt,
+        BB_DT=bb_dt,
+        LR_PTR=lr_is,
+        COEF_PTR=coef_is,
+        HAS_COEF=grad_coef is not None,
+        HAS_FOUND_INF=has_found,
+        HAS_WD=bool(weight_decay),
+        HAS_MOMENTUM=has_momentum,
+        NESTEROV=bool(nesterov),
+        INIT=bool(init_momentum),
+    )
 
 
 # ----------------------------------------------------------------------------------------- AdamW
@@ -423,7 +416,7 @@ def restore_adamw_(
     The bias corrections are computed on the host in double for an int ``step``, and in the
     kernel (fp64, no host sync) for a 0-d device tensor. ``found_inf`` nonzero: w = w0
     bit-exactly, m and v untouched, decided in the kernel. One launch per (device, dtype) group;
-    float64 groups go to torch_ops.
+    one group per call (the dispatcher sends what supports() refuses to the torch backend).
     """
     step_is = isinstance(step, torch.Tensor)
     if step_is:
@@ -435,54 +428,49 @@ def restore_adamw_(
         bc2_sqrt = math.sqrt(1.0 - beta2**step)
     b1_hi, b1_lo = _fp32_halves(float(beta1))
     b2_hi, b2_lo = _fp32_halves(float(beta2))
-    for native, _, (p, b, g, m, v) in tb.groups(params, backup, grads, exp_avgs, exp_avg_sqs):
-        if not native:
-            torch_ops.restore_adamw_(
-                p, b, g, m, v, step, lr, beta1, beta2, eps, weight_decay, grad_coef, found_inf, decoupled
-            )  # fmt: skip
-            continue
-        tab = tb.table([p, b, g, m, v])
-        if tab.n_chunks == 0:
-            continue
-        lr_p, lr_v, lr_is = tb.scalar(lr, tab.chunk_begin)
-        step_p = step.detach().to(tab.chunk_begin.device).reshape(1) if step_is else tab.chunk_begin
-        coef_p, coef_v, coef_is = tb.scalar(1.0 if grad_coef is None else grad_coef, tab.chunk_begin)
-        found_p, has_found = _found_inf(found_inf, tab.chunk_begin)
-        pb_dt, bb_dt = _bits_dtypes(p[0].dtype, b[0].dtype)
-        tb.launch(
-            _restore_adamw_kernel,
-            tab,
-            lr_p,
-            lr_v,
-            float(weight_decay),
-            inv_bc1,
-            1.0 - float(beta1),
-            float(beta2),
-            1.0 - float(beta2),
-            float(eps),
-            bc2_sqrt,
-            step_p,
-            b1_hi,
-            b1_lo,
-            b2_hi,
-            b2_lo,
-            coef_p,
-            coef_v,
-            found_p,
-            P_DT=tb.tl_dtype(p[0].dtype),
-            B_DT=tb.tl_dtype(b[0].dtype),
-            G_DT=tb.tl_dtype(g[0].dtype),
-            M_DT=tb.tl_dtype(m[0].dtype),
-            V_DT=tb.tl_dtype(v[0].dtype),
-            PB_DT=pb_dt,
-            BB_DT=bb_dt,
-            LR_PTR=lr_is,
-            STEP_PTR=step_is,
-            COEF_PTR=coef_is,
-            HAS_COEF=grad_coef is not None,
-            HAS_FOUND_INF=has_found,
-            DECOUPLED=bool(decoupled) or not weight_decay,  # no decay: the two rules are one
-        )
+    p, b, g, m, v = params, backup, grads, exp_avgs, exp_avg_sqs
+    tab = tb.table([p, b, g, m, v])
+    if tab.n_chunks == 0:
+        return
+    lr_p, lr_v, lr_is = tb.scalar(lr, tab.chunk_begin)
+    step_p = step.detach().to(tab.chunk_begin.device).reshape(1) if step_is else tab.chunk_begin
+    coef_p, coef_v, coef_is = tb.scalar(1.0 if grad_coef is None else grad_coef, tab.chunk_begin)
+    found_p, has_found = _found_inf(found_inf, tab.chunk_begin)
+    pb_dt, bb_dt = _bits_dtypes(p[0].dtype, b[0].dtype)
+    tb.launch(
+        _restore_adamw_kernel,
+        tab,
+        lr_p,
+        lr_v,
+        float(weight_decay),
+        inv_bc1,
+        1.0 - float(beta1),
+        float(beta2),
+        1.0 - float(beta2),
+        float(eps),
+        bc2_sqrt,
+        step_p,
+        b1_hi,
+        b1_lo,
+        b2_hi,
+        b2_lo,
+        coef_p,
+        coef_v,
+        found_p,
+        P_DT=tb.tl_dtype(p[0].dtype),
+        B_DT=tb.tl_dtype(b[0].dtype),
+        G_DT=tb.tl_dtype(g[0].dtype),
+        M_DT=tb.tl_dtype(m[0].dtype),
+        V_DT=tb.tl_dtype(v[0].dtype),
+        PB_DT=pb_dt,
+        BB_DT=bb_dt,
+        LR_PTR=lr_is,
+        STEP_PTR=step_is,
+        COEF_PTR=coef_is,
+        HAS_COEF=grad_coef is not None,
+        HAS_FOUND_INF=has_found,
+        DECOUPLED=bool(decoupled) or not weight_decay,  # no decay: the two rules are one
+    )
 
 
 # --------------------------------------------------------------------------------------- RMSprop
@@ -603,47 +591,42 @@ def restore_rmsprop_(
     g' = grad_coef*g + wd*w0; v = alpha*v + (1-alpha)*g'^2; avg = sqrt(v) + eps;
     momentum > 0: buf = momentum*buf + g'/avg, w = w0 - lr*buf; else w = w0 - lr*g'/avg.
     ``found_inf`` nonzero: w = w0 bit-exactly, v and buf untouched, decided in the kernel. One
-    launch per (device, dtype) group; float64 groups go to torch_ops.
+    launch per call (one group: the dispatcher sends what supports() refuses to the torch backend).
     """
     has_momentum = momentum > 0
     bufs = momentum_buffers if has_momentum else None
-    for native, _, (p, b, g, v, buf) in tb.groups(params, backup, grads, square_avgs, bufs):
-        if not native:
-            torch_ops.restore_rmsprop_(
-                p, b, g, v, buf, lr, alpha, eps, weight_decay, momentum, grad_coef, found_inf
-            )  # fmt: skip
-            continue
-        tab = tb.table([p, b, g, v] + ([buf] if has_momentum else []))
-        if tab.n_chunks == 0:
-            continue
-        lr_p, lr_v, lr_is = tb.scalar(lr, tab.chunk_begin)
-        coef_p, coef_v, coef_is = tb.scalar(1.0 if grad_coef is None else grad_coef, tab.chunk_begin)
-        found_p, has_found = _found_inf(found_inf, tab.chunk_begin)
-        pb_dt, bb_dt = _bits_dtypes(p[0].dtype, b[0].dtype)
-        tb.launch(
-            _restore_rmsprop_kernel,
-            tab,
-            lr_p,
-            lr_v,
-            float(alpha),
-            1.0 - float(alpha),
-            float(eps),
-            float(weight_decay),
-            float(momentum),
-            coef_p,
-            coef_v,
-            found_p,
-            P_DT=tb.tl_dtype(p[0].dtype),
-            B_DT=tb.tl_dtype(b[0].dtype),
-            G_DT=tb.tl_dtype(g[0].dtype),
-            V_DT=tb.tl_dtype(v[0].dtype),
-            BUF_DT=tb.tl_dtype(buf[0].dtype) if has_momentum else tl.float32,
-            PB_DT=pb_dt,
-            BB_DT=bb_dt,
-            LR_PTR=lr_is,
-            COEF_PTR=coef_is,
-            HAS_COEF=grad_coef is not None,
-            HAS_FOUND_INF=has_found,
-            HAS_WD=bool(weight_decay),
-            HAS_MOMENTUM=has_momentum,
-        )
+    p, b, g, v, buf = params, backup, grads, square_avgs, bufs
+    tab = tb.table([p, b, g, v] + ([buf] if has_momentum else []))
+    if tab.n_chunks == 0:
+        return
+    lr_p, lr_v, lr_is = tb.scalar(lr, tab.chunk_begin)
+    coef_p, coef_v, coef_is = tb.scalar(1.0 if grad_coef is None else grad_coef, tab.chunk_begin)
+    found_p, has_found = _found_inf(found_inf, tab.chunk_begin)
+    pb_dt, bb_dt = _bits_dtypes(p[0].dtype, b[0].dtype)
+    tb.launch(
+        _restore_rmsprop_kernel,
+        tab,
+        lr_p,
+        lr_v,
+        float(alpha),
+        1.0 - float(alpha),
+        float(eps),
+        float(weight_decay),
+        float(momentum),
+        coef_p,
+        coef_v,
+        found_p,
+        P_DT=tb.tl_dtype(p[0].dtype),
+        B_DT=tb.tl_dtype(b[0].dtype),
+        G_DT=tb.tl_dtype(g[0].dtype),
+        V_DT=tb.tl_dtype(v[0].dtype),
+        BUF_DT=tb.tl_dtype(buf[0].dtype) if has_momentum else tl.float32,
+        PB_DT=pb_dt,
+        BB_DT=bb_dt,
+        LR_PTR=lr_is,
+        COEF_PTR=coef_is,
+        HAS_COEF=grad_coef is not None,
+        HAS_FOUND_INF=has_found,
+        HAS_WD=bool(weight_decay),
+        HAS_MOMENTUM=has_momentum,
+    )

@@ -32,8 +32,7 @@ import torch
 from torch import Tensor
 
 from ..lists import info
-from . import torch_ops
-from .torch_ops import _groups, opmath
+from .torch_ops import opmath
 
 _log = logging.getLogger("sharpfused")
 
@@ -157,31 +156,27 @@ def restore_sgd_(
 ):
     _check_cuda(params)
     bufs = momentum_buffers if momentum else None
-    for dtype, (p, b, g, buf) in _groups(params, backup, grads, bufs):
-        if not _fits(p, b, g, buf):
-            torch_ops.restore_sgd_(
-                p, b, g, buf, lr, momentum, dampening, weight_decay, nesterov, init_momentum, grad_coef, found_inf
-            )
-            continue
-        dev = p[0].device
-        lt, lv = _scalar(lr, dtype, dev)
-        ct, cv = _scalar(1.0 if grad_coef is None else grad_coef, dtype, dev)
-        _C.restore_sgd_(
-            list(p),
-            list(b),
-            list(g),
-            _list(buf),
-            lt,
-            lv,
-            float(momentum),
-            float(dampening),
-            float(weight_decay),
-            bool(nesterov),
-            bool(init_momentum),
-            ct,
-            cv,
-            _device_f32(found_inf, dev),
-        )
+    p, b, g, buf = params, backup, grads, bufs
+    dtype = p[0].dtype
+    dev = p[0].device
+    lt, lv = _scalar(lr, dtype, dev)
+    ct, cv = _scalar(1.0 if grad_coef is None else grad_coef, dtype, dev)
+    _C.restore_sgd_(
+        list(p),
+        list(b),
+        list(g),
+        _list(buf),
+        lt,
+        lv,
+        float(momentum),
+        float(dampening),
+        float(weight_decay),
+        bool(nesterov),
+        bool(init_momentum),
+        ct,
+        cv,
+        _device_f32(found_inf, dev),
+    )
 
 
 def restore_adamw_(
@@ -206,35 +201,31 @@ def restore_adamw_(
     else:  # bias corrections from the host step count, in float64 like torch_ops
         bc1 = 1.0 - beta1**step
         bc2_sqrt = (1.0 - beta2**step) ** 0.5
-    for dtype, (p, b, g, m, v) in _groups(params, backup, grads, exp_avgs, exp_avg_sqs):
-        if not _fits(p, b, g, m, v):
-            torch_ops.restore_adamw_(
-                p, b, g, m, v, step, lr, beta1, beta2, eps, weight_decay, grad_coef, found_inf, decoupled
-            )
-            continue
-        dev = p[0].device
-        lt, lv = _scalar(lr, dtype, dev)
-        ct, cv = _scalar(1.0 if grad_coef is None else grad_coef, dtype, dev)
-        _C.restore_adamw_(
-            list(p),
-            list(b),
-            list(g),
-            list(m),
-            list(v),
-            lt,
-            lv,
-            float(beta1),
-            float(beta2),
-            float(eps),
-            float(weight_decay),
-            _device_f32(step if isinstance(step, Tensor) else None, dev),
-            bc1,
-            bc2_sqrt,
-            ct,
-            cv,
-            _device_f32(found_inf, dev),
-            bool(decoupled) or not weight_decay,  # no decay: the two rules are one
-        )
+    p, b, g, m, v = params, backup, grads, exp_avgs, exp_avg_sqs
+    dtype = p[0].dtype
+    dev = p[0].device
+    lt, lv = _scalar(lr, dtype, dev)
+    ct, cv = _scalar(1.0 if grad_coef is None else grad_coef, dtype, dev)
+    _C.restore_adamw_(
+        list(p),
+        list(b),
+        list(g),
+        list(m),
+        list(v),
+        lt,
+        lv,
+        float(beta1),
+        float(beta2),
+        float(eps),
+        float(weight_decay),
+        _device_f32(step if isinstance(step, Tensor) else None, dev),
+        bc1,
+        bc2_sqrt,
+        ct,
+        cv,
+        _device_f32(found_inf, dev),
+        bool(decoupled) or not weight_decay,  # no decay: the two rules are one
+    )
 
 
 def restore_rmsprop_(
@@ -253,28 +244,24 @@ def restore_rmsprop_(
 ):
     _check_cuda(params)
     bufs = momentum_buffers if momentum > 0 else None
-    for dtype, (p, b, g, v, buf) in _groups(params, backup, grads, square_avgs, bufs):
-        if not _fits(p, b, g, v, buf):
-            torch_ops.restore_rmsprop_(
-                p, b, g, v, buf, lr, alpha, eps, weight_decay, momentum, grad_coef, found_inf
-            )
-            continue
-        dev = p[0].device
-        lt, lv = _scalar(lr, dtype, dev)
-        ct, cv = _scalar(1.0 if grad_coef is None else grad_coef, dtype, dev)
-        _C.restore_rmsprop_(
-            list(p),
-            list(b),
-            list(g),
-            list(v),
-            _list(buf),
-            lt,
-            lv,
-            float(alpha),
-            float(eps),
-            float(weight_decay),
-            float(momentum),
-            ct,
-            cv,
-            _device_f32(found_inf, dev),
-        )
+    p, b, g, v, buf = params, backup, grads, square_avgs, bufs
+    dtype = p[0].dtype
+    dev = p[0].device
+    lt, lv = _scalar(lr, dtype, dev)
+    ct, cv = _scalar(1.0 if grad_coef is None else grad_coef, dtype, dev)
+    _C.restore_rmsprop_(
+        list(p),
+        list(b),
+        list(g),
+        list(v),
+        _list(buf),
+        lt,
+        lv,
+        float(alpha),
+        float(eps),
+        float(weight_decay),
+        float(momentum),
+        ct,
+        cv,
+        _device_f32(found_inf, dev),
+    )
