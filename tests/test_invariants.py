@@ -89,6 +89,7 @@ SHORT = {v: k for k, v in DTYPES.items()}
 VARIANTS = [
     "sam", "asam", "asam_eta", "gsam", "gsam_sched", "bisam", "xsam", "xsam2", "xsam_alpha",
     "sampa", "bsam", "ssam_fisher", "ssam_random", "looksam", "friendly", "esam", "mesa",
+    "msam", "rst", "aesam",
 ]  # fmt: skip
 #: README, "fp16 with torch.amp.GradScaler": SAM, ASAM, GSAM, BiSAM, XSAM with steps=1, SSAM, FriendlySAM
 SCALER_SAFE = {"sam", "asam", "asam_eta", "gsam", "gsam_sched", "bisam", "xsam", "xsam_alpha",
@@ -99,6 +100,7 @@ CLS = {
     "xsam_alpha": sharpfused.XSAM, "sampa": sharpfused.SAMPa, "bsam": sharpfused.BSAM,
     "ssam_fisher": sharpfused.SSAM, "ssam_random": sharpfused.SSAM, "looksam": sharpfused.LookSAM,
     "friendly": sharpfused.FriendlySAM, "esam": sharpfused.ESAM, "mesa": sharpfused.MESA,
+    "msam": sharpfused.MSAM, "rst": sharpfused.RST, "aesam": sharpfused.AESAM,
 }  # fmt: skip
 assert set(sharpfused.optim.__all__) - {"SharpnessAware"} == {c.__name__ for c in CLS.values()}
 
@@ -113,7 +115,9 @@ class GenericAdamW(torch.optim.AdamW):
 
 #: host-side step counters that count attempted steps after the first (a skip is known only on the
 #: device): the documented exception to "a skipped step leaves all state as it was" (README)
-ATTEMPT_COUNTERS = (("looksam", "step"), ("ssam", "since_refresh"), ("esam", "draws"), ("mesa", "step"))
+ATTEMPT_COUNTERS = (
+    ("looksam", "step"), ("ssam", "since_refresh"), ("esam", "draws"), ("mesa", "step"), ("rst", "step"),
+)  # fmt: skip
 BASES = {"SGD": torch.optim.SGD, "AdamW": torch.optim.AdamW, "Adam": torch.optim.Adam, "RMSprop": torch.optim.RMSprop}
 GENERIC = {"SGD": GenericSGD, "AdamW": GenericAdamW, "Adam": torch.optim.Adam, "RMSprop": torch.optim.RMSprop}
 
@@ -231,6 +235,18 @@ def draw_algo(r: random.Random, v: str):
         return kw, lambda: dict(rho=u(0.02, 0.1), beta=r.choice([0.5, 1.0]))
     if v == "mesa":
         return dict(decay=r.choice([0.5, 0.9, 0.99])), lambda: dict(decay=r.choice([0.0, 0.8]))
+    if v == "msam":
+        return dict(rho=u(0.05, 0.5)), lambda: dict(rho=u(0.0, 0.5))
+    if v == "rst":
+        kw = dict(rho=u(0.02, 0.1), p=r.choice([0.0, 0.3, 0.5, 1.0]), seed=r.randrange(2**31))
+        if r.random() < 0.3:
+            kw.update(p_end=r.choice([0.0, 1.0]), total_steps=r.randint(1, 6), schedule=r.choice(["linear", "cosine"]))
+        return kw, lambda: dict(rho=u(0.02, 0.1))
+    if v == "aesam":
+        kw = dict(rho=u(0.02, 0.1), delta=r.choice([0.0, 0.3, 0.9]), c=r.choice([-1.0, 0.0, 1.0]))
+        if r.random() < 0.3:
+            kw.update(c_end=r.choice([-1.0, 1.0]), total_steps=r.randint(1, 6))
+        return kw, lambda: dict(rho=u(0.02, 0.1))
     raise AssertionError(v)
 
 
@@ -256,7 +272,7 @@ def draw_base(r: random.Random):
 
 def passes_of(variant: str) -> int:
     """The most forward/backward passes a step of ``variant`` runs (SAMPa's first step: 3)."""
-    return 3 if variant in ("xsam2", "bsam", "sampa") else 2
+    return 3 if variant in ("xsam2", "bsam", "sampa") else 1 if variant == "msam" else 2
 
 
 def draw_case(seed: int, allow_nc: bool = True) -> Case:
@@ -271,6 +287,11 @@ def draw_case(seed: int, allow_nc: bool = True) -> Case:
     if r.random() < 0.15:
         c.algo_kw["max_grad_norm"] = r.choice([0.5, 2.0])
     c.base, c.base_kw = draw_base(r)
+    if v == "msam":  # MSAM needs the base optimizer's momentum (others are refused at construction)
+        if c.base == "RMSprop":
+            c.base, c.base_kw = "Adam", dict(lr=2e-3, weight_decay=0.0)
+        elif c.base == "SGD" and c.base_kw["momentum"] == 0:
+            c.base_kw["momentum"] = 0.9
     if c.base == "RMSprop" and "alpha" in c.algo_kw:
         # RMSprop's alpha and GSAM/XSAM's share a name in the shared param groups: refused at
         # construction (tests/test_reliability.py checks the refusal)
@@ -314,6 +335,8 @@ def draw_case(seed: int, allow_nc: bool = True) -> Case:
             mode = "M"
         elif v == "sampa":  # step(closure) only; gradients already there are f(y_0) on the first step only
             mode = "P" if t == 0 and r.random() < 0.3 else "C"
+        elif v == "msam":  # its one pass runs inside the step: no gradients there before (refused)
+            mode = r.choices("CM", weights=[4, 5])[0]
         else:
             mode = r.choices("CPM", weights=[4, 2, 5])[0]
         drop = None
@@ -765,6 +788,8 @@ class Run:
     def phases(self):
         v = self.case.variant
         extra = ["ascent", "p2"] if v == "xsam2" else ["bilateral", "p2"] if v == "bsam" else []
+        if v == "msam":  # first_step() perturbs before the step's one pass
+            return ["first", "p0", "second"]
         return ["p0", "first", "p1", *extra, "second"]
 
     def manual(self, i, ev, start):
