@@ -54,6 +54,9 @@ CONFIGS = {
     "SAMPa": ("SAMPa", dict(rho=0.1, lam=0.2), None),  # refused
     "ESAM": ("ESAM", dict(rho=0.05, beta=0.5, seed=3), lambda t: []),  # same seed: one mask for every replica
     "MESA": ("MESA", dict(decay=0.9), None),  # refused: one pass, nothing perturbed
+    "MSAM": ("MSAM", dict(rho=0.3), None),  # refused: one pass, at a point the momentum gives
+    "RST": ("RST", dict(rho=0.05, p=0.5), None),  # refused: a plain step's one pass would be local
+    "AESAM": ("AESAM", dict(rho=0.05), None),  # refused: the same, and the choice would follow local gradients
 }
 SUPPORTED = [n for n, c in CONFIGS.items() if c[2] is not None]
 REFUSED = [n for n, c in CONFIGS.items() if c[2] is None]

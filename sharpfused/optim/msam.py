@@ -58,6 +58,10 @@ class MSAM(SharpnessAware):
 
     hyper = {"rho": check_rho}
     m_sharpness = None  # one pass: there is no first pass to keep local
+    m_sharpness_refusal = (
+        "MSAM takes one forward/backward per step, at a point the momentum gives (the same on every replica), so "
+        "there is no local first pass to keep"
+    )
 
     def __init__(
         self,

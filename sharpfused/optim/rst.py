@@ -30,6 +30,10 @@ class SwitchingSAM(SharpnessAware):
 
     hyper = {"rho": check_rho}
     m_sharpness = None  # the choice would differ per replica under local perturbations
+    m_sharpness_refusal = (
+        "a plain step's only pass would be local (unaveraged), and AE-SAM's choice would follow each replica's "
+        "own gradient"
+    )
 
     def _decide(self, buckets: list[Bucket]) -> tuple[bool, Optional[Tensor]]:
         """(SAM step now?, the gradient norm when computed on the way) for this step's first pass."""
