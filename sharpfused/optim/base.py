@@ -28,6 +28,9 @@ from ..lists import Tensors
 from . import adapters
 
 EPS = 1e-12  # added to norms before dividing, as in the papers
+_GRAD = operator.attrgetter("grad")
+_VERSION = operator.attrgetter("_version")
+_IS_SPARSE = operator.attrgetter("is_sparse")
 
 
 def local_tensor(t: Tensor) -> Tensor:
@@ -105,7 +108,7 @@ class Bucket:
 
     def grads(self) -> list[Tensor]:
         if self.plain:  # device, dtype and sizes are the parameters' (torch enforces it for .grad)
-            return Tensors.grads_of(self.params, [p.grad for p in self.sources])
+            return Tensors.grads_of(self.params, list(map(_GRAD, self.sources)))
         return [kernel_view(p.grad) for p in self.sources]
 
     def buffer(self, name: str, dtype: Optional[torch.dtype] = None, zero: bool = False) -> FlatBuffer:
@@ -516,13 +519,17 @@ class SharpnessAware(Optimizer):
         """Which parameters have a gradient now, and where their storage is: the buckets are rebuilt
         when this changes. C-level maps over the parameters (a step's host cost)."""
         ps = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
-        if any(map(operator.attrgetter("is_sparse"), map(operator.attrgetter("grad"), ps))):
+        if any(map(_IS_SPARSE, map(_GRAD, ps))):
             p = next(p for p in ps if p.grad.is_sparse)
             raise RuntimeError(
                 f"{type(self).__name__} does not support sparse gradients (a parameter of shape "
                 f"{tuple(p.shape)} has one); use a dense embedding or a dense optimizer"
             )
-        return tuple(map(id, ps)) + tuple(map(Tensor.data_ptr, map(local_tensor, ps)))
+        ids = tuple(map(id, ps))
+        mod = sys.modules.get("torch.distributed.tensor")  # no DTensor can exist before it is imported
+        if mod is not None:
+            ps = [p._local_tensor if isinstance(p, mod.DTensor) else p for p in ps]
+        return ids + tuple(map(Tensor.data_ptr, ps))
 
     def with_grads(self, outside: Optional[list[Bucket]] = None) -> list[tuple[int, Tensor]]:
         """(group index, parameter) of every parameter with a gradient now, in group order; with
@@ -793,6 +800,8 @@ class SharpnessAware(Optimizer):
     def _unbucketed_grads(self, buckets: list[Bucket]) -> list[tuple[str, list[Tensor]]]:
         """Gradients of parameters outside the buckets (not perturbed: they had no gradient in
         the first pass), grouped by device; empty in the usual case where the set is unchanged."""
+        if buckets is self._buckets and self._grad_key() == self._bucket_key:
+            return []  # the same parameters have gradients as when the buckets were built
         by: dict[tuple, list[Tensor]] = {}
         for _, p in self.with_grads(outside=buckets):
             g = kernel_view(p.grad)
@@ -964,9 +973,10 @@ class SharpnessAware(Optimizer):
         """A parameter of the step's buckets with no gradient in a later pass gets a zero gradient
         (it is then restored and stepped with the rest); call after each later pass's backward."""
         for b in buckets:
-            for p in b.sources:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
+            if any(g is None for g in map(_GRAD, b.sources)):
+                for p in b.sources:
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
 
     def _end_second(self, zero_grad: bool) -> None:
         self._finish_step()
@@ -1027,9 +1037,9 @@ class SharpnessAware(Optimizer):
     def _mark_grads(self) -> None:
         """Remember which gradient tensors are there now (after a step, after zero_grad): one that is
         still there, unwritten, later is not a new first pass."""
-        self._run.zeroed = {
-            id(p): (id(p.grad), p.grad._version) for g in self.param_groups for p in g["params"] if p.grad is not None
-        }
+        ps = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+        gs = list(map(_GRAD, ps))
+        self._run.zeroed = dict(zip(map(id, ps), zip(map(id, gs), map(_VERSION, gs))))
 
     def has_first_pass_grads(self) -> bool:
         """Whether ``step(closure)`` finds the first pass's gradients in ``.grad``: a gradient tensor
