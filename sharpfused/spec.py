@@ -105,6 +105,11 @@ def _p(name: str, *args: Arg, result: str = "none", does: str, doc: str) -> Prim
 
 L, OL = "list", "list?"
 
+# every fused base step: restore from the backup and step with the gradients (first), the
+# unscale/clip factor and the device skip flag (last; Adam's decoupled flag follows them)
+_STEP_HEAD = (Arg("params", L, io="w"), Arg("backup", L, io="r"), Arg("grads", L, io="r"))
+_STEP_TAIL = (Arg("grad_coef", "scalar?", None, keyword=True), Arg("found_inf", "tensor?", None, keyword=True))
+
 SPECS: dict[str, Primitive] = {
     p.name: p
     for p in (
@@ -166,9 +171,7 @@ an algorithm keeps its state unchanged on a skipped step without a host sync."""
         ),
         _p(
             "restore_sgd_",
-            Arg("params", L, io="w"),
-            Arg("backup", L, io="r"),
-            Arg("grads", L, io="r"),
+            *_STEP_HEAD,
             Arg("momentum_buffers", OL, io="rw", read_unless="init_momentum"),
             Arg("lr", "scalar", keyword=True),
             Arg("momentum", "float", keyword=True),
@@ -176,8 +179,7 @@ an algorithm keeps its state unchanged on a skipped step without a host sync."""
             Arg("weight_decay", "float", keyword=True),
             Arg("nesterov", "bool", keyword=True),
             Arg("init_momentum", "bool", keyword=True),
-            Arg("grad_coef", "scalar?", None, keyword=True),
-            Arg("found_inf", "tensor?", None, keyword=True),
+            *_STEP_TAIL,
             does="w <- backup - lr*SGD(g) (momentum, nesterov, wd)",
             doc="""Restore fused with torch.optim.SGD's update, evaluated at the restored weights w0:
 
@@ -190,9 +192,7 @@ keep their values (on an ``init_momentum`` step they become zeros).""",
         ),
         _p(
             "restore_adamw_",
-            Arg("params", L, io="w"),
-            Arg("backup", L, io="r"),
-            Arg("grads", L, io="r"),
+            *_STEP_HEAD,
             Arg("exp_avgs", L, io="rw"),
             Arg("exp_avg_sqs", L, io="rw"),
             Arg("step", "scalar", keyword=True),
@@ -201,8 +201,7 @@ keep their values (on an ``init_momentum`` step they become zeros).""",
             Arg("beta2", "float", keyword=True),
             Arg("eps", "float", keyword=True),
             Arg("weight_decay", "float", keyword=True),
-            Arg("grad_coef", "scalar?", None, keyword=True),
-            Arg("found_inf", "tensor?", None, keyword=True),
+            *_STEP_TAIL,
             Arg("decoupled", "bool", True, keyword=True),
             does="w <- Adam(W)(backup, g); moments updated",
             doc="""Restore fused with torch.optim.AdamW's update, or with ``decoupled=False``
@@ -216,9 +215,7 @@ tensor; where nonzero the step is skipped: w = w0 bit-exactly, m and v unchanged
         ),
         _p(
             "restore_rmsprop_",
-            Arg("params", L, io="w"),
-            Arg("backup", L, io="r"),
-            Arg("grads", L, io="r"),
+            *_STEP_HEAD,
             Arg("square_avgs", L, io="rw"),
             Arg("momentum_buffers", OL, io="rw"),
             Arg("lr", "scalar", keyword=True),
@@ -226,8 +223,7 @@ tensor; where nonzero the step is skipped: w = w0 bit-exactly, m and v unchanged
             Arg("eps", "float", keyword=True),
             Arg("weight_decay", "float", keyword=True),
             Arg("momentum", "float", keyword=True),
-            Arg("grad_coef", "scalar?", None, keyword=True),
-            Arg("found_inf", "tensor?", None, keyword=True),
+            *_STEP_TAIL,
             does="w <- RMSprop(backup, g); square_avg (+ buf) updated",
             doc="""Restore fused with torch.optim.RMSprop's update (not centered), at w0 = backup:
 
