@@ -140,6 +140,15 @@ def _device_f32(t: Optional[Tensor], device: torch.device) -> Optional[Tensor]:
     return None if t is None else t.detach().to(device=device, dtype=torch.float32).reshape(())
 
 
+def _step_scalars(params, lr, grad_coef, found_inf) -> tuple:
+    """The scalars every fused base step passes: (lr tensor, lr value, coef tensor, coef value,
+    found_inf as one float32 on the device)."""
+    dtype, dev = params[0].dtype, params[0].device
+    lt, lv = _scalar(lr, dtype, dev)
+    ct, cv = _scalar(1.0 if grad_coef is None else grad_coef, dtype, dev)
+    return lt, lv, ct, cv, _device_f32(found_inf, dev)
+
+
 def restore_sgd_(
     params,
     backup,
@@ -155,28 +164,12 @@ def restore_sgd_(
     found_inf=None,
 ):
     _check_cuda(params)
-    bufs = momentum_buffers if momentum else None
-    p, b, g, buf = params, backup, grads, bufs
-    dtype = p[0].dtype
-    dev = p[0].device
-    lt, lv = _scalar(lr, dtype, dev)
-    ct, cv = _scalar(1.0 if grad_coef is None else grad_coef, dtype, dev)
+    lt, lv, ct, cv, found = _step_scalars(params, lr, grad_coef, found_inf)
+    bufs = _list(momentum_buffers) if momentum else None
     _C.restore_sgd_(
-        list(p),
-        list(b),
-        list(g),
-        _list(buf),
-        lt,
-        lv,
-        float(momentum),
-        float(dampening),
-        float(weight_decay),
-        bool(nesterov),
-        bool(init_momentum),
-        ct,
-        cv,
-        _device_f32(found_inf, dev),
-    )
+        list(params), list(backup), list(grads), bufs, lt, lv, float(momentum), float(dampening),
+        float(weight_decay), bool(nesterov), bool(init_momentum), ct, cv, found,
+    )  # fmt: skip
 
 
 def restore_adamw_(
@@ -201,31 +194,13 @@ def restore_adamw_(
     else:  # bias corrections from the host step count, in float64 like torch_ops
         bc1 = 1.0 - beta1**step
         bc2_sqrt = (1.0 - beta2**step) ** 0.5
-    p, b, g, m, v = params, backup, grads, exp_avgs, exp_avg_sqs
-    dtype = p[0].dtype
-    dev = p[0].device
-    lt, lv = _scalar(lr, dtype, dev)
-    ct, cv = _scalar(1.0 if grad_coef is None else grad_coef, dtype, dev)
+    lt, lv, ct, cv, found = _step_scalars(params, lr, grad_coef, found_inf)
+    step_t = _device_f32(step if isinstance(step, Tensor) else None, params[0].device)
     _C.restore_adamw_(
-        list(p),
-        list(b),
-        list(g),
-        list(m),
-        list(v),
-        lt,
-        lv,
-        float(beta1),
-        float(beta2),
-        float(eps),
-        float(weight_decay),
-        _device_f32(step if isinstance(step, Tensor) else None, dev),
-        bc1,
-        bc2_sqrt,
-        ct,
-        cv,
-        _device_f32(found_inf, dev),
+        list(params), list(backup), list(grads), list(exp_avgs), list(exp_avg_sqs), lt, lv, float(beta1),
+        float(beta2), float(eps), float(weight_decay), step_t, bc1, bc2_sqrt, ct, cv, found,
         bool(decoupled) or not weight_decay,  # no decay: the two rules are one
-    )
+    )  # fmt: skip
 
 
 def restore_rmsprop_(
@@ -243,25 +218,9 @@ def restore_rmsprop_(
     found_inf=None,
 ):
     _check_cuda(params)
-    bufs = momentum_buffers if momentum > 0 else None
-    p, b, g, v, buf = params, backup, grads, square_avgs, bufs
-    dtype = p[0].dtype
-    dev = p[0].device
-    lt, lv = _scalar(lr, dtype, dev)
-    ct, cv = _scalar(1.0 if grad_coef is None else grad_coef, dtype, dev)
+    lt, lv, ct, cv, found = _step_scalars(params, lr, grad_coef, found_inf)
+    bufs = _list(momentum_buffers) if momentum > 0 else None
     _C.restore_rmsprop_(
-        list(p),
-        list(b),
-        list(g),
-        list(v),
-        _list(buf),
-        lt,
-        lv,
-        float(alpha),
-        float(eps),
-        float(weight_decay),
-        float(momentum),
-        ct,
-        cv,
-        _device_f32(found_inf, dev),
-    )
+        list(params), list(backup), list(grads), list(square_avgs), bufs, lt, lv, float(alpha), float(eps),
+        float(weight_decay), float(momentum), ct, cv, found,
+    )  # fmt: skip
