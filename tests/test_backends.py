@@ -20,8 +20,9 @@ from sharpfused.spec import SPECS
 from . import reference as R
 from .helpers import ODD_SIZES, assert_within_torch_error, rel_err
 
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-HERE = [b for b in ops.BACKENDS if ops.unavailable_reason(b, DEVICE) is None]
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])  # "cuda" cases are marked gpu (conftest)
+HERE = [(d, b) for d in DEVICES for b in ops.BACKENDS if ops.unavailable_reason(b, torch.device(d)) is None]
+DEVICE = "cpu"  # set per test (_on)
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 TOL = {torch.float64: 1e-12, torch.float32: 2e-6}
 
@@ -138,10 +139,15 @@ def _outputs(result, args, want):
     return out
 
 
+@pytest.fixture
+def _on(device, monkeypatch):
+    monkeypatch.setattr(__import__(__name__, fromlist=["DEVICE"]), "DEVICE", device)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("name", [*SPECS, *EXTRA])
-@pytest.mark.parametrize("backend", HERE)
-def test_primitive_against_float64(backend, name, dtype):
+@pytest.mark.parametrize("device,backend", HERE)
+def test_primitive_against_float64(device, backend, name, dtype, _on):
     torch.manual_seed(sum(map(ord, name)) + DTYPES.index(dtype))
     prim, make = EXTRA.get(name, (name, lambda d: case(name, d)))
     args, want = make(dtype)
@@ -158,9 +164,9 @@ def test_primitive_against_float64(backend, name, dtype):
         assert_within_torch_error(got, torch_got, ref, what=what)
 
 
-@pytest.mark.parametrize("backend", HERE)
+@pytest.mark.parametrize("device,backend", HERE)
 @pytest.mark.parametrize("name", ["restore_sgd_", "restore_adamw_", "restore_rmsprop_"])
-def test_fused_step_skipped_on_the_device(backend, name):
+def test_fused_step_skipped_on_the_device(device, backend, name, _on):
     """found_inf nonzero: w = backup bit for bit, the state lists keep their bits (inf gradients)."""
     if name not in SPECS:
         pytest.skip(f"{name} is not in this tree's spec")
