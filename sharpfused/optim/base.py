@@ -9,8 +9,6 @@ from __future__ import annotations
 import copy
 import functools
 import inspect
-import math
-import numbers
 import operator
 import sys
 from collections import OrderedDict
@@ -24,155 +22,23 @@ from torch.optim import Optimizer
 
 from .. import ops
 from ..buffers import FlatBuffer
-from ..lists import Tensors
 from . import adapters
+from .buckets import Bucket, kernel_view, local_tensor, reduction_key  # noqa: F401  (re-exported)
+from .checks import (  # noqa: F401  (re-exported: algorithm files import them from here)
+    _as_python,
+    _check_number,
+    _host_value,
+    check_bool,
+    check_nonneg,
+    check_positive,
+    check_rho,
+    check_unit,
+)
 
 EPS = 1e-12  # added to norms before dividing, as in the papers
 _GRAD = operator.attrgetter("grad")
 _VERSION = operator.attrgetter("_version")
 _IS_SPARSE = operator.attrgetter("is_sparse")
-
-
-def local_tensor(t: Tensor) -> Tensor:
-    """The tensor a kernel reads: a DTensor's local shard (shares its storage), else ``t`` itself."""
-    mod = sys.modules.get("torch.distributed.tensor")  # no DTensor can exist before it is imported
-    if mod is not None and isinstance(t, mod.DTensor):
-        return t._local_tensor
-    return t
-
-
-def kernel_view(t: Tensor) -> Tensor:
-    """The real tensor a kernel reads and writes for ``t``: its local shard (DTensor), and for a complex
-    tensor its ``view_as_real`` (as torch.optim's own steps treat complex parameters)."""
-    t = local_tensor(t)
-    return torch.view_as_real(t) if t.is_complex() else t
-
-
-def reduction_key(p: Tensor) -> Optional[tuple]:
-    """``(mesh, mesh dims p is sharded over)`` for a sharded DTensor, else None (nothing to reduce).
-
-    Partial sums over a local shard are summed across the Shard dims of the mesh only: a
-    Replicate dim holds the same values on every rank and must not be counted twice.
-    """
-    mod = sys.modules.get("torch.distributed.tensor")
-    if mod is None or not isinstance(p, mod.DTensor):
-        return None
-    if any(pl.is_partial() for pl in p.placements):
-        raise ValueError(f"parameter of shape {tuple(p.shape)} has a Partial placement; sharded or replicated only")
-    dims = tuple(i for i, pl in enumerate(p.placements) if pl.is_shard())
-    return (p.device_mesh, dims) if dims else None
-
-
-class Bucket:
-    """The parameters of one param group on one (device, dtype) that have gradients this step.
-
-    ``backup`` is a flat buffer in the parameter dtype (exact restore); algorithms may hang
-    more flat buffers on ``extra`` (saved gradients, masks).
-
-    ``params`` are the tensors kernels read and write: the parameters themselves, or for
-    DTensor parameters (FSDP2) their local shards. ``sources`` are the parameters (state keys,
-    ``.grad``). ``reduce`` is None, or the (mesh, shard dims) whose partial sums are all-reduced.
-    """
-
-    __slots__ = (
-        "group", "group_index", "params", "sources", "reduce", "backend", "backup", "extra", "base_state", "plain"
-    )
-
-    def __init__(
-        self,
-        group: dict,
-        group_index: int,
-        params: list[Tensor],
-        backend: str,
-        reduce: Optional[tuple] = None,
-    ) -> None:
-        self.group = group
-        self.group_index = group_index
-        self.sources = params
-        self.params = Tensors([kernel_view(p) for p in params])  # described once (sharpfused.lists)
-        # no DTensor and no complex parameter: a gradient is its own kernel view (grads() skips the views)
-        self.plain = all(v is p for v, p in zip(self.params, params))
-        self.reduce = reduce
-        self.backend = backend
-        self.backup = FlatBuffer(self.params)
-        self.extra: dict[str, Any] = {}
-        self.base_state: Optional[dict[str, Any]] = None  # fused base step's view of base state
-
-    @property
-    def device(self) -> torch.device:
-        return self.params[0].device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.params[0].dtype
-
-    def grads(self) -> list[Tensor]:
-        if self.plain:  # device, dtype and sizes are the parameters' (torch enforces it for .grad)
-            return Tensors.grads_of(self.params, list(map(_GRAD, self.sources)))
-        return [kernel_view(p.grad) for p in self.sources]
-
-    def buffer(self, name: str, dtype: Optional[torch.dtype] = None, zero: bool = False) -> FlatBuffer:
-        """A flat buffer shaped like the bucket's params, allocated on first use and kept."""
-        buf = self.extra.get(name)
-        if buf is None:
-            buf = self.extra[name] = FlatBuffer(self.params, dtype=dtype, zero=zero)
-        return buf
-
-
-def _on_bucket(name: str) -> Callable[..., Any]:
-    def method(self: Bucket, *args: Any, **kwargs: Any) -> Any:
-        return getattr(ops, name)(*args, backend=self.backend, **kwargs)  # looked up per call: wrappable
-
-    method.__name__ = method.__qualname__ = name
-    method.__doc__ = f":func:`sharpfused.ops.{name}` on the bucket's backend (``b.{name}(...)``)."
-    return method
-
-
-# the primitives as bucket methods, so algorithm files do not repeat ``backend=b.backend``
-for _name in ops.PRIMITIVES:
-    setattr(Bucket, _name, _on_bucket(_name))
-del _name
-
-
-def _host_value(value: Any) -> Any:
-    """A hyperparameter as a host number when reading it is free (a number, or a CPU tensor), else None."""
-    if isinstance(value, Tensor):
-        return value.item() if value.device.type == "cpu" else None
-    return value
-
-
-def _check_number(name: str, value: Any, low: float = 0.0, *, strict: bool = False, where: str = "") -> None:
-    """A real number (numpy scalars included) or a 1-element tensor, finite and >= ``low`` (> when strict).
-
-    CPU tensors are read and checked; device tensors are not read back (no host sync): the caller
-    owns their range, as documented.
-    """
-    if isinstance(value, Tensor):
-        if value.numel() != 1:
-            raise ValueError(f"{name}{where} must be a number or a 1-element tensor, got shape {tuple(value.shape)}")
-        if value.is_complex() or value.dtype == torch.bool:
-            raise TypeError(f"{name}{where} must be a real number, got a {value.dtype} tensor")
-        value = _host_value(value)
-        if value is None:
-            return
-    elif isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name}{where} must be a real number, got {type(value).__name__}")
-    value = float(value)
-    ok = math.isfinite(value) and (value > low if strict else value >= low)
-    if not ok:
-        rng = f"> {low}" if strict else f">= {low}"
-        raise ValueError(f"{name}{where} must be a finite number {rng}, got {value}")
-
-
-def _as_python(value: Any) -> Any:
-    """numpy scalars (numbers.Real that are not Python numbers) as Python floats; anything else as it is."""
-    if isinstance(value, (bool, Tensor)) or type(value) in (int, float):
-        return value
-    if isinstance(value, numbers.Integral):
-        return int(value)
-    if isinstance(value, numbers.Real):  # np.float32, and np.float64 (a float subclass)
-        return float(value)
-    return value
 
 
 def detached(x: Any) -> Any:
@@ -1225,32 +1091,3 @@ def _refuse_torch_checkpoint(opt: SharpnessAware, api: str) -> None:
     from ..distributed import refuse_torch_checkpoint
 
     refuse_torch_checkpoint(opt, api)
-
-
-def check_rho(name: str, value: Any, where: str) -> None:
-    _check_number(name, value, where=where)
-
-
-def check_nonneg(name: str, value: Any, where: str) -> None:
-    _check_number(name, value, where=where)
-
-
-def check_positive(name: str, value: Any, where: str) -> None:
-    _check_number(name, value, strict=True, where=where)
-
-
-def check_bool(name: str, value: Any, where: str) -> None:
-    """True or False; 0 and 1 (ints, numpy bools) too, as the popular SAM port accepts them."""
-    if isinstance(value, bool) or (isinstance(value, numbers.Integral) and value in (0, 1)):
-        return
-    if type(value).__module__ == "numpy" and type(value).__name__ in ("bool_", "bool"):  # numpy.bool_ / numpy 2's bool
-        return
-    raise TypeError(f"{name}{where} must be True or False (or 0 / 1), got {value!r}")
-
-
-def check_unit(name: str, value: Any, where: str) -> None:
-    """A number in [0, 1]."""
-    _check_number(name, value, where=where)
-    host = _host_value(value)
-    if host is not None and host > 1:
-        raise ValueError(f"{name}{where} must be in [0, 1], got {float(host)}")
