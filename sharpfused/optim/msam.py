@@ -141,7 +141,10 @@ class MSAM(SharpnessAware):
         """After the backward at the perturbed weights: restore w exactly, base step with that gradient."""
         buckets = self._begin_second()
         if not buckets:  # first step: nothing was perturbed; the fused base step creates the momentum
-            buckets = self._later_buckets([])
+            # kept until the next step's buckets replace them, so that memory after this step is
+            # already what every later step holds (the backup)
+            buckets = self._run.buckets = self._later_buckets([])
+            self._run.bucket_key = None  # this step's own: the next step builds its buckets anew
         self.restore_and_base_step(buckets)
         self._end_second(zero_grad)
 
