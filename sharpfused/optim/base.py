@@ -77,6 +77,16 @@ class _StepState:
         self.rollbacks: list[tuple[str, tuple]] = []
 
 
+def _params_key(ps: list[Tensor]) -> tuple:
+    """The bucket key of these parameters: who they are and where their storage is (a DTensor's
+    local shard's); the buckets are rebuilt when it changes."""
+    ids = tuple(map(id, ps))
+    mod = sys.modules.get("torch.distributed.tensor")  # no DTensor can exist before it is imported
+    if mod is not None:
+        ps = [p._local_tensor if isinstance(p, mod.DTensor) else p for p in ps]
+    return ids + tuple(map(Tensor.data_ptr, ps))
+
+
 def _nonfinite(x: Tensor) -> Tensor:
     """0-d bool on the device: any entry of ``x`` inf or NaN. ``x * 0`` is 0 (or -0) exactly where
     ``x`` is finite and NaN elsewhere: two device ops (``~isfinite(x).all()`` decomposes into five)."""
@@ -290,6 +300,7 @@ class SharpnessAware(Optimizer):
         # register_step_pre_hook)
         super().register_step_pre_hook(_torch_pre_hook)
         super().register_step_post_hook(_torch_post_hook)
+        _watch_base(self)
 
     # ---------------------------------------------------------------- pass indicator, hooks, repr
     @property
@@ -391,11 +402,7 @@ class SharpnessAware(Optimizer):
                 f"{type(self).__name__} does not support sparse gradients (a parameter of shape "
                 f"{tuple(p.shape)} has one); use a dense embedding or a dense optimizer"
             )
-        ids = tuple(map(id, ps))
-        mod = sys.modules.get("torch.distributed.tensor")  # no DTensor can exist before it is imported
-        if mod is not None:
-            ps = [p._local_tensor if isinstance(p, mod.DTensor) else p for p in ps]
-        return ids + tuple(map(Tensor.data_ptr, ps))
+        return _params_key(ps)
 
     def with_grads(self, outside: Optional[list[Bucket]] = None) -> list[tuple[int, Tensor]]:
         """(group index, parameter) of every parameter with a gradient now, in group order; with
@@ -610,12 +617,22 @@ class SharpnessAware(Optimizer):
         """Point the bucket at the base optimizer's state tensors, creating them like torch does
         (again when the group's state layout changed, e.g. SGD's momentum to or from 0)."""
         layout = kind.layout(b.group)
-        if b.base_state is not None and b.base_state["layout"] == layout:
+        st = self.base_optimizer.state
+        v = b.base_state
+        # the view holds the state's tensors: valid while the base optimizer's state entries are the
+        # ones it was made from (a load, state.clear() or a deleted entry makes it stale: rebuilt)
+        if (
+            v is not None
+            and v["layout"] == layout
+            and v["state"] is st
+            and all(map(operator.is_, map(st.get, b.sources), v["entries"]))
+        ):
             return True
         view = kind.prepare(self.base_optimizer, b)
         if view is None:
             return False
         view["layout"] = layout
+        view["state"], view["entries"] = st, list(map(st.get, b.sources))
         b.base_state = view
         return True
 
@@ -1067,14 +1084,13 @@ class SharpnessAware(Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        _watch_base(self)
         # addresses differ in a copy: buckets are rebuilt at the next step; a copy taken mid-step
         # keeps its buckets (they hold the backup), keyed by the copied parameters
         self._run.bucket_key = None
         if self._perturbed and self._buckets:
             inside = {id(p) for b in self._buckets for p in b.sources}
-            self._run.bucket_key = tuple(
-                (id(p), local_tensor(p).data_ptr()) for g in self.param_groups for p in g["params"] if id(p) in inside
-            )
+            self._run.bucket_key = _params_key([p for g in self.param_groups for p in g["params"] if id(p) in inside])
 
     def reset_buckets(self) -> None:
         """Forget buckets and cached views of state (after state tensors were replaced, e.g. by a load)."""
@@ -1091,3 +1107,38 @@ def _refuse_torch_checkpoint(opt: SharpnessAware, api: str) -> None:
     from ..distributed import refuse_torch_checkpoint
 
     refuse_torch_checkpoint(opt, api)
+
+
+def _base_pre_load(opt: SharpnessAware, base: Optimizer, state_dict: dict) -> None:
+    """``opt.base_optimizer.load_state_dict()`` between the passes would replace the state under a
+    half-done step: refused, as ``opt.load_state_dict`` aborts first."""
+    if opt._perturbed:
+        raise RuntimeError(
+            f"{type(opt).__name__}.base_optimizer.load_state_dict() between first_step() and second_step(): "
+            "finish the step (second_step()) or call abort_step() first"
+        )
+
+
+def _base_post_load(opt: SharpnessAware, base: Optimizer) -> None:
+    """After ``opt.base_optimizer.load_state_dict()``: torch gave the base new param-group dicts and
+    new state tensors. The optimizer takes the new groups as its own (a torch state dict lacks the
+    sharpfused hyperparameters: they are kept from the old groups) and drops its views of the old
+    state, so the next step reads and writes the loaded tensors."""
+    old, new = opt.param_groups, base.param_groups
+    if new is not old:
+        for ng, og in zip(new, old):
+            for k, val in og.items():
+                ng.setdefault(k, val)
+        opt.param_groups = new
+    opt.reset_buckets()
+
+
+def _watch_base(opt: SharpnessAware) -> None:
+    """Hooks on the base optimizer's load_state_dict (again after a copy: torch.optim does not keep
+    an optimizer's hooks through deepcopy or pickle)."""
+    base = opt.base_optimizer
+    if getattr(base, "_sharpfused_watched", None) is opt:
+        return
+    base.register_load_state_dict_pre_hook(functools.partial(_base_pre_load, opt))
+    base.register_load_state_dict_post_hook(functools.partial(_base_post_load, opt))
+    base._sharpfused_watched = opt
