@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 import sharpfused
 
@@ -58,7 +59,17 @@ GRID = {
     "ESAM": ("rho", [0.05, 0.1, 0.2], dict(beta=0.6, gamma=0.5)),
     "MESA": ("lam", [0.4, 0.8, 1.6], dict(decay=0.99)),
 }
-DEFAULT = {"SAM": 0.1, "LookSAM": 0.1, "MSAM": 0.3, "RST": 0.1, "AE-SAM": 0.1, "ESAM": 0.1, "MESA": 0.8}
+#: --no-tune: the values the tuning chose in examples/results/cheap_sharpness.md (width 256)
+DEFAULT = {"SAM": 0.1, "LookSAM": 0.2, "MSAM": 0.1, "RST": 0.1, "AE-SAM": 0.05, "ESAM": 0.05, "MESA": 0.8}
+
+
+def build_model(seed: int, hidden: int) -> nn.Module:
+    """examples/digits.py's MLP (hidden=256: that very model and init), or the same shape wider."""
+    if hidden == 256:
+        return make_model(seed)
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(64, hidden), nn.ReLU(), nn.Dropout(0.1), nn.Linear(hidden, hidden), nn.ReLU(),
+                         nn.Linear(hidden, 10))  # fmt: skip
 
 
 def methods() -> list[str]:
@@ -70,10 +81,10 @@ def methods() -> list[str]:
 class Run:
     """One method, one seed: an epoch at a time, so that several runs can be interleaved."""
 
-    def __init__(self, method: str, value, data, seed: int, epochs: int) -> None:
+    def __init__(self, method: str, value, data, seed: int, epochs: int, hidden: int = 256) -> None:
         self.method, self.value, self.epochs = method, value, epochs
         self.xtr, self.ytr, self.xte, self.yte = data
-        self.model = make_model(seed)
+        self.model = build_model(seed, hidden)
         self.rng = torch.get_rng_state()  # this run's own dropout masks, whatever runs between its epochs
         self.gen = torch.Generator().manual_seed(seed)
         steps = epochs * -(-len(self.xtr) // BATCH)
@@ -157,7 +168,7 @@ def train_interleaved(runs: list[Run], epochs: int) -> None:
             r.epoch()
 
 
-def tune(names: list[str], epochs: int) -> dict[str, object]:
+def tune(names: list[str], epochs: int, hidden: int) -> dict[str, object]:
     """Each method's knob chosen on a validation fifth of seed 100's noisy training set: the best
     accuracy there, ties (a fifth of 1257 samples is 251: ties are common) broken by the lower loss."""
     xtr, ytr, _, _ = load(NOISE, 100)
@@ -169,7 +180,7 @@ def tune(names: list[str], epochs: int) -> dict[str, object]:
             chosen[m] = None
             continue
         values = GRID[m][1]
-        runs = [Run(m, v, data, 100, epochs) for v in values]
+        runs = [Run(m, v, data, 100, epochs, hidden) for v in values]
         train_interleaved(runs, epochs)
         scores = [(r.accuracy(), -r.loss()) for r in runs]
         chosen[m] = values[max(range(len(values)), key=scores.__getitem__)]
@@ -187,7 +198,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--epochs", type=int, default=40)
     ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--no-tune", action="store_true", help="use the default knob values instead of tuning")
+    ap.add_argument(
+        "--no-tune", action="store_true", help="use DEFAULT (the values tuned at width 256) instead of tuning"
+    )
+    ap.add_argument("--hidden", type=int, default=256, help="hidden width of the MLP (256: examples/digits.py's)")
     ap.add_argument("--quick", action="store_true", help="2 epochs, 1 seed, no tuning (a smoke test, < 30 s)")
     add_out_argument(ap)
     args = ap.parse_args()
@@ -196,11 +210,11 @@ def main() -> None:
     out = Path(args.out)
     torch.set_num_threads(min(2, torch.get_num_threads()))
     names = methods()
-    chosen = {m: DEFAULT.get(m) for m in names} if args.no_tune else tune(names, args.epochs)
+    chosen = {m: DEFAULT.get(m) for m in names} if args.no_tune else tune(names, args.epochs, args.hidden)
     results: dict[str, list[Run]] = {m: [] for m in names}
     for seed in range(args.seeds):
         data = load(NOISE, seed)
-        runs = [Run(m, chosen[m], data, seed, args.epochs) for m in names]
+        runs = [Run(m, chosen[m], data, seed, args.epochs, args.hidden) for m in names]
         train_interleaved(runs, args.epochs)
         for r in runs:
             results[r.method].append(r)
@@ -211,7 +225,7 @@ def main() -> None:
     mean_acc = {m: statistics.fmean(v) for m, v in acc.items()}
     gain_sam = mean_acc["SAM"] - mean_acc["SGD"]
     lines = [
-        f"### Cheap sharpness on digits with {NOISE:.0%} label noise: MLP 64-256-256-10, {args.epochs} epochs, "
+        f"### Cheap sharpness on digits with {NOISE:.0%} label noise: MLP 64-{args.hidden}-{args.hidden}-10, {args.epochs} epochs, "
         f"SGD momentum base (lr 0.05, cosine), {args.seeds} seed(s); clean test labels",
         "",
         "| method | setting | test acc (mean +- std) | passes per step | s/epoch (median) | cost vs SGD "
@@ -245,17 +259,19 @@ def main() -> None:
         "",
         "Passes: forward/backward passes per step, counted; ESAM adds a forward without backward (its data "
         "selection) and runs the second pass on half the batch; MESA adds a forward at the EMA weights. "
-        + ("Settings: the defaults (no tuning)." if args.no_tune else
+        + ("Settings: no tuning; the values tuned at width 256 (DEFAULT)." if args.no_tune else
            "Settings: each method's knob chosen among three values on a validation fifth of seed 100's noisy "
            "training set; the other knobs at the papers' defaults."),
         "",
         f"Command: `python examples/cheap_sharpness.py{' --quick' if args.quick else ''} --epochs {args.epochs} "
-        f"--seeds {args.seeds}{' --no-tune' if args.no_tune and not args.quick else ''}{out_flag(out)}`.",
+        f"--seeds {args.seeds}{' --no-tune' if args.no_tune and not args.quick else ''}"
+        f"{f' --hidden {args.hidden}' if args.hidden != 256 else ''}{out_flag(out)}`.",
     ]  # fmt: skip
     table = "\n".join(lines)
     print("\n" + table)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "cheap_sharpness.md").write_text(table + "\n")
+    stem = "cheap_sharpness" + (f"_h{args.hidden}" if args.hidden != 256 else "")
+    (out / f"{stem}.md").write_text(table + "\n")
 
     import matplotlib
 
@@ -273,13 +289,14 @@ def main() -> None:
         ax.axvline(1.25, color="gray", ls="--", lw=1, label="1.25x SGD's time")
     ax.set_xlabel("wall time per epoch, relative to SGD")
     ax.set_ylabel("clean test accuracy")
-    ax.set_title(f"digits, {NOISE:.0%} label noise: accuracy against cost ({args.seeds} seed(s))", fontsize=10)
+    ax.set_title(f"digits, {NOISE:.0%} label noise, MLP width {args.hidden}: accuracy against cost "
+                 f"({args.seeds} seed(s))", fontsize=10)  # fmt: skip
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    fig.savefig(out / "cheap_sharpness.png", dpi=110)
+    fig.savefig(out / f"{stem}.png", dpi=110)
     plt.close(fig)
-    print(f"\nwrote {shown(out)}/cheap_sharpness.md and cheap_sharpness.png")
+    print(f"\nwrote {shown(out)}/{stem}.md and {stem}.png")
 
 
 if __name__ == "__main__":
