@@ -3,6 +3,7 @@
 import copy
 import io
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -441,8 +442,8 @@ def test_bad_inputs_raise(cls, kw, match):
 
 
 def test_bad_calls_raise():
-    with pytest.raises(TypeError, match="beta"):
-        ESAM(mlp().parameters(), torch.optim.SGD, lr=0.1, beta=torch.tensor(0.5))
+    with pytest.raises(TypeError, match=r"beta must be a number or a CPU tensor in \(0, 1\].*on meta"):
+        ESAM(mlp().parameters(), torch.optim.SGD, lr=0.1, beta=torch.tensor(0.5, device="meta"))
     with pytest.raises(ValueError, match="1-d"):
         sharpness_selection(torch.zeros(3, 2), torch.zeros(3, 2), 0.5)
     with pytest.raises(ValueError, match="same samples"):
@@ -546,3 +547,155 @@ def test_step_sds_aborted_by_an_exception_moves_nothing(fail_at):
     with pytest.raises(ValueError, match="per-sample"):
         opt.step_sds(lambda idx: F.cross_entropy(model(x), y))
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), w))
+
+
+# ------------------------------------------------------------------ checkpoints before the first step
+def test_esam_state_dict_before_the_first_step_holds_the_seed():
+    model = mlp()
+    torch.manual_seed(1)
+    opt = ESAM(model.parameters(), torch.optim.SGD, lr=0.1, beta=0.5)  # seed=None: drawn here
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    sd = torch.load(buf)
+    assert sd["state"]["esam"] == {"seed": opt.seed, "draws": 0}
+    twin = mlp()
+    torch.manual_seed(2)
+    resumed = ESAM(twin.parameters(), torch.optim.SGD, lr=0.1, beta=0.5)
+    assert resumed.seed != opt.seed
+    resumed.load_state_dict(sd)
+    assert resumed.seed == opt.seed and not resumed.state  # as fresh: a skipped first step still leaves nothing
+    for x, y in batches(3):
+        opt.step(ce_closure(model, x, y))
+        resumed.step(ce_closure(twin, x, y))
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), twin.parameters()))
+    assert opt.state_dict()["state"]["esam"] == resumed.state_dict()["state"]["esam"] == {"seed": opt.seed, "draws": 3}
+
+
+# ------------------------------------------------------------------ hyperparameter types
+@pytest.mark.parametrize("kind", ["numpy", "cpu tensor", "float64 tensor"])
+def test_hyperparameters_may_be_numpy_scalars_and_cpu_tensors(kind):
+    as_kind = {
+        "numpy": np.float32,
+        "cpu tensor": torch.tensor,
+        "float64 tensor": lambda v: torch.tensor(v, dtype=torch.float64),
+    }[kind]
+    data = batches(3)
+    runs = []
+    for conv in (float, as_kind):  # values exact in float32: the runs must be bit-identical
+        model = mlp()
+        opt = esam(model, beta=conv(0.5), gamma=conv(0.5), rho=conv(0.25))
+        for x, y in data:
+            sds_step(model, opt, x, y)
+        runs.append([p.detach().clone() for p in model.parameters()])
+        model = mlp()
+        opt = mesa(model, decay=conv(0.5), lam=conv(0.5), temperature=conv(4.0))
+        for x, y in data:
+            opt.step(mesa_closure(model, opt, x, y))
+        runs.append([p.detach().clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(runs[0], runs[2])), "ESAM"
+    assert all(torch.equal(a, b) for a, b in zip(runs[1], runs[3])), "MESA"
+
+
+@pytest.mark.parametrize(
+    "cls,kw,match",
+    [
+        (ESAM, dict(beta=torch.tensor(1.5)), r"beta must be a finite number in \(0, 1\].*got 1.5"),
+        (ESAM, dict(beta=np.float32(0.0)), r"beta must be a finite number in \(0, 1\]"),
+        (ESAM, dict(gamma=torch.tensor(0.0)), r"gamma must be a finite number in \(0, 1\]"),
+        (ESAM, dict(gamma=np.float64(1.5)), r"gamma must be a finite number in \(0, 1\]"),
+        (MESA, dict(decay=torch.tensor(-0.1)), r"decay must be a finite number in \[0, 1\]"),
+        (MESA, dict(decay=np.float32(1.5)), r"decay must be a finite number in \[0, 1\]"),
+        (MESA, dict(lam=torch.tensor(-1.0)), r"lam must be a finite number in \[0, inf\)"),
+        (MESA, dict(lam=float("inf")), r"lam must be a finite number in \[0, inf\)"),
+        (MESA, dict(temperature=torch.tensor(0.0)), r"temperature must be a finite number in \(0, inf\)"),
+        (MESA, dict(temperature=float("nan")), r"temperature must be a finite number in \(0, inf\)"),
+    ],
+)
+def test_tensor_and_numpy_hyperparameters_are_validated(cls, kw, match):
+    with pytest.raises(ValueError, match=match):
+        cls(mlp().parameters(), torch.optim.SGD, lr=0.1, **kw)
+
+
+def test_host_settings_refuse_device_tensors_and_groups_validate_tensors():
+    meta = torch.tensor(0.5, device="meta")  # not on the CPU: reading it back would be a host sync
+    for cls, kw in ((ESAM, dict(gamma=meta)), (MESA, dict(lam=meta)), (MESA, dict(temperature=meta))):
+        with pytest.raises(TypeError, match=f"{next(iter(kw))} must be a number or a CPU tensor.*on meta"):
+            cls(mlp().parameters(), torch.optim.SGD, lr=0.1, **kw)
+    m = mlp()
+    with pytest.raises(ValueError, match=r"beta \(param group 1\) must be a finite number in \(0, 1\]"):
+        ESAM([{"params": m[0].parameters()}, {"params": m[2].parameters(), "beta": torch.tensor(2.0)}], lr=0.1)
+    with pytest.raises(ValueError, match="temperature"):
+        trajectory_kl(torch.zeros(3, 2), torch.zeros(3, 2), temperature=torch.tensor(-1.0))
+    assert torch.equal(
+        trajectory_kl(torch.eye(3), torch.ones(3, 3), temperature=torch.tensor(2.0)),
+        trajectory_kl(torch.eye(3), torch.ones(3, 3), temperature=2.0),
+    )
+
+
+@pytest.mark.parametrize(
+    "cls,key,value",
+    [
+        (ESAM, "gamma", 5.0),  # out of range too: refused as global, not silently kept
+        (ESAM, "gamma", 0.5),
+        (ESAM, "seed", 3),
+        (MESA, "lam", 0.0),
+        (MESA, "temperature", 2.0),
+        (MESA, "start_step", 4),
+    ],
+)
+def test_global_settings_in_a_param_group_are_refused(cls, key, value):
+    m = mlp()
+    match = rf"{key} was given in param group 1, but it is a global setting of {cls.__name__}"
+    with pytest.raises(ValueError, match=match):
+        cls([{"params": m[0].parameters()}, {"params": m[2].parameters(), key: value}], torch.optim.SGD, lr=0.1)
+    opt = cls([{"params": m[0].parameters()}], torch.optim.SGD, lr=0.1)
+    with pytest.raises(ValueError, match=rf"{key} was given in param group new, but it is a global setting"):
+        opt.add_param_group({"params": m[2].parameters(), key: value})
+    assert len(opt.param_groups) == len(opt.base_optimizer.param_groups) == 1
+
+
+# ------------------------------------------------------------------ MESA on complex parameters
+class _ComplexNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(3)
+        self.c = nn.Parameter(torch.randn(4, 5, dtype=torch.complex128, generator=g))
+        self.lin = nn.Linear(5, 5).double()
+
+    def forward(self, x):
+        return self.lin((x.to(torch.complex128) @ self.c).abs())
+
+
+def test_mesa_ema_forward_with_a_complex_parameter():
+    torch.manual_seed(0)
+    model = _ComplexNet()
+    opt = MESA(model.parameters(), torch.optim.SGD, lr=0.1, decay=0.5, lam=0.5, backend="torch")
+    g = torch.Generator().manual_seed(5)
+    data = [
+        (torch.randn(6, 4, generator=g, dtype=torch.float64), torch.randint(0, 5, (6,), generator=g)) for _ in range(3)
+    ]
+    ema = {n: p.detach().clone() for n, p in model.named_parameters()}  # complex arithmetic, by hand
+    for x, y in data:
+        opt.step(mesa_closure(model, opt, x, y))  # from the second step on, trajectory_loss runs the EMA forward
+        ema = {n: 0.5 * ema[n] + 0.5 * p.detach() for n, p in model.named_parameters()}
+    weights = opt.ema_weights(model)
+    assert weights["c"].dtype == torch.complex128 and weights["c"].shape == model.c.shape
+    x = data[0][0]
+    expected = functional_call(model, ema, (x,))
+    assert torch.allclose(opt.ema_forward(model, x), expected, rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(expected, model(x))  # the EMA is not the weights
+    loss = opt.trajectory_loss(model(x), model, x)
+    assert torch.allclose(loss, 0.5 * trajectory_kl(model(x), expected, 5.0), rtol=1e-12)
+
+
+def test_trajectory_kl_refuses_an_empty_batch():
+    for shape in ((0, 5), (2, 0, 5)):
+        with pytest.raises(ValueError, match="at least one sample"):
+            trajectory_kl(torch.zeros(shape, requires_grad=True), torch.zeros(shape))
+    model = mlp()
+    opt = mesa(model)
+    x, y = batches(1)[0]
+    opt.step(mesa_closure(model, opt, x, y))
+    with pytest.raises(ValueError, match="at least one sample"):
+        opt.trajectory_loss(model(x[:0]), model, x[:0])

@@ -10,7 +10,8 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor
 
-from .base import SharpnessAware, _check_number, check_rho
+from .base import SharpnessAware, check_rho
+from .checks import _host_value
 
 _MASK64 = (1 << 64) - 1
 
@@ -25,19 +26,85 @@ def swp_seed(seed: int, draw: int) -> int:
     return (z ^ (z >> 31)) >> 1
 
 
-def check_beta(name: str, value: Any, where: str) -> None:
-    """SWP's keep probability: a host number in (0, 1] (it is the probability ``bernoulli_`` draws with)."""
+def _interval(low: float, high: float, low_open: bool, high_open: bool) -> str:
+    return f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+
+
+def check_interval(
+    name: str,
+    value: Any,
+    where: str,
+    low: float,
+    high: float,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+    meaning: str = "",
+) -> Optional[float]:
+    """A real number (numpy scalars included) or a 1-element tensor in the interval from ``low`` to
+    ``high`` (open at a bound when ``low_open`` / ``high_open``; ``high=inf`` is always open). Returns
+    the value as a host float, or None for a device tensor: it is not read back (no host sync), its
+    range is the caller's. The message names the parameter and both bounds."""
+    rng = _interval(low, high, low_open, high_open or high == math.inf)
     if isinstance(value, Tensor):
-        raise TypeError(f"{name}{where} must be a Python number in (0, 1] (the mask's keep probability), got a tensor")
-    _check_number(name, value, strict=True, where=where)
-    if float(value) > 1:
-        raise ValueError(f"{name}{where} must be in (0, 1] (the fraction of weights perturbed), got {float(value)}")
+        if value.numel() != 1:
+            raise ValueError(
+                f"{name}{where} must be a number in {rng} or a 1-element tensor, got shape {tuple(value.shape)}"
+            )
+        if value.is_complex() or value.dtype == torch.bool:
+            raise TypeError(f"{name}{where} must be a real number in {rng}, got a {value.dtype} tensor")
+        host = _host_value(value)
+        if host is None:
+            return None
+    elif isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}{where} must be a real number in {rng}{meaning}, got {type(value).__name__}")
+    else:
+        host = value
+    v = float(host)
+    ok = math.isfinite(v) and (v > low if low_open else v >= low) and (v < high if high_open else v <= high)
+    if not ok:
+        raise ValueError(f"{name}{where} must be a finite number in {rng}{meaning}, got {v}")
+    return v
+
+
+def host_setting(name: str, value: Any, low: float, high: float, **kw: Any) -> float:
+    """:func:`check_interval` for a global setting the host uses at every step (ESAM's ``gamma``, MESA's
+    ``lam`` and ``temperature``): numbers, numpy scalars and 1-element CPU tensors are read once, here;
+    a device tensor is refused (reading it would be a host sync)."""
+    v = check_interval(name, value, "", low, high, **kw)
+    if v is None:
+        raise TypeError(
+            f"{name} must be a number or a CPU tensor: it is a host setting read at construction, got a tensor "
+            f"on {value.device}"
+        )
+    return v
+
+
+def refuse_global_in_group(opt: SharpnessAware, group: dict, names: dict[str, str]) -> None:
+    """A global setting (``names``: name -> why it is global) given in a param group is refused: it
+    would be ignored there."""
+    for k, why in names.items():
+        if k in group and k not in opt.base_optimizer.defaults:
+            index = next((i for i, g in enumerate(opt.param_groups) if g is group), "new")
+            raise ValueError(
+                f"{k} was given in param group {index}, but it is a global setting of {type(opt).__name__} ({why}): "
+                f"pass it to {type(opt).__name__}(..., {k}=...), not in a param group"
+            )
+
+
+def check_beta(name: str, value: Any, where: str) -> None:
+    """SWP's keep probability in (0, 1]: a number or a CPU tensor (``bernoulli_`` draws with it as a
+    host probability, and ``beta == 1`` draws nothing); a device tensor is refused."""
+    v = check_interval(name, value, where, 0.0, 1.0, low_open=True, meaning=" (the fraction of weights perturbed)")
+    if v is None:
+        raise TypeError(
+            f"{name}{where} must be a number or a CPU tensor in (0, 1] (the mask's keep probability is read on the "
+            f"host at each step), got a tensor on {value.device}"
+        )
 
 
 def _check_gamma(gamma: Any) -> float:
-    if isinstance(gamma, bool) or not isinstance(gamma, numbers.Real) or not (0.0 < float(gamma) <= 1.0):
-        raise ValueError(f"gamma must be a number in (0, 1] (the fraction of samples kept by SDS), got {gamma!r}")
-    return float(gamma)
+    return host_setting("gamma", gamma, 0.0, 1.0, low_open=True, meaning=" (the fraction of samples kept by SDS)")
 
 
 def _check_losses(what: str, losses: Any) -> None:
@@ -80,6 +147,12 @@ def sharpness_selection(loss_before: Tensor, loss_after: Tensor, gamma: float) -
     return torch.topk(sharp, k, sorted=False).indices.sort().values
 
 
+_GLOBAL = {
+    "gamma": "one selection of samples per batch",
+    "seed": "one mask stream for all parameters",
+}
+
+
 class ESAM(SharpnessAware):
     r"""Efficient SAM (Du et al., "Efficient Sharpness-aware Minimization for Improved Training
     of Neural Networks", ICLR 2022).
@@ -116,8 +189,11 @@ class ESAM(SharpnessAware):
     step with SDS: a forward/backward of the batch, a forward of the batch without gradients, a
     forward/backward of the kept samples.
 
-    ``rho`` and ``beta`` may differ per group; ``gamma`` and ``seed`` are global. The step count
-    of the masks is a host value in ``state_dict`` (``state["esam"]``): it counts the steps
+    ``rho`` and ``beta`` may differ per group; ``gamma`` and ``seed`` are global (refused in a param
+    group) and read once, at construction. Hyperparameters are numbers (numpy scalars included) or
+    1-element CPU tensors, validated; ``rho`` may also be a device tensor; ``beta`` may not (the
+    mask's probability is a host value). The seed and the step count of the masks are host values
+    in every ``state_dict`` (``state["esam"]``, from construction on): the count is of the steps
     attempted, except that a skipped first step does not count.
     """
 
@@ -146,6 +222,10 @@ class ESAM(SharpnessAware):
 
     def _repr_settings(self) -> dict[str, Any]:
         return {"gamma": self.gamma, "seed": self.seed}
+
+    def _check_group(self, group: dict) -> None:
+        refuse_global_in_group(self, group, _GLOBAL)
+        super()._check_group(group)
 
     def select(self, loss_before: Tensor, loss_after: Tensor) -> Tensor:
         """:func:`sharpness_selection` with this optimizer's ``gamma``."""
@@ -203,12 +283,22 @@ class ESAM(SharpnessAware):
         state["_generators"] = {}  # reseeded at every step: nothing to carry
         return state
 
+    def state_dict(self) -> dict[str, Any]:
+        """As the base class, with the masks' seed and step count in ``state["esam"]`` from construction
+        on (``draws`` 0 before the first step): a run resumed from any checkpoint draws the same masks."""
+        sd = super().state_dict()
+        if "esam" not in sd["state"]:
+            sd["state"]["esam"] = {"seed": self.seed, "draws": 0}
+        return sd
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """As the base class; the seed and step count of the masks come back too."""
         super().load_state_dict(state_dict)
         st = self.state.get("esam")
         if st is not None:
             self.seed = int(st["seed"])
+            if int(st["draws"]) == 0:  # taken before the first step: as fresh (a skipped first step leaves no state)
+                del self.state["esam"]
 
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False) -> None:

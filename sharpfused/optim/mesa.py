@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Iterable
 from typing import Any, Callable, Optional
@@ -10,16 +11,24 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import SharpnessAware, check_unit
+from .base import SharpnessAware
+from .esam import check_interval, host_setting, refuse_global_in_group
 
 
-def _check_host(name: str, value: Any, low: float, strict: bool) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    v = float(value)
-    if not (v == v and v != float("inf") and (v > low if strict else v >= low)):
-        raise ValueError(f"{name} must be a finite number {'>' if strict else '>='} {low}, got {value!r}")
-    return v
+def check_decay(name: str, value: Any, where: str) -> None:
+    """The EMA's decay, in [0, 1] (a device tensor is not read back: its range is the caller's)."""
+    check_interval(name, value, where, 0.0, 1.0, meaning=" (the EMA's decay)")
+
+
+def _check_temperature(temperature: Any) -> float:
+    return host_setting("temperature", temperature, 0.0, math.inf, low_open=True, meaning=" (the softmax temperature)")
+
+
+_GLOBAL = {
+    "lam": "one trajectory loss per batch",
+    "temperature": "one trajectory loss per batch",
+    "start_step": "one step count for all parameters",
+}
 
 
 def trajectory_kl(logits: Tensor, ema_logits: Tensor, temperature: float = 5.0) -> Tensor:
@@ -31,7 +40,7 @@ def trajectory_kl(logits: Tensor, ema_logits: Tensor, temperature: float = 5.0) 
     those of the EMA weights (constants). Computed with log-softmax in float32 (float64 for
     float64 logits); returns a 0-d tensor.
     """
-    tau = _check_host("temperature", temperature, 0.0, strict=True)
+    tau = _check_temperature(temperature)
     if not isinstance(logits, Tensor) or not isinstance(ema_logits, Tensor) or logits.shape != ema_logits.shape:
         raise ValueError(
             "logits and ema_logits must be tensors of the same shape (samples..., classes), got "
@@ -41,6 +50,8 @@ def trajectory_kl(logits: Tensor, ema_logits: Tensor, temperature: float = 5.0) 
         raise ValueError(
             f"logits must have a non-empty class dimension (the last one), got shape {tuple(logits.shape)}"
         )
+    if logits.numel() == 0:
+        raise ValueError(f"trajectory_kl needs at least one sample, got logits of shape {tuple(logits.shape)}")
     dt = torch.float64 if logits.dtype == torch.float64 else torch.float32
     log_p = F.log_softmax(logits.to(dt).reshape(-1, logits.shape[-1]) / tau, dim=-1)
     log_q = F.log_softmax(ema_logits.detach().to(dt).reshape(-1, logits.shape[-1]) / tau, dim=-1)
@@ -77,11 +88,15 @@ class MESA(SharpnessAware):
 
     Args: ``decay`` (:math:`d`, per group, in [0, 1]; 0.9998), ``lam`` (:math:`\lambda`, >= 0;
     0.8), ``temperature`` (:math:`\tau`, > 0; 5), ``start_step`` (steps before the trajectory
-    loss starts, >= 0; the authors start at epoch 5: pass 5 * steps per epoch). ``first_step()``
-    completes the step and returns False (as LookSAM's reuse step); there is no ``second_step``.
+    loss starts, >= 0; the authors start at epoch 5: pass 5 * steps per epoch). ``lam``,
+    ``temperature`` and ``start_step`` are global (refused in a param group) and read once, at
+    construction: numbers, numpy scalars or 1-element CPU tensors. ``decay`` may also be a device
+    tensor (not read back). ``first_step()`` completes the step and returns False (as LookSAM's
+    reuse step); ``second_step()`` exists only to raise a RuntimeError saying so (there is no
+    second pass).
     """
 
-    hyper = {"decay": check_unit}
+    hyper = {"decay": check_decay}
     m_sharpness = None  # no perturbation: local_perturbation has nothing to localize
     m_sharpness_refusal = "MESA takes one pass per step, its update pass, and perturbs nothing"
 
@@ -96,8 +111,8 @@ class MESA(SharpnessAware):
         backend: str = "auto",
         **base_kwargs: Any,
     ) -> None:
-        self.lam = _check_host("lam", lam, 0.0, strict=False)
-        self.temperature = _check_host("temperature", temperature, 0.0, strict=True)
+        self.lam = host_setting("lam", lam, 0.0, math.inf, meaning=" (the trajectory loss's weight)")
+        self.temperature = _check_temperature(temperature)
         if isinstance(start_step, bool) or not isinstance(start_step, numbers.Integral) or start_step < 0:
             raise ValueError(
                 f"start_step must be an integer >= 0 (steps before the trajectory loss), got {start_step!r}"
@@ -108,18 +123,24 @@ class MESA(SharpnessAware):
     def _repr_settings(self) -> dict[str, Any]:
         return {"lam": self.lam, "temperature": self.temperature, "start_step": self.start_step}
 
+    def _check_group(self, group: dict) -> None:
+        refuse_global_in_group(self, group, _GLOBAL)
+        super()._check_group(group)
+
     @property
     def steps_taken(self) -> int:
         """Steps counted so far (a host value in ``state_dict``; the trajectory loss starts at ``start_step``)."""
         return self.state.get("mesa", {}).get("step", 0)
 
     def ema_weights(self, model: nn.Module) -> dict[str, Tensor]:
-        """``{name: EMA view}`` for the parameters of ``model`` that have an EMA (all of them after the first step)."""
+        """``{name: EMA view}`` for the parameters of ``model`` that have an EMA (all of them after the first
+        step), each shaped like its parameter (a complex parameter's EMA, kept as the real view, as a complex view)."""
         out = {}
         for name, p in model.named_parameters():
             st = self.state.get(p)
             if st is not None and "ema" in st:
-                out[name] = st["ema"]
+                ema = st["ema"]  # a complex parameter's EMA is kept as its real view (..., 2)
+                out[name] = torch.view_as_complex(ema) if p.is_complex() and not ema.is_complex() else ema
         return out
 
     @torch.no_grad()
