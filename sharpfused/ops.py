@@ -10,7 +10,10 @@ Conventions shared by every backend:
 * Lists hold tensors of one device. ``params``/``grads``/``backup``/state lists are
   parallel (same length, same shapes). Empty tensors are allowed, empty lists are not.
 * Math is done in "opmath": float32 for bf16/fp16/fp32 inputs, float64 for float64.
-  A result written to a low-precision tensor is rounded once, at the end.
+  A result written to a low-precision tensor is rounded once, at the end. (One exception: the
+  torch backend on CPU computes bf16 norms with torch's own bf16 reductions, as torch does; its
+  results stay within the design's error rule against a float64 reference.)
+* ``restore_`` is bit-exact when backup and params share a dtype (else rounded once).
 * Scalars (``scale``, ``lr``, coefficients) may be Python numbers or 0-d tensors on
   the device; a step never calls ``.item()`` on a device tensor.
 * Reductions are deterministic: a fixed partition, fixed order, no atomics.
@@ -36,6 +39,7 @@ import collections
 import importlib
 import operator
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, Optional, Union
@@ -154,18 +158,56 @@ def backend_module(name: str) -> ModuleType:
 _KIND = operator.attrgetter("device", "dtype")
 
 
+def _numels(xs: Sequence[Tensor]) -> tuple[int, ...]:
+    known = getattr(xs, "info", None)
+    return known.numels if known is not None else tuple(map(Tensor.numel, xs))
+
+
+def _check(p: Primitive, args: tuple) -> None:
+    """The spec's contract, checked once per call with an error naming the argument: lists are lists
+    of tensors, parallel (same length, same sizes), given when required; flags are tensors; numbers
+    in range."""
+    pos = p.lists
+    first = args[pos[0]]
+    for i in pos:
+        a, x = p.args[i], args[i]
+        if x is None:
+            if a.kind == "list" or (a.required_when is not None and args[p.names.index(a.required_when)]):
+                why = "" if a.kind == "list" else f" when {a.required_when} is nonzero"
+                raise ValueError(f"{p.name}: {a.name} must be a list of tensors{why}, got None")
+        elif not isinstance(x, (list, tuple)) or not (isinstance(x, Tensors) or all(isinstance(t, Tensor) for t in x)):
+            raise TypeError(f"{p.name}: {a.name} must be a list (or tuple) of tensors, got {type(x).__name__}")
+    if not first:
+        raise ValueError(f"{p.name}: primitives take a non-empty list of tensors ({p.args[pos[0]].name} is empty)")
+    n, sizes = len(first), None
+    for i in pos[1:]:
+        o = args[i]
+        if o is None:
+            continue
+        if len(o) != n:
+            raise ValueError(f"{p.name}: parallel lists differ in length: {p.args[pos[0]].name} has {n}, {p.args[i].name} {len(o)}")
+        sizes = _numels(first) if sizes is None else sizes
+        if _numels(o) != sizes:
+            j = next(j for j, (u, v) in enumerate(zip(sizes, _numels(o))) if u != v)
+            raise ValueError(
+                f"{p.name}: parallel lists differ at tensor {j}: {p.args[pos[0]].name} has {sizes[j]} elements, "
+                f"{p.args[i].name} {_numels(o)[j]}"
+            )
+    for a, x in zip(p.args, args):
+        if a.kind == "tensor?" and x is not None and not isinstance(x, Tensor):
+            raise TypeError(f"{p.name}: {a.name} must be None or a 0-d tensor, got {type(x).__name__}")
+        if a.minimum is not None and not isinstance(x, Tensor) and x is not None and x < a.minimum:
+            raise ValueError(f"{p.name}: {a.name} must be >= {a.minimum}, got {x}")
+
+
+_AVAILABLE: set = set()  # (backend, device) pairs checked by unavailable_reason once
+
+
 def _split(p: Primitive, args: tuple) -> Optional[list[tuple[list[int], tuple]]]:
     """None when the lists form one group (the usual case); else ``[(index, args), ...]`` per
     (device, dtype) of the first list, with every list argument narrowed to ``index``."""
     pos = p.lists
     first = args[pos[0]]
-    if not first:
-        raise ValueError(f"{p.name}: primitives take a non-empty list of tensors ({p.args[pos[0]].name} is empty)")
-    n = len(first)
-    for i in pos[1:]:
-        o = args[i]
-        if o is not None and len(o) != n:
-            raise ValueError(f"{p.name}: parallel lists differ in length: {p.args[pos[0]].name} has {n}, {p.args[i].name} {len(o)}")
     known = getattr(first, "info", None)  # a Tensors list (sharpfused.lists): described once
     if (known.dtype is not None) if known is not None else len(set(map(_KIND, first))) == 1:
         return None
@@ -203,6 +245,14 @@ def _run(p: Primitive, args: tuple, backend: str) -> Any:
 def call(name: str, args: tuple, backend: str = "torch") -> Any:
     """Primitive ``name`` with its arguments in the spec's order (positional), on ``backend``."""
     p = SPECS[name]
+    _check(p, args)
+    if backend != "torch":
+        dev = args[p.lists[0]][0].device
+        if (backend, dev) not in _AVAILABLE:
+            why = unavailable_reason(backend, dev)
+            if why is not None:
+                raise ValueError(f"{name}(backend={backend!r}) on {dev}: {why}")
+            _AVAILABLE.add((backend, dev))
     groups = _split(p, args)
     if groups is None:
         return _run(p, args, backend)

@@ -46,6 +46,8 @@ class Arg:
     io: str = ""  # lists: "r" read, "w" written, "rw" both (the byte model)
     read_unless: Optional[str] = None  # a bool argument that, when true, means the list is written only
     to_device: bool = False  # scalars: a tensor on another device than the lists is moved to theirs
+    required_when: Optional[str] = None  # optional lists: must be given when this float argument is nonzero
+    minimum: Optional[float] = None  # scalars given as numbers: the least value allowed
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -172,7 +174,7 @@ an algorithm keeps its state unchanged on a skipped step without a host sync."""
         _p(
             "restore_sgd_",
             *_STEP_HEAD,
-            Arg("momentum_buffers", OL, io="rw", read_unless="init_momentum"),
+            Arg("momentum_buffers", OL, io="rw", read_unless="init_momentum", required_when="momentum"),
             Arg("lr", "scalar", keyword=True),
             Arg("momentum", "float", keyword=True),
             Arg("dampening", "float", keyword=True),
@@ -195,7 +197,7 @@ keep their values (on an ``init_momentum`` step they become zeros).""",
             *_STEP_HEAD,
             Arg("exp_avgs", L, io="rw"),
             Arg("exp_avg_sqs", L, io="rw"),
-            Arg("step", "scalar", keyword=True),
+            Arg("step", "scalar", keyword=True, minimum=1),
             Arg("lr", "scalar", keyword=True),
             Arg("beta1", "float", keyword=True),
             Arg("beta2", "float", keyword=True),
@@ -217,7 +219,7 @@ tensor; where nonzero the step is skipped: w = w0 bit-exactly, m and v unchanged
             "restore_rmsprop_",
             *_STEP_HEAD,
             Arg("square_avgs", L, io="rw"),
-            Arg("momentum_buffers", OL, io="rw"),
+            Arg("momentum_buffers", OL, io="rw", required_when="momentum"),
             Arg("lr", "scalar", keyword=True),
             Arg("alpha", "float", keyword=True),
             Arg("eps", "float", keyword=True),
@@ -248,6 +250,8 @@ def markdown() -> str:
         writes = ", ".join(a.name for a in given if "w" in a.io)
         does = p.does.replace("|", "\\|")
         rows.append(f"| `{p.name}` | {does} | {reads} | {writes or '-'} | {p.typical_bytes()} |")
+    rows.append("")
+    rows.append("(`perturb_`'s optional `mask`, SSAM's and ESAM's, adds one byte per element read: not counted in units of b.)")
     return "\n".join(rows)
 
 

@@ -137,3 +137,17 @@ def test_base_load_between_the_passes_refused_and_after_a_copy_still_watched():
     twin = copy.deepcopy(opt)  # torch.optim drops hooks in a copy: the copy registers them again
     twin.base_optimizer.load_state_dict(sd)
     assert twin.param_groups is twin.base_optimizer.param_groups
+
+
+@pytest.mark.parametrize("cls", [torch.optim.SGD, torch.optim.Adagrad], ids=["fused", "unfused"])
+def test_base_step_hooks_fire_once_on_a_skipped_step_fused_or_not(cls):
+    w = torch.nn.Parameter(torch.randn(4, dtype=torch.float64))
+    opt = sharpfused.SAM([w], cls, lr=0.1)
+    calls = []
+    opt.base_optimizer.register_step_pre_hook(lambda *a: calls.append("pre"))
+    opt.base_optimizer.register_step_post_hook(lambda *a: calls.append("post"))
+    _loss([w]).backward()
+    opt.first_step(zero_grad=True)
+    w.grad = torch.full_like(w, float("inf"))
+    opt.second_step(zero_grad=True)
+    assert calls == ["pre", "post"] and bool(opt.last_step_skipped)

@@ -175,3 +175,57 @@ def test_cuda_backend_signatures_without_the_extension(monkeypatch):
             continue  # left to the torch backend by the dispatcher
         assert list(inspect.signature(fn).parameters) == list(p.names), f"cuda_ops.{name}"
     assert callable(mod.supports)
+
+
+def test_dispatcher_checks_the_contract_naming_the_argument():
+    """An outside trial's odd calls: each refused with the argument named (they broadcast, divided by
+    zero or failed deep inside a backend before)."""
+    x = [torch.zeros(3)]
+    with pytest.raises(ValueError, match="restore_: parallel lists differ at tensor 0: params has 3 elements, backup 1"):
+        ops.restore_(x, [torch.tensor([7.0])])
+    with pytest.raises(ValueError, match="dot_norms: parallel lists differ at tensor 0"):
+        ops.dot_norms([torch.ones(3)], [torch.ones(1)])
+    with pytest.raises(TypeError, match="sq_norm: xs must be a list \\(or tuple\\) of tensors, got Tensor"):
+        ops.sq_norm(torch.ones(3))
+    w, b, g = [torch.zeros(2)], [torch.ones(2)], [torch.ones(2)]
+    with pytest.raises(ValueError, match="momentum_buffers must be a list of tensors when momentum is nonzero"):
+        ops.restore_rmsprop_(w, b, g, [torch.ones(2)], None, lr=0.1, alpha=0.9, eps=1e-8, weight_decay=0.0, momentum=0.9)
+    with pytest.raises(ValueError, match="momentum_buffers must be a list of tensors when momentum is nonzero"):
+        ops.restore_sgd_(w, b, g, None, lr=0.1, momentum=0.9, dampening=0.0, weight_decay=0.0, nesterov=False,
+                         init_momentum=False)  # fmt: skip
+    with pytest.raises(ValueError, match="restore_adamw_: step must be >= 1, got 0"):
+        ops.restore_adamw_(w, b, g, [torch.zeros(2)], [torch.zeros(2)], step=0, lr=0.1, beta1=0.9, beta2=0.99,
+                           eps=1e-8, weight_decay=0.0)  # fmt: skip
+    with pytest.raises(TypeError, match="found_inf must be None or a 0-d tensor, got bool"):
+        ops.restore_sgd_(
+            w, b, g, None, lr=0.1, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False,
+            init_momentum=False, found_inf=True,
+        )  # fmt: skip
+
+
+def test_triton_on_cpu_without_the_interpreter_is_refused_by_name():
+    import subprocess
+    import sys
+
+    code = (
+        "import os; os.environ.pop('TRITON_INTERPRET', None)\n"
+        "import torch\nfrom sharpfused import ops\n"
+        "try:\n    ops.sq_norm([torch.ones(3)], backend='triton')\n"
+        "except ValueError as e:\n    print('refused:', e)\n"
+    )
+    env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert "refused: sq_norm(backend='triton') on cpu: backend 'triton' runs on CUDA tensors only" in out.stdout, out
+
+
+def test_combine_with_saved_aliasing_g():
+    """combine_(g, g, c1, c2) is (c1 + c2) g on every backend (the torch backend scaled g in place
+    before reading it as saved)."""
+    for backend in [b for b in ("torch", "triton") if ops.unavailable_reason(b, torch.device("cpu")) is None]:
+        for dtype in (torch.float32, torch.float64, torch.bfloat16):
+            g = [torch.tensor([1.0, 2.0, 3.0], dtype=dtype)]
+            ops.combine_(g, g, 1.5, 0.5, backend=backend)
+            assert torch.equal(g[0], torch.tensor([2.0, 4.0, 6.0], dtype=dtype)), (backend, dtype)
+            g = [torch.tensor([1.0, float("inf")], dtype=dtype)]
+            ops.combine_(g, g, 0.0, 1.0, backend=backend)  # the zero coefficient drops its term
+            assert torch.equal(g[0], torch.tensor([1.0, float("inf")], dtype=dtype)), (backend, dtype)

@@ -39,6 +39,7 @@ On CPU two more things differ, both measured with bench/run.py (bench/NOTES.md):
 from __future__ import annotations
 
 import math
+import operator
 from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Optional
@@ -562,7 +563,9 @@ def _is_zero(c) -> bool:
 def combine_(g, saved, c1, c2):
     tensor_coef = isinstance(c1, Tensor) or isinstance(c2, Tensor)
     for dtype, (x, s) in _groups(g, saved):
-        if dtype not in _LOW and not tensor_coef:
+        # saved aliasing g with c2 != 0: g must not be scaled in place before saved is read
+        aliased = not _is_zero(c2) and any(map(operator.is_, x, s))
+        if dtype not in _LOW and not tensor_coef and not aliased:
             if _is_zero(c1):
                 torch._foreach_zero_(x)  # dropped: 0 * inf would be NaN
             else:

@@ -735,6 +735,9 @@ class SharpnessAware(Optimizer):
                     ops.combine_(grads, grads, coef.to(grads[0].device), 0.0, backend=backend)
             if not bool(skip):  # the one host sync: a third-party step cannot be skipped on the device
                 self.base_optimizer.step()
+            else:  # the base's step hooks fire on a skipped step, as around the fused step (which skips on the device)
+                _base_hooks(self.base_optimizer, 0)
+                _base_hooks(self.base_optimizer, 1)
             return
         _base_hooks(self.base_optimizer, 0)
         self._fused_base_step(buckets, kind, coef, skip)

@@ -7,7 +7,6 @@ the fused step; the primitives are its methods (``b.perturb_(...)`` on the bucke
 
 from __future__ import annotations
 
-import operator
 import sys
 from typing import Any, Callable, Optional
 
@@ -17,8 +16,6 @@ from torch import Tensor
 from .. import ops
 from ..buffers import FlatBuffer
 from ..lists import Tensors
-
-_GRAD = operator.attrgetter("grad")
 
 
 def local_tensor(t: Tensor) -> Tensor:
@@ -96,7 +93,7 @@ class Bucket:
 
     def grads(self) -> list[Tensor]:
         if self.plain:  # device, dtype and sizes are the parameters' (torch enforces it for .grad)
-            return Tensors.grads_of(self.params, list(map(_GRAD, self.sources)))
+            return Tensors.grads_of(self.params, [p.grad for p in self.sources])  # a listcomp: dynamo traces it
         return [kernel_view(p.grad) for p in self.sources]
 
     def buffer(self, name: str, dtype: Optional[torch.dtype] = None, zero: bool = False) -> FlatBuffer:
