@@ -254,8 +254,9 @@ def main() -> None:
         "",
         "Time: wall time on a small CPU (2 threads); this MLP's forward/backward on a batch of 64 costs about as "
         "much as an optimizer step's host work, so the optimizer's per-step overhead, not only the passes, sets "
-        "the cost here. SGD (fused): the base step alone through sharpfused's fused path (RST with p=0, bit for "
-        "bit torch's SGD step), the floor every sharpfused method pays on top of its passes.",
+        "the cost here. SGD (fused): the base step alone through sharpfused's fused path (RST with p=0: torch's SGD "
+        "update, bit for bit on the test suite's models, within rounding on larger ones), the floor every sharpfused "
+        "method pays on top of its passes.",
         "",
         "Passes: forward/backward passes per step, counted; ESAM adds a forward without backward (its data "
         "selection) and runs the second pass on half the batch; MESA adds a forward at the EMA weights. "
