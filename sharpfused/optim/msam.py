@@ -37,10 +37,16 @@ class MSAM(SharpnessAware):
     The base step updates :math:`v` in place (the fused SGD/AdamW step writes the base optimizer's
     own state tensors); the next step's perturbation reads them there, no copy. On the first step
     there is no momentum yet: the pass runs at :math:`w` (a plain base step), as in the authors'
-    code. ``rho`` may differ per group; the norm is global.
+    code (``opt.perturbed`` is True between ``first_step()`` and ``second_step()`` on that step
+    too, although the pass is at :math:`w`). ``rho`` may differ per group; the norm is global.
+    ``rho=0`` is the base optimizer: bit for bit with torch.optim.SGD, the same update up to
+    float32 rounding with Adam/AdamW (the fused step's arithmetic order differs from torch's).
+    Under ``torch.amp.GradScaler``: ``first_step(zero_grad=True)``, the scaled backward,
+    ``scaler.step(opt)``, ``scaler.update()``.
 
     How to call it: ``first_step()`` BEFORE the forward pass (it perturbs; the gradients must be
-    cleared, ``zero_grad=True`` does it), then the forward/backward at the perturbed weights, then
+    cleared -- ``zero_grad=True`` does it; gradients left there are refused), then the
+    forward/backward at the perturbed weights, then
     ``second_step()`` (restore, base step). ``step(closure)`` does the three. Between steps the
     weights are the unperturbed ``w`` (the authors' code keeps the model at :math:`\tilde w` between
     steps and moves it back for evaluation; here evaluation and checkpoints need nothing).
@@ -92,8 +98,9 @@ class MSAM(SharpnessAware):
         if isinstance(self.base_optimizer, torch.optim.SGD) and isinstance(m, numbers.Number) and m <= 0:
             index = next((i for i, g in enumerate(self.param_groups) if g is group), "new")
             raise ValueError(
-                f"momentum (param group {index}) must be > 0 for MSAM with torch.optim.SGD: the perturbation follows "
-                f"the momentum buffer, which SGD keeps only with momentum > 0; got {m}"
+                f"momentum (param group {index}) must be > 0 for MSAM with torch.optim.SGD, also when changed "
+                f"during a run: the perturbation follows the momentum buffer, which SGD keeps (and updates) only "
+                f"with momentum > 0; got {m}"
             )
 
     def _check_group(self, group: dict) -> None:
@@ -126,7 +133,22 @@ class MSAM(SharpnessAware):
     # ---------------------------------------------------------------- protocol
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False) -> None:
-        """Before the forward: save w, then w <- w - rho v / (||v|| + eps) (nothing on the first step)."""
+        """Before the forward: save w, then w <- w - rho v / (||v|| + eps) (nothing on the first step).
+
+        Gradients left in ``.grad`` (a backward since the last step or ``zero_grad``) are refused
+        unless ``zero_grad=True`` clears them: the step's one backward would accumulate into them.
+        With an SGD base, every group's momentum must still be > 0 (it is checked here, at every
+        step: SGD stops updating the buffer at momentum 0, and MSAM would perturb along a stale one).
+        """
+        if not self._perturbed:
+            for group in self.param_groups:
+                self._check_momentum(group)
+            if not zero_grad and self._first_pass_grads():
+                raise RuntimeError(
+                    "MSAM.first_step() found gradients in .grad: MSAM's one forward/backward runs at the perturbed "
+                    "weights, after first_step(), and would accumulate into them; clear them first (zero_grad(), "
+                    "or first_step(zero_grad=True))"
+                )
         buckets = self._begin_first()
         if buckets:
             inv = self.inverse_norm(self.global_norm(buckets, self._momentum))
@@ -160,6 +182,8 @@ class MSAM(SharpnessAware):
                 "MSAM.step(closure) found gradients in .grad: MSAM's one forward/backward runs at the perturbed "
                 "weights, inside step(); clear the gradients first (zero_grad()) and let the closure do the backward"
             )
+        for group in self.param_groups:
+            self._check_momentum(group)
         closure = torch.enable_grad()(closure)
         with self.guarded():
             self.first_step(zero_grad=True)
