@@ -30,10 +30,11 @@ class AESAM(SwitchingSAM):
     with :math:`\mu_0 = \sigma_0^2 = 0`; otherwise the step is the base step with :math:`g_t`
     alone. :math:`c_t = c` (constant) or linear from ``c`` to ``c_end`` over ``total_steps``
     steps (the paper: 1 to -1 over training, so that SAM steps become more frequent). A very
-    negative ``c`` always picks SAM; a very large one never: the base optimizer alone, bit for bit
-    with torch.optim.SGD, and with Adam, AdamW and RMSprop the same update up to float32 rounding
-    (the fused step orders its arithmetic differently from torch's; measured after 6 steps at lr
-    1e-2: at most 1.2e-7 apart).
+    negative ``c`` always picks SAM; a very large one never: the base optimizer alone, the same
+    update up to float32 rounding -- bit for bit with torch.optim.SGD on small tensors (tested; a
+    64x1024 layer was 1.5e-8 apart after 5 steps on CPU), and with Adam, AdamW and RMSprop, whose
+    fused step orders its arithmetic differently from torch's, at most 1.2e-7 apart after 6 steps
+    at lr 1e-2 (measured on a small MLP).
 
     The host read: the choice is computed on the device, and deciding whether the training loop runs
     a second forward/backward needs it on the host -- ``first_step()`` reads that one 0-d bool, the

@@ -39,8 +39,8 @@ class MSAM(SharpnessAware):
     there is no momentum yet: the pass runs at :math:`w` (a plain base step), as in the authors'
     code (``opt.perturbed`` is True between ``first_step()`` and ``second_step()`` on that step
     too, although the pass is at :math:`w`). ``rho`` may differ per group; the norm is global.
-    ``rho=0`` is the base optimizer: bit for bit with torch.optim.SGD, the same update up to
-    float32 rounding with Adam/AdamW (the fused step's arithmetic order differs from torch's).
+    ``rho=0`` is the base optimizer, up to float32 rounding (bit for bit with torch.optim.SGD on
+    small tensors; with Adam/AdamW the fused step's arithmetic order differs from torch's).
     Under ``torch.amp.GradScaler``: ``first_step(zero_grad=True)``, the scaled backward,
     ``scaler.step(opt)``, ``scaler.update()``.
 
