@@ -151,3 +151,43 @@ def test_base_step_hooks_fire_once_on_a_skipped_step_fused_or_not(cls):
     w.grad = torch.full_like(w, float("inf"))
     opt.second_step(zero_grad=True)
     assert calls == ["pre", "post"] and bool(opt.last_step_skipped)
+
+
+@pytest.mark.parametrize("name", list(BASES))
+def test_a_parameter_joining_later_is_stepped_fused_like_torch(name):
+    """A bucket whose parameters' states differ (one got its first gradient later, so it has no
+    state or another step count) takes the fused step per layout -- equal to torch's own step, and
+    base_optimizer.step() is never called (it ran unfused before: in fp16 another result)."""
+    cls, kw = BASES[name]
+    torch.manual_seed(0)
+    ws = [torch.nn.Parameter(torch.randn(5, 3, dtype=torch.float64)), torch.nn.Parameter(torch.randn(4, dtype=torch.float64))]
+    rs = [torch.nn.Parameter(w.detach().clone()) for w in ws]
+    opt, ref = sharpfused.SAM(ws, cls, rho=0.05, **kw), cls(rs, **kw)
+
+    def unfused(*a, **k):
+        raise AssertionError("base_optimizer.step() called: the step ran unfused")
+
+    opt.base_optimizer.step = unfused
+    for t in range(5):
+        live = ws if t >= 2 else ws[:1]  # the second parameter has a gradient from step 2 on
+        live_ref = rs if t >= 2 else rs[:1]
+        _sam_step(live, opt)
+        _ref_step(live_ref, ref)
+    assert _close(ws, rs)
+    for p, q in zip(ws, rs):
+        for k, v in ref.state[q].items():
+            assert torch.allclose(torch.as_tensor(opt.base_optimizer.state[p][k]), torch.as_tensor(v), rtol=1e-12), k
+
+
+def test_fp16_adamw_with_a_late_parameter_stays_finite():
+    """The case an invariant harness found: fp16 AdamW, a parameter joining later (partly created
+    state) -- torch's own fp16 step gave inf from finite gradients; the fused step computes in fp32."""
+    torch.manual_seed(0)
+    ws = [torch.nn.Parameter(torch.randn(8).half()), torch.nn.Parameter(torch.randn(3).half())]
+    opt = sharpfused.SAM(ws, torch.optim.AdamW, rho=0.05, lr=1e-3)
+    for t in range(4):
+        live = ws if t >= 1 else ws[:1]
+        for _ in range(2):
+            (sum((w.float() * 1e-3).sum() for w in live)).backward()
+            (opt.first_step if not opt.perturbed else opt.second_step)(zero_grad=True)
+    assert all(torch.isfinite(w).all() for w in ws)

@@ -13,8 +13,9 @@ backends' fixed caches reported apart and bounded separately:
   hundred bytes per table here). Its keys are gradient addresses, which change whenever gradients
   are freed and reallocated; tables of freed lists are evicted at the next build, so it holds the
   tables of about one step (it filled up to ``CACHE_SIZE`` = 64 tables before). Which tables those
-  are depends on the path the step took (a bucket rebuilt with fresh and old momentum buffers
-  takes the unfused base step, for instance), so the cache is held to ``TABLES`` tables and live
+  are depends on the path the step took (a bucket whose parameters' base states differ -- fresh and
+  old momentum buffers, Adam step counts apart after a layer drop -- takes the fused base step once
+  per state layout, each part its own table), so the cache is held to ``TABLES`` tables and live
   memory is compared without it.
 
 Live memory (the torch backend's caches included) after step 50 must equal that after step 2
@@ -51,7 +52,7 @@ SMALL = 4096
 #: elements (+ 0-d constants) -- independent of the model
 TORCH_SCRATCH = 3 * 4 * torch_ops.CPU_TILE + 4096
 #: the triton backend's launch tables kept after a step (those of about one step)
-TABLES = 8
+TABLES = 16
 
 #: extra memory in multiples of the parameters' bytes (fp32), as docs/algorithms.md documents it;
 #: SSAM's mask is one byte per element (0.25x of fp32 parameters). FriendlySAM: 3x since its

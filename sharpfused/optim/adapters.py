@@ -30,6 +30,7 @@ import numbers
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch
@@ -224,11 +225,94 @@ def _none(g: dict) -> None:
     return None
 
 
+# ------------------------------------------------------------------- buckets of mixed state layout
+class _Part:
+    """The parameters of one bucket that share a state layout (all fresh, or one step count): what
+    a record's prepare and step read of a bucket, for a slice of it."""
+
+    def __init__(self, b: Bucket, idx: list[int]) -> None:
+        self.bucket, self.idx = b, idx
+        self.sources = [b.sources[i] for i in idx]
+        self.params = [b.params[i] for i in idx]
+        self.backup = SimpleNamespace(views=[b.backup.views[i] for i in idx])
+        self.group, self.device, self.backend = b.group, b.device, b.backend
+        self.base_state: Optional[dict] = None
+
+    def grads(self) -> list[Tensor]:
+        g = self.bucket.grads()
+        return [g[i] for i in self.idx]
+
+
+def _in_parts(prepare: Callable, layout_of: Callable[[Optimizer, Tensor], Any]) -> Callable:
+    """A record's prepare for a bucket whose parameters' states differ in layout -- some created,
+    some not (a parameter that had no gradient until now), or different step counts: one view per
+    layout (:class:`_Part`), each stepped by the same fused primitive, as torch's own step treats
+    each parameter by its own state. Without this such a bucket ran unfused (torch's step in the
+    parameter dtype: in fp16 another result than the fused opmath step)."""
+
+    def run(base: Optimizer, b: Bucket) -> Optional[dict]:
+        view = prepare(base, b)
+        if view is not None:
+            return view
+        by: dict[Any, list[int]] = {}
+        for i, p in enumerate(b.sources):  # read once per bucket build, as the uniform check is
+            by.setdefault(layout_of(base, p), []).append(i)
+        if len(by) == 1:
+            return None  # uniform, yet not fusable: torch's own step decides
+        parts = []
+        for idx in by.values():
+            part = _Part(b, idx)
+            v = prepare(base, part)
+            if v is None:
+                return None
+            parts.append((part, v))
+        return {"parts": parts, "init": any(v["init"] for _, v in parts)}
+
+    return run
+
+
+def _steps_in_parts(step: Callable) -> Callable:
+    def run(base: Optimizer, b: Bucket, s: dict, coef: Optional[Tensor], found: Tensor, skipped: Optional[bool]) -> None:
+        if "parts" not in s:
+            return step(base, b, s, coef, found, skipped)
+        for part, v in s["parts"]:
+            step(base, part, v, coef, found, skipped)
+        if s["init"] and skipped:
+            b.base_state = None  # state made for a step that did not happen was removed: prepare again
+        s["init"] = any(v["init"] for _, v in s["parts"])
+
+    return run
+
+
+def _state_layout(base: Optimizer, p: Tensor) -> Any:
+    """Adam's and RMSprop's per-parameter layout: (created?, step count)."""
+    s = base.state.get(p)
+    return (False, None) if not s else (True, float(s["step"]))
+
+
+def _created(base: Optimizer, p: Tensor) -> bool:
+    """RMSprop's per-parameter layout: its update does not read the step count."""
+    return bool(base.state.get(p))
+
+
+def _sgd_state_layout(base: Optimizer, p: Tensor) -> bool:
+    return base.state.get(p, {}).get("momentum_buffer") is not None
+
+
 ADAPTERS: tuple[Adapter, ...] = (
-    Adapter("sgd", (torch.optim.SGD,), _none, _sgd_layout, _sgd_prepare, _sgd_step),
-    Adapter("adam", (torch.optim.Adam, torch.optim.AdamW), _adam_unfusable, _none, _adam_prepare, _adam_step),
-    Adapter("rmsprop", (torch.optim.RMSprop,), _rmsprop_unfusable, _rmsprop_layout, _rmsprop_prepare, _rmsprop_step),
-)
+    Adapter(
+        "sgd", (torch.optim.SGD,), _none, _sgd_layout, _in_parts(_sgd_prepare, _sgd_state_layout),
+        _steps_in_parts(_sgd_step),
+    ),
+    Adapter(
+        "adam", (torch.optim.Adam, torch.optim.AdamW), _adam_unfusable, _none,
+        _in_parts(_adam_prepare, _state_layout), _steps_in_parts(_adam_step),
+    ),
+    Adapter(
+        "rmsprop", (torch.optim.RMSprop,), _rmsprop_unfusable, _rmsprop_layout,
+        _in_parts(_rmsprop_prepare, _created), _steps_in_parts(_rmsprop_step),
+    ),
+)  # fmt: skip
 #: exact classes only: a subclass may change the step, so it runs its own (unfused)
 BY_CLASS: dict[type, Adapter] = {cls: a for a in ADAPTERS for cls in a.classes}
 
