@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import collections
 import importlib
+import itertools
 import operator
 import os
 from collections.abc import Sequence
@@ -175,7 +176,7 @@ def _check(p: Primitive, args: tuple) -> None:
             if a.kind == "list" or (a.required_when is not None and args[p.names.index(a.required_when)]):
                 why = "" if a.kind == "list" else f" when {a.required_when} is nonzero"
                 raise ValueError(f"{p.name}: {a.name} must be a list of tensors{why}, got None")
-        elif not isinstance(x, (list, tuple)) or not (isinstance(x, Tensors) or all(isinstance(t, Tensor) for t in x)):
+        elif not isinstance(x, (list, tuple)) or not (isinstance(x, Tensors) or all(map(isinstance, x, _TENSOR))):
             raise TypeError(f"{p.name}: {a.name} must be a list (or tuple) of tensors, got {type(x).__name__}")
     if not first:
         raise ValueError(f"{p.name}: primitives take a non-empty list of tensors ({p.args[pos[0]].name} is empty)")
@@ -200,6 +201,7 @@ def _check(p: Primitive, args: tuple) -> None:
             raise ValueError(f"{p.name}: {a.name} must be >= {a.minimum}, got {x}")
 
 
+_TENSOR = itertools.repeat(Tensor)  # isinstance's second argument, for a C-level map
 _AVAILABLE: set = set()  # (backend, device) pairs checked by unavailable_reason once
 
 
