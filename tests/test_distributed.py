@@ -492,3 +492,26 @@ def test_checkpoint_adapter_refused_mid_step():
         sharpfused.distributed.get_optimizer_state_dict(model, opt)
     with pytest.raises(RuntimeError, match="between first_step"):
         sharpfused.distributed.set_optimizer_state_dict(model, opt, {})
+
+
+def _abort_once(rank, flag_dir):
+    import os
+
+    flag = os.path.join(flag_dir, f"aborted{rank}")
+    if rank == 1 and not os.path.exists(flag):
+        open(flag, "w").close()
+        os.abort()  # a rank dying of a signal, no Python error
+    return rank
+
+
+def _raise(rank, flag_dir):
+    raise AssertionError("a test's own failure")
+
+
+def test_run_gloo_retries_a_signal_death_once_and_never_a_test_failure(tmp_path):
+    import torch.multiprocessing as mp
+
+    with pytest.warns(UserWarning, match="died of SIGABRT"):
+        assert run_gloo(_abort_once, tmp_path, str(tmp_path)) == [0, 1]
+    with pytest.raises(mp.ProcessRaisedException, match="a test's own failure"):
+        run_gloo(_raise, tmp_path, str(tmp_path))
