@@ -372,7 +372,9 @@ def test_fp16_scaler_refusals():
 
     m = MLP()
     for opt, what in ((sharpfused.LookSAM(m.parameters(), lr=0.1, k=2), "LookSAM"),
-                      (sharpfused.SAMPa(m.parameters(), torch.optim.SGD, lr=0.1), "SAMPa")):
+                      (sharpfused.SAMPa(m.parameters(), torch.optim.SGD, lr=0.1), "SAMPa"),
+                      (sharpfused.RST(m.parameters(), torch.optim.SGD, lr=0.1), "RST"),
+                      (sharpfused.AESAM(m.parameters(), torch.optim.SGD, lr=0.1), "AESAM")):
         with pytest.raises(RuntimeError, match=f"{what}.*GradScaler"):
             run_sam_passes(opt, lambda perturbation: None, None, scaler=object())
 

@@ -30,6 +30,7 @@ import torch
 from accelerate.optimizer import AcceleratedOptimizer
 
 from ..optim import BiSAM, LookSAM, SAMPa, SharpnessAware
+from ..optim.rst import SwitchingSAM
 
 __all__ = ["SAMAcceleratedOptimizer", "prepare", "wrap", "unwrap", "sam_step", "run_sam_passes", "step_was_skipped"]
 
@@ -128,6 +129,13 @@ def _check_scaler(opt: SharpnessAware, scaler: Any) -> None:
             "SAMPa with fp16 mixed precision (a GradScaler): SAMPa takes its whole step inside step(closure), "
             "where GradScaler cannot unscale the gradients; use bf16 mixed precision (no loss scaling) or another "
             "algorithm"
+        )
+    if isinstance(opt, SwitchingSAM):
+        raise RuntimeError(
+            f"{type(opt).__name__} with fp16 mixed precision (a GradScaler): a plain step takes the base step "
+            "inside first_step(), before GradScaler.step() could unscale the gradients, so the update would use "
+            "scaled gradients; use bf16 mixed precision (no loss scaling), or the manual loop with "
+            "first_step(zero_grad=True, grad_scaler=scaler)"
         )
     if isinstance(opt, LookSAM) and opt.k > 1:
         raise RuntimeError(
