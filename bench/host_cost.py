@@ -62,7 +62,6 @@ import argparse  # noqa: E402
 import gc  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
-import statistics  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 import types  # noqa: E402
@@ -242,14 +241,6 @@ def make_step(path: str, shape_list, fresh: bool) -> Callable[[], None]:
     return step
 
 
-def summarize(ms: list[float]) -> tuple[float, float, float]:
-    """(median, p20, p80)."""
-    if len(ms) >= 5:
-        q = statistics.quantiles(ms, n=5)
-        return statistics.median(ms), q[0], q[3]
-    return statistics.median(ms), min(ms), max(ms)
-
-
 def measure(path: str, shape_list, fresh: bool, steps: int, warmup: int) -> dict:
     step = make_step(path, shape_list, fresh)
     for _ in range(warmup):
@@ -271,7 +262,9 @@ def measure(path: str, shape_list, fresh: bool, steps: int, warmup: int) -> dict
         t0 = time.perf_counter()
         step()
         ms.append((time.perf_counter() - t0) * 1e3)
-    med, p20, p80 = summarize(ms)
+    import run  # after the stubs (see make_step)
+
+    med, p20, p80 = run.summarize(ms)
     return {
         "path": path,
         "kind": "fresh" if fresh else "reuse",
