@@ -33,7 +33,6 @@ Module constants are read at call time, so tests may lower them (``monkeypatch.s
 from __future__ import annotations
 
 import contextlib
-import operator
 import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -280,35 +279,7 @@ def table(lists: Sequence[Sequence[Tensor]]) -> Table:
     return tab
 
 
-# ---------------------------------------------------------------------------------------- grouping
-def groups(first: Sequence[Tensor], *others: Optional[Sequence[Tensor]]):
-    """Split parallel lists by device and the dtype of every list's entry.
-
-    Yields ``(native, index, [sublists...])``: ``index`` the positions in ``first``, ``native``
-    whether the Triton kernels take this group (float32/bf16/fp16 -- plus bool/uint8 masks --,
-    contiguous, one device); other groups (float64 among them) go to the torch backend.
-    """
-    if not first:
-        raise ValueError("primitives take a non-empty list of tensors")
-    for o in others:
-        if o is not None and len(o) != len(first):
-            raise ValueError(f"parallel lists differ in length: {len(first)} and {len(o)}")
-    present = [o for o in others if o is not None]
-    kinds = [set(map(_KIND, lst)) for lst in (first, *present)]  # C-level map: a step's host cost
-    if all(len(k) == 1 for k in kinds):  # the usual case (a bucket): one group, no per-index keys
-        key = tuple(x for k in kinds for x in next(iter(k)))
-        subs = [list(first), *[None if o is None else list(o) for o in others]]
-        yield _native(key, subs), list(range(len(first))), subs
-        return
-    by: dict[tuple, list[int]] = {}
-    for i, t in enumerate(first):
-        key = (t.device, t.dtype) + tuple(x for o in present for x in (o[i].device, o[i].dtype))
-        by.setdefault(key, []).append(i)
-    for key, idx in by.items():
-        subs = [[first[i] for i in idx], *[None if o is None else [o[i] for i in idx] for o in others]]
-        yield _native(key, subs), idx, subs
-
-
+# ---------------------------------------------------------------------------------------- support
 def supports(name: str, lists: Sequence[Optional[Sequence[Tensor]]]) -> bool:
     """Whether the Triton kernels take one group of primitive ``name`` (its lists, None for an
     optional list not given): float32/bf16/fp16 lists -- bool/uint8 masks after the first --, each
@@ -324,22 +295,6 @@ def supports(name: str, lists: Sequence[Optional[Sequence[Tensor]]]) -> bool:
         and infos[0].dtype in NATIVE
         and all(i.dtype in NATIVE or i.dtype in MASKS for i in infos[1:])
     )
-
-
-def _native(key: tuple, subs: list) -> bool:
-    """Whether the Triton kernels take a group: (device, dtype) pairs ``key`` of its lists ``subs``."""
-    dev = key[0]
-    return (
-        (dev.type == "cuda" or dev.type == "cpu")
-        and all(d == dev for d in key[0::2])
-        and key[1] in NATIVE
-        and all(d in NATIVE or d in MASKS for d in key[3::2])
-        and all(all(map(Tensor.is_contiguous, s)) for s in subs if s is not None)
-    )
-
-
-#: (device, dtype) of a tensor
-_KIND = operator.attrgetter("device", "dtype")
 
 
 def tl_dtype(dtype: torch.dtype):
