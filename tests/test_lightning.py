@@ -528,6 +528,22 @@ def test_training_step_none_skips_the_step():
     assert not torch.equal(model.net[0].weight, ref[0].weight)  # steps 1 and 3 were taken
 
 
+class DDPSpawnThatCloses(pl.strategies.DDPStrategy):
+    """``ddp_spawn`` that destroys its gloo group at teardown. Lightning leaves the group alive until
+    the worker process exits; gloo's worker threads then die during interpreter finalization, which
+    aborts a rank now and then ("terminate called without an active exception", SIGABRT: one CI run
+    of several). Nothing collective runs after ``teardown`` in a spawned fit."""
+
+    def __init__(self):
+        super().__init__(start_method="spawn")
+
+    def teardown(self):
+        super().teardown()
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
+
+
 class SaveRank0(pl.Callback):
     def __init__(self, path):
         self.path = path
@@ -543,7 +559,7 @@ def test_ddp_accumulation_equals_large_batch(tmp_path):
     # last one runs under no_sync; the step equals SAM on the union of both ranks' 2 micro-batches
     x, y = make_data()
     path = tmp_path / "rank0.pt"
-    t = trainer(max_steps=3, strategy="ddp_spawn", devices=2, accumulate_grad_batches=2, callbacks=[SaveRank0(path)])
+    t = trainer(max_steps=3, strategy=DDPSpawnThatCloses(), devices=2, accumulate_grad_batches=2, callbacks=[SaveRank0(path)])
     t.fit(Net("sam-sgd", bn=False), loader(x, y, batch=2))
     out = torch.load(path)
     perm = torch.randperm(N, generator=torch.Generator().manual_seed(0)).tolist()  # DistributedSampler, epoch 0
