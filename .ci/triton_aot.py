@@ -162,7 +162,7 @@ def enumerate_variants() -> None:
         for kw in (
             dict(backup=b), dict(backup=None), dict(backup=b, mask=m), dict(backup=b, eta=0.01),
             dict(backup=b, eta=one * 0.01), dict(backup=b, scale=one), dict(backup=None, mask=m),
-            dict(backup=b, eta=0.01, mask=m),
+            dict(backup=b, eta=0.01, mask=m), dict(backup=b, norm_sq=one), dict(backup=b, eta=0.01, norm_sq=one),
         ):  # fmt: skip
             kw.setdefault("scale", 0.05)
             K.perturb_(p, g, **kw)
@@ -203,6 +203,7 @@ def enumerate_variants() -> None:
         # dot_norms, sq_norm (plain, ASAM-weighted with eta a number or a tensor)
         K.dot_norms(p, g)
         K.sq_norm(p)
+        K.sq_norm(p, per_tensor=True)
         K.sq_norm(p, g, 0.01)
         K.sq_norm(p, g, one * 0.01)
 

@@ -124,12 +124,14 @@ std::vector<at::Tensor> sq_norm(const TensorList& xs, const OptList& weights, co
 }
 
 void perturb_(const TensorList& params, const TensorList& grads, const OptList& backup, const OptTensor& scale,
-              double scale_value, bool has_eta, const OptTensor& eta, double eta_value, const OptList& mask) {
+              double scale_value, bool has_eta, const OptTensor& eta, double eta_value, const OptList& mask,
+              const OptTensor& norm_sq, double norm_eps) {
   // the mask: in the parameter dtype, or all uint8 / all bool (read as bytes)
   Packed p("perturb_", {&params, &grads, backup ? &*backup : nullptr, mask ? &*mask : nullptr}, 3);
   const c10::cuda::CUDAGuard guard(p.device);
   check(sharpfused::perturb(to_dtype(p.dtype), p.lists, p.scalar("perturb_", scale, scale_value), has_eta,
-                            p.scalar("perturb_", eta, eta_value), p.byte_list, stream()),
+                            p.scalar("perturb_", eta, eta_value), p.byte_list,
+                            p.scalar("perturb_", norm_sq, 0.0), norm_eps, stream()),
         "perturb_");
 }
 
@@ -212,7 +214,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("weights"), py::arg("eta"), py::arg("eta_value"));
   m.def("perturb_", &perturb_, "backup <- w; w <- w + scale*T^2*g[*mask]; mask in the dtype, uint8 or bool", py::arg("params"), py::arg("grads"),
         py::arg("backup"), py::arg("scale"), py::arg("scale_value"), py::arg("has_eta"), py::arg("eta"),
-        py::arg("eta_value"), py::arg("mask"));
+        py::arg("eta_value"), py::arg("mask"), py::arg("norm_sq"), py::arg("norm_eps"));
   m.def("restore_", &restore_, "w <- backup, bit-exact", py::arg("params"), py::arg("backup"));
   m.def("dot_norms", &dot_norms, "(<a,b>, |a|^2, |b|^2)", py::arg("a"), py::arg("b"));
   m.def("combine_", &combine_, "g <- c1*g + c2*saved", py::arg("g"), py::arg("saved"), py::arg("c1"),

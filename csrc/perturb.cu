@@ -3,7 +3,8 @@
 // stored; a byte's value converts to opmath exactly, so both give the same bits).
 // Bytes per element: read w, g: 2b (+ mask: 3b in the dtype, 2b + 1 byte as bytes); write w,
 // backup: 2b (1b without backup).
-// scale is read once per block from device memory when it is a tensor (no host sync).
+// scale is read once per block from device memory when it is a tensor (no host sync); with norm_sq
+// the block turns it into scale / (sqrt(norm_sq) + eps) itself (SAM's rho / ||g||, no scalar launches).
 #include "multi_tensor.cuh"
 
 namespace sharpfused {
@@ -31,6 +32,8 @@ struct PerturbOp {
   DevScalar<acc_t<T>> scale;
   bool has_eta;
   DevScalar<acc_t<T>> eta;
+  const acc_t<T>* norm_sq;  // nullptr: scale as given
+  acc_t<T> norm_eps;
 
   __device__ void operator()(const Ptrs<4>& ptrs, int64_t start, int64_t len, int64_t) const {
     using A = acc_t<T>;
@@ -41,7 +44,12 @@ struct PerturbOp {
     const M* mask = ptrs.ptr[3] ? static_cast<const M*>(ptrs.ptr[3]) + start : nullptr;
     const bool vec =
         aligned16(w) && aligned16(g) && (!backup || aligned16(backup)) && (!mask || aligned_to(mask, kMaskVec));
-    const A s = scale.get(), et = has_eta ? eta.get() : A(0);
+    A s = scale.get();
+    if (norm_sq) {  // rho / (||g|| + eps) on the device; a non-finite norm gives 0 (the term dropped)
+      const A inv = A(1) / (sqrt(*norm_sq) + norm_eps);
+      s = (inv == inv ? inv : A(0)) * s;
+    }
+    const A et = has_eta ? eta.get() : A(0);
     for_chunk<T>(len, vec, [&](auto width, int64_t i) {
       constexpr int K = decltype(width)::value;
       // the backup is the raw bits of w: exact restore
@@ -76,14 +84,19 @@ struct PerturbOp {
 }  // namespace
 
 cudaError_t perturb(DType dt, const Lists& lists, Scalar scale, bool has_eta, Scalar eta, bool byte_mask,
-                    cudaStream_t stream) {
+                    Scalar norm_sq, double norm_eps, cudaStream_t stream) {
   return dispatch(dt, [&](auto tag) -> cudaError_t {
     using T = decltype(tag);
     using A = acc_t<T>;
+    const A* nsq = static_cast<const A*>(norm_sq.ptr);
     if (byte_mask && lists.ptr[3])
       return multi_tensor_apply<4>(
-          lists, PerturbOp<T, unsigned char>{dev_scalar<A>(scale), has_eta, dev_scalar<A>(eta)}, stream);
-    return multi_tensor_apply<4>(lists, PerturbOp<T, T>{dev_scalar<A>(scale), has_eta, dev_scalar<A>(eta)}, stream);
+          lists,
+          PerturbOp<T, unsigned char>{dev_scalar<A>(scale), has_eta, dev_scalar<A>(eta), nsq, static_cast<A>(norm_eps)},
+          stream);
+    return multi_tensor_apply<4>(
+        lists, PerturbOp<T, T>{dev_scalar<A>(scale), has_eta, dev_scalar<A>(eta), nsq, static_cast<A>(norm_eps)},
+        stream);
   });
 }
 

@@ -50,8 +50,10 @@ cudaError_t sq_norm(DType dt, const Lists& lists, Scalar eta, void* partials, vo
 // backup <- w (lists.ptr[2], optional); w <- w + scale * T^2 * g [* mask (lists.ptr[3], optional)],
 // T = |w| + eta when has_eta, else 1. lists: w, g, backup, mask. The mask is in dtype `dt`, or
 // one byte per element when byte_mask (uint8 or bool, a byte's value as the factor).
+// norm_sq (ptr optional, a device opmath value): the scale becomes scale * inv with
+// inv = 1 / (sqrt(norm_sq) + norm_eps), each operation correctly rounded, and 0 when inv is NaN.
 cudaError_t perturb(DType dt, const Lists& lists, Scalar scale, bool has_eta, Scalar eta, bool byte_mask,
-                    cudaStream_t stream);
+                    Scalar norm_sq, double norm_eps, cudaStream_t stream);
 
 // w <- backup, bit-exact. lists: w, backup.
 cudaError_t restore(DType dt, const Lists& lists, cudaStream_t stream);

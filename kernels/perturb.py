@@ -10,6 +10,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from sharpfused.spec import NORM_EPS
+
 from . import table as tb
 from .table import chunk_of, load, load_scalar, store, tensor_ptr
 
@@ -54,6 +56,7 @@ def _perturb_kernel(
     scale_val,
     eta_ptr,
     eta_val,
+    nsq_ptr,
     P_DT: tl.constexpr,
     G_DT: tl.constexpr,
     B_DT: tl.constexpr,
@@ -63,11 +66,14 @@ def _perturb_kernel(
     HAS_BACKUP: tl.constexpr,
     HAS_MASK: tl.constexpr,
     ADAPTIVE: tl.constexpr,
+    HAS_NSQ: tl.constexpr,
+    NORM_EPS: tl.constexpr,
     ALIGNED: tl.constexpr,
     CHUNK: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """backup <- w; w <- w + scale*T^2*g*mask. Bytes/element: read w, g (+mask); write w (+backup)."""
+    """backup <- w; w <- w + scale*T^2*g*mask. Bytes/element: read w, g (+mask); write w (+backup).
+    With HAS_NSQ the scale is ``scale * inv``, inv = 1/(sqrt(norm_sq) + eps), 0 when NaN."""
     t, start, n = chunk_of(chunk_tensor_ptr, chunk_start_ptr, numels_ptr, BLOCK)
     p_ptr = tensor_ptr(addrs_ptr, 0, n_tensors, t, P_DT, ALIGNED)
     g_ptr = tensor_ptr(addrs_ptr, 1, n_tensors, t, G_DT, ALIGNED)
@@ -80,6 +86,9 @@ def _perturb_kernel(
     elif HAS_MASK:
         m_ptr = tensor_ptr(addrs_ptr, 2, n_tensors, t, M_DT, ALIGNED)
     scale = load_scalar(scale_ptr, scale_val, SCALE_PTR)
+    if HAS_NSQ:  # each program recomputes it: one 4-byte load, as torch's three ops would round it
+        inv = tl.div_rn(1.0, tl.sqrt_rn(tl.load(nsq_ptr).to(tl.float32)) + NORM_EPS)
+        scale = tl.where(inv == inv, inv, 0.0) * scale
     eta = load_scalar(eta_ptr, eta_val, ETA_PTR)
     for i in range(0, CHUNK, BLOCK):
         base = tl.multiple_of(start + i, BLOCK)  # chunk starts are multiples of CHUNK
@@ -91,7 +100,7 @@ def _perturb_kernel(
             _perturb_block(p_ptr, g_ptr, b_ptr, m_ptr, offs, mask, scale, eta, HAS_BACKUP, HAS_MASK, ADAPTIVE, True)
 
 
-def perturb_(params, grads, backup, scale, eta=None, mask=None) -> None:
+def perturb_(params, grads, backup, scale, eta=None, mask=None, norm_sq=None) -> None:
     """``backup <- w`` (skipped when ``backup`` is None), then ``w <- w + scale * T^2 * g [* mask]``.
 
     One launch for the group (the dispatcher routes what :func:`.table.supports` refuses).
@@ -110,6 +119,7 @@ def perturb_(params, grads, backup, scale, eta=None, mask=None) -> None:
         s_val,
         e_ptr,
         e_val,
+        tab.chunk_begin if norm_sq is None else norm_sq,  # a dummy pointer when unused
         P_DT=tb.tl_dtype(p[0].dtype),
         G_DT=tb.tl_dtype(g[0].dtype),
         B_DT=tb.tl_dtype(b[0].dtype) if b is not None else tl.float32,
@@ -119,4 +129,6 @@ def perturb_(params, grads, backup, scale, eta=None, mask=None) -> None:
         HAS_BACKUP=b is not None,
         HAS_MASK=m is not None,
         ADAPTIVE=eta is not None,
+        HAS_NSQ=norm_sq is not None,
+        NORM_EPS=NORM_EPS,
     )

@@ -1,8 +1,9 @@
 """``sq_norm``: sum_i sum((T_i * x_i)^2), T = |w| + eta (ASAM) or 1, deterministic, no atomics.
 
 Stage 1 (one launch per table piece): each program sums its chunk into one fp32 partial.
-Stage 2 (one launch): one program per tensor sums that tensor's partials in a fixed order.
-The total is a torch sum over the fixed-size per-tensor vector. Same input, same bits.
+Stage 2 (one launch): one program sums every partial in a fixed order into the total; with
+``per_tensor`` one more launch, one program per tensor summing that tensor's partials. The total
+has the same bits either way. Same input, same bits.
 Byte model per element: read 1b (x), 2b with the ASAM weight w; the partials are 4 bytes per
 CHUNK elements, negligible.
 """
@@ -82,8 +83,18 @@ def _sq_norm_per_tensor_kernel(partials_ptr, chunk_begin_ptr, out_ptr, BLOCK: tl
     tl.store(out_ptr + t, tl.sum(acc, axis=0))
 
 
-def _per_tensor(x, w, eta) -> torch.Tensor:
-    """Per-tensor squared norms (fp32, 1-d) of one native group: two stages, no atomics."""
+@triton.jit
+def _sq_norm_total_kernel(partials_ptr, n, out_ptr, BLOCK: tl.constexpr):
+    """out = sum of the n partials, in a fixed order (one program). Reads 4 bytes per chunk."""
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for j in range(0, n, BLOCK):
+        offs = j + tl.arange(0, BLOCK)
+        acc += tl.load(partials_ptr + offs, mask=offs < n, other=0.0)
+    tl.store(out_ptr, tl.sum(acc, axis=0))
+
+
+def _sq_norms(x, w, eta, per_tensor: bool):
+    """Stage 1, then stage 2: the 0-d fp32 total (and the per-tensor squared norms, 1-d)."""
     tab = tb.table([x] if w is None else [x, w])
     device = x[0].device
     partials = torch.empty(max(tab.n_chunks, 1), dtype=torch.float32, device=device)
@@ -108,9 +119,13 @@ def _per_tensor(x, w, eta) -> torch.Tensor:
                 BLOCK=tb.BLOCK,
                 num_warps=tb.NUM_WARPS,
             )
+        total = torch.empty((), dtype=torch.float32, device=device)
+        _sq_norm_total_kernel[(1,)](partials, tab.n_chunks, total, BLOCK=REDUCE_BLOCK, num_warps=4)
+        if not per_tensor:
+            return total
         per = torch.empty(len(x), dtype=torch.float32, device=device)
         _sq_norm_per_tensor_kernel[(len(x),)](partials, tab.chunk_begin, per, BLOCK=REDUCE_BLOCK, num_warps=4)
-    return per
+    return total, per
 
 
 def sq_norm(xs, weights=None, eta=0.0, per_tensor=False):
@@ -118,6 +133,4 @@ def sq_norm(xs, weights=None, eta=0.0, per_tensor=False):
 
     Returns a 0-d fp32 tensor; with ``per_tensor=True`` also the 1-d per-tensor squared norms.
     """
-    per = _per_tensor(xs, weights, eta)
-    total = per.sum()
-    return (total, per) if per_tensor else total
+    return _sq_norms(xs, weights, eta, per_tensor)

@@ -27,32 +27,34 @@ _KIND = operator.attrgetter("device", "dtype")
 
 class ListInfo:
     """One list's layout: ``device`` and ``dtype`` (None when the tensors differ), ``contiguous``
-    (every tensor), ``ptrs`` and ``numels`` (each tensor's address and size)."""
+    (every tensor), ``ptrs`` and ``numels`` (each tensor's address and size). The addresses are
+    read when first asked for (the Triton launch tables key on them; the CUDA path never does)."""
 
-    __slots__ = ("device", "dtype", "contiguous", "ptrs", "numels")
+    __slots__ = ("device", "dtype", "contiguous", "numels", "_xs", "_ptrs")
 
     def __init__(
         self,
         device: Optional[torch.device],
         dtype: Optional[torch.dtype],
         contiguous: bool,
-        ptrs: tuple[int, ...],
+        xs: Sequence[Tensor],
         numels: tuple[int, ...],
     ) -> None:
-        self.device, self.dtype, self.contiguous, self.ptrs, self.numels = device, dtype, contiguous, ptrs, numels
+        self.device, self.dtype, self.contiguous, self.numels = device, dtype, contiguous, numels
+        self._xs, self._ptrs = xs, None
+
+    @property
+    def ptrs(self) -> tuple[int, ...]:
+        if self._ptrs is None:
+            self._ptrs = tuple(map(Tensor.data_ptr, self._xs))
+        return self._ptrs
 
 
 def describe(xs: Sequence[Tensor]) -> ListInfo:
     """Scan every tensor of ``xs``."""
     kinds = set(map(_KIND, xs))
     device, dtype = next(iter(kinds)) if len(kinds) == 1 else (None, None)
-    return ListInfo(
-        device,
-        dtype,
-        all(map(Tensor.is_contiguous, xs)),
-        tuple(map(Tensor.data_ptr, xs)),
-        tuple(map(Tensor.numel, xs)),
-    )
+    return ListInfo(device, dtype, all(map(Tensor.is_contiguous, xs)), xs, tuple(map(Tensor.numel, xs)))
 
 
 def info(xs: Sequence[Tensor]) -> ListInfo:
@@ -72,15 +74,14 @@ class Tensors(list):
 
     def __init__(self, tensors: Sequence[Tensor], info: Optional[ListInfo] = None) -> None:
         super().__init__(tensors)
-        self.info = describe(self) if info is None else info
+        self.info = describe(list(self)) if info is None else info  # a copy: no reference cycle
 
     @classmethod
     def grads_of(cls, params: Tensors, grads: list[Tensor]) -> Tensors:
         """The gradients of ``params`` (same device, dtype and sizes, as torch enforces for
         ``.grad``): only their addresses and contiguity are read."""
         p = params.info
-        ptrs = tuple(map(Tensor.data_ptr, grads))
-        return cls(grads, ListInfo(p.device, p.dtype, all(map(Tensor.is_contiguous, grads)), ptrs, p.numels))
+        return cls(grads, ListInfo(p.device, p.dtype, all(map(Tensor.is_contiguous, grads)), grads, p.numels))
 
     def __reduce__(self) -> tuple:
         # a copy (copy.deepcopy, pickle) holds other tensors: described anew, never the old addresses

@@ -34,6 +34,9 @@ from typing import Any, Optional
 #: a marker: the argument has no default
 REQUIRED: Any = object()
 
+#: added to a norm before dividing by it (``perturb_``'s ``norm_sq``; the optimizers' inverse norms)
+NORM_EPS = 1e-12
+
 KINDS = ("list", "list?", "scalar", "scalar?", "float", "float?", "bool", "tensor?")
 
 
@@ -136,12 +139,18 @@ each tensor's squared norm. Non-finite inputs give a non-finite result.""",
             Arg("scale", "scalar"),
             Arg("eta", "float?", None),
             Arg("mask", OL, None),  # one byte per element: not counted in units of b
+            Arg("norm_sq", "tensor?", None, keyword=True),
             does="backup <- w; w <- w + scale*T^2*g (*mask)",
             doc="""``backup <- w`` (skipped when ``backup`` is None), then ``w <- w + scale * T^2 * g [* mask]``.
 
 ``T = |w| + eta`` (evaluated at the incoming w) when ``eta`` is not None, else 1. A scale equal
 to zero drops the term: w keeps its bits even where g is inf or NaN (the optimizers pass scale 0
-when the gradient norm is not finite, so the next forward sees finite weights).""",
+when the gradient norm is not finite, so the next forward sees finite weights).
+
+``norm_sq``: a 0-d opmath tensor on the lists' device (a squared norm, from ``sq_norm``); when
+given, the kernel scales by ``scale * inv`` with ``inv = 1 / (sqrt(norm_sq) + 1e-12)`` computed
+on the device in opmath (each operation correctly rounded), and ``inv = 0`` when ``norm_sq`` is
+not finite: SAM's ``rho / (||g|| + eps)`` with no separate scalar launches.""",
         ),
         _p(
             "restore_",

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from sharpfused import ops
-from sharpfused.spec import SPECS
+from sharpfused.backends.torch_ops import inverse_norm_scale
+from sharpfused.spec import NORM_EPS, SPECS
 
 from . import reference as R
 from .helpers import ODD_SIZES, assert_within_torch_error, rel_err
@@ -121,7 +122,18 @@ def case(name, dtype):
     raise KeyError(name)
 
 
-EXTRA = {"restore_adam_l2": ("restore_adamw_", lambda dtype: case_restore_adam(dtype, decoupled=False))}
+def case_perturb_norm_sq(dtype):
+    """perturb_ scaled by rho / (sqrt(norm_sq) + eps), the inverse norm computed by the kernel."""
+    w, g, b = lists(3, dtype)
+    sq = torch.tensor(2.5, dtype=torch.float64 if dtype == torch.float64 else torch.float32, device=DEVICE)
+    scale = 0.3 / (2.5**0.5 + NORM_EPS)
+    return (w, g, b, 0.3, 0.01, None, sq), {0: R.perturb(w, g, scale, 0.01), 2: R.f64(w)}
+
+
+EXTRA = {
+    "restore_adam_l2": ("restore_adamw_", lambda dtype: case_restore_adam(dtype, decoupled=False)),
+    "perturb_norm_sq": ("perturb_", case_perturb_norm_sq),
+}
 
 
 def test_every_primitive_has_a_case():
@@ -182,3 +194,26 @@ def test_fused_step_skipped_on_the_device(device, backend, name, _on):
     assert all(torch.equal(a, b) for a, b in zip(args[0], args[1]))
     for k in states:
         assert all(torch.equal(a, b) for a, b in zip(args[k], before[k])), f"{name}: state list {k} moved"
+
+
+@pytest.mark.parametrize("device,backend", HERE)
+@pytest.mark.parametrize("dtype", DTYPES[1:], ids=str)
+@pytest.mark.parametrize("sq", [2.5, 1e-30, 0.0, float("inf"), float("nan")])
+def test_perturb_norm_sq_is_the_torch_scale_bit_for_bit(device, backend, dtype, sq, _on):
+    """The kernel's rho / (sqrt(norm_sq) + eps) (0 when not finite) gives the very bits of the
+    scale computed by torch ops and passed as a device tensor; a non-finite norm leaves w's bits
+    whatever the gradients hold (the step will be skipped)."""
+    torch.manual_seed(7)
+    w, g, b = lists(3, dtype)
+    if sq != sq or sq == float("inf"):
+        g[0].view(-1)[0] = float("inf")
+        g[-1].view(-1)[-1] = float("nan")
+    nsq = torch.tensor(sq, dtype=torch.float32, device=DEVICE)
+    w2, b2 = clone(w), clone(b)
+    K = ops.on(backend)
+    K.perturb_(w, g, b, 0.05, None, None, nsq)
+    K.perturb_(w2, g, b2, inverse_norm_scale(0.05, nsq), None, None)
+    assert all(torch.equal(x, y) for x, y in zip(w, w2)), f"{backend} {dtype} sq={sq}"
+    assert all(torch.equal(x, y) for x, y in zip(b, b2))
+    if not sq < float("inf"):
+        assert all(torch.equal(x, y) for x, y in zip(w, b)), "a non-finite norm must leave w as it was"

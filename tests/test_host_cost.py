@@ -79,3 +79,13 @@ def test_stubs_hit_and_nothing_interpreted_or_compiled(result):
     assert "_perturb_kernel" in triton_names and "_restore_sgd_kernel" in triton_names
     cuda_names = {k for r in result["rows"] if r["path"] == "cuda" for k in r["kernels"]}
     assert {"sq_norm", "perturb_", "restore_sgd_"} <= cuda_names
+
+
+def test_a_sam_sgd_step_launches_at_most_ten(result):
+    """The scalar work is folded: the inverse norm into perturb_ (norm_sq), the finiteness checks of a
+    step's reductions into n + 1 device ops, the Triton total into sq_norm's second stage. Counts
+    per step: Triton 6 kernels + 4 device ops, CUDA 4 calls + 5 (the found-inf flag's float copy)."""
+    for r in result["rows"]:
+        if r["path"] in ("triton", "cuda"):
+            assert r["launches"] <= 10, r
+            assert not {"sqrt", "reciprocal", "nan_to_num", "sum"} & set(r["torch_ops"]), r["torch_ops"]

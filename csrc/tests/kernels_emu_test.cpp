@@ -537,7 +537,9 @@ void test_sq_norm(const std::vector<int64_t>& numel, const char* set, bool weigh
 // the same call with the dtype mask (run in verify), besides matching the reference.
 template <typename T>
 void test_perturb(const std::vector<int64_t>& numel, const char* set, double scale, bool scale_ptr, bool backup,
-                  bool has_eta, double eta, bool eta_ptr, int mask, bool poison_g) {
+                  bool has_eta, double eta, bool eta_ptr, int mask, bool poison_g, double norm_sq = -1) {
+  // norm_sq >= 0 (or NaN / inf): given on the device; the scale is then scale / (sqrt(norm_sq) + 1e-12)
+  const bool has_nsq = !(norm_sq < 0);
   State<T> s0 = make_state<T>(numel, 4);
   s0.used[2] = backup;
   s0.used[3] = mask;
@@ -571,12 +573,14 @@ void test_perturb(const std::vector<int64_t>& numel, const char* set, double sca
   }
   std::vector<Mem> bytes0(bytes.begin(), bytes.end());
   const int ks = scale_ptr ? scalar_buf<T>(s0, scale) : -1, ke = eta_ptr ? scalar_buf<T>(s0, eta) : -1;
+  const int kn = has_nsq ? scalar_buf<T>(s0, norm_sq) : -1;
   auto call_as = [&](State<T>& s, bool as_bytes) {
     const Scalar sc = ks >= 0 ? Scalar{s.s(ks), std::nan("")} : Scalar{nullptr, scale};
     const Scalar et = ke >= 0 ? Scalar{s.s(ke), std::nan("")} : Scalar{nullptr, has_eta ? eta : std::nan("")};
     Lists l = s.view();
     if (as_bytes) l.ptr[3] = bptr.data();
-    return perturb(Ty<T>::dt, l, sc, has_eta, et, as_bytes, nullptr);
+    const Scalar ns = kn >= 0 ? Scalar{s.s(kn), std::nan("")} : Scalar{nullptr, std::nan("")};
+    return perturb(Ty<T>::dt, l, sc, has_eta, et, as_bytes, ns, 1e-12, nullptr);
   };
   auto call = [&](State<T>& s) { return call_as(s, mask == 2); };
   auto verify = [&](const State<T>& b, const State<T>& a, Check& c) {
@@ -593,11 +597,19 @@ void test_perturb(const std::vector<int64_t>& numel, const char* set, double sca
     c.same_list("g", a.list[1], b.list[1]);
     if (backup) c.same_list("backup", a.list[2], b.list[0]);  // the raw bits of w
     if (mask) c.same_list("mask", a.list[3], b.list[3]);
-    if (scale == 0) {  // a zero scale drops the term: w keeps its bits whatever g holds
+    // the scale the kernel uses, its inverse norm computed in opmath with each operation rounded once
+    using A = A_t<T>;
+    A inv = A(1);
+    if (has_nsq) {
+      inv = A(1) / (std::sqrt(static_cast<A>(norm_sq)) + static_cast<A>(1e-12));
+      if (inv != inv) inv = A(0);
+    }
+    const A sa = inv * static_cast<A>(scale);
+    if (sa == A(0)) {  // a zero scale drops the term: w keeps its bits whatever g holds
       c.same_list("w", a.list[0], b.list[0]);
       return;
     }
-    const R s = opm<T>(scale), et = has_eta ? opm<T>(eta) : 0;
+    const R s = sa, et = has_eta ? opm<T>(eta) : 0;
     for (size_t i = 0; i < numel.size(); ++i)
       for (int64_t j = 0; j < numel[i]; ++j) {
         const R w = b.list[0].r(i, j);
@@ -608,7 +620,8 @@ void test_perturb(const std::vector<int64_t>& numel, const char* set, double sca
       }
   };
   char label[160];
-  std::snprintf(label, sizeof label, "perturb scale=%g%s%s%s%s%s %s", scale, scale_ptr ? "(device)" : "",
+  std::snprintf(label, sizeof label, "perturb scale=%g%s%s%s%s%s%s %s", scale, scale_ptr ? "(device)" : "",
+                has_nsq ? (std::string(" /sqrt(norm_sq=") + std::to_string(norm_sq) + ")").c_str() : "",
                 backup ? " backup" : "", has_eta ? (eta_ptr ? " eta(device)" : " eta") : "",
                 mask == 2 ? " mask(uint8)" : mask ? " mask" : "",
                 poison_g ? " g:inf/nan/-0" : "", set);
@@ -955,6 +968,11 @@ void run_dtype() {
   test_perturb<T>(kMix, "[mix]", -0.07, true, true, true, 0.01, false, 2, false);
   test_perturb<T>(kMix, "[mix]", 0.0, false, true, true, 0.01, false, 2, true);
   test_perturb<T>(m80, "[80 tensors]", 0.02, true, false, false, 0, false, 2, true);
+  // the scale from a squared norm on the device: finite, zero, inf (scale 0) and NaN (scale 0)
+  test_perturb<T>(kMix, "[mix]", 0.05, false, true, false, 0, false, 0, false, 3.7);
+  test_perturb<T>(kMix, "[mix]", 0.05, true, true, true, 0.01, false, 1, false, 0.0);
+  test_perturb<T>(kMix, "[mix]", 0.05, false, true, false, 0, false, 0, true, INFINITY);
+  test_perturb<T>(kMix, "[mix]", 0.05, false, true, false, 0, false, 2, true, NAN);
   // restore
   test_restore<T>(kMix, "[mix]");
   test_restore<T>(m80, "[80 tensors]");

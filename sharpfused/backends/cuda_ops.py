@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from ..lists import info
+from ..spec import NORM_EPS
 from .torch_ops import opmath
 
 _log = logging.getLogger("sharpfused")
@@ -109,12 +110,13 @@ def sq_norm(xs, weights=None, eta=0.0, per_tensor=False):
     return (total, per) if per_tensor else total
 
 
-def perturb_(params, grads, backup, scale, eta=None, mask=None):
+def perturb_(params, grads, backup, scale, eta=None, mask=None, norm_sq=None):
     _check_cuda(params)
     dtype, dev = params[0].dtype, params[0].device
     st, sv = _scalar(scale, dtype, dev)
     et, ev = _scalar(0.0 if eta is None else eta, dtype, dev)
-    _C.perturb_(list(params), list(grads), _list(backup), st, sv, eta is not None, et, ev, _list(mask))
+    nt = None if norm_sq is None else norm_sq.detach().to(device=dev, dtype=opmath(dtype)).reshape(())
+    _C.perturb_(list(params), list(grads), _list(backup), st, sv, eta is not None, et, ev, _list(mask), nt, NORM_EPS)
 
 
 def restore_(params, backup):

@@ -47,6 +47,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ..spec import NORM_EPS
 from . import upload
 
 _LOW = (torch.float16, torch.bfloat16)
@@ -478,7 +479,17 @@ def sq_norm(xs, weights=None, eta=0.0, per_tensor=False):
     return total, per
 
 
-def perturb_(params, grads, backup, scale, eta=None, mask=None):
+def inverse_norm_scale(scale, norm_sq: Tensor):
+    """``scale * inv``, ``inv = 1 / (sqrt(norm_sq) + NORM_EPS)`` and 0 where that is NaN (a
+    non-finite norm): what every backend's ``perturb_`` computes from ``norm_sq``, in this order
+    (1/inf is 0 already; three device ops on this backend, folded into the kernel on the others)."""
+    inv = torch.nan_to_num((norm_sq.sqrt() + NORM_EPS).reciprocal(), nan=0.0)
+    return inv * scale
+
+
+def perturb_(params, grads, backup, scale, eta=None, mask=None, norm_sq=None):
+    if norm_sq is not None:
+        scale = inverse_norm_scale(scale, norm_sq)
     for dtype, (p, g, b, m) in _groups(params, grads, backup, mask):
         s_host = _host_float(scale, p)
         if s_host == 0.0:  # a zero scale drops the term: w stays as it is, whatever g holds

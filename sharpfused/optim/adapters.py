@@ -38,6 +38,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from .. import ops
+from ..lists import Tensors  # the state lists, described once for the view's life
 from . import base as _base  # circular: read at call time only (kernel_view)
 
 if TYPE_CHECKING:
@@ -110,7 +111,7 @@ def _sgd_prepare(base: Optimizer, b: Bucket) -> Optional[dict]:
         return None
     if init:  # put into the state once the step is known not skipped (torch makes them at the first step)
         bufs = [torch.empty_like(p, memory_format=torch.preserve_format) for p in b.sources]
-    return {"bufs": [_base.kernel_view(x) for x in bufs], "init": init, "state_bufs": bufs}
+    return {"bufs": Tensors([_base.kernel_view(x) for x in bufs]), "init": init, "state_bufs": bufs}
 
 
 def _sgd_step(
@@ -151,8 +152,8 @@ def _adam_prepare(base: Optimizer, b: Bucket) -> Optional[dict]:
         return None
     return {
         "steps": _device_steps(b, states),
-        "m": [_base.kernel_view(s["exp_avg"]) for s in states],
-        "v": [_base.kernel_view(s["exp_avg_sq"]) for s in states],
+        "m": Tensors([_base.kernel_view(s["exp_avg"]) for s in states]),
+        "v": Tensors([_base.kernel_view(s["exp_avg_sq"]) for s in states]),
         "init": fresh,  # state created for this step: removed again if it is skipped
     }
 
@@ -201,8 +202,8 @@ def _rmsprop_prepare(base: Optimizer, b: Bucket) -> Optional[dict]:
         return None  # momentum turned on after the state was made: torch's own step decides
     return {
         "steps": _device_steps(b, states),
-        "v": [_base.kernel_view(s["square_avg"]) for s in states],
-        "bufs": [_base.kernel_view(s["momentum_buffer"]) for s in states] if momentum else None,
+        "v": Tensors([_base.kernel_view(s["square_avg"]) for s in states]),
+        "bufs": Tensors([_base.kernel_view(s["momentum_buffer"]) for s in states]) if momentum else None,
         "init": fresh,
     }
 

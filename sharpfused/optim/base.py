@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import functools
 import inspect
+import itertools
 import operator
 import sys
 from collections import OrderedDict
@@ -20,10 +21,10 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from .. import ops
+from .. import ops, spec
 from ..buffers import FlatBuffer
 from . import adapters
-from .buckets import Bucket, kernel_view, local_tensor, reduction_key  # noqa: F401  (re-exported)
+from .buckets import Bucket, hold_grads, kernel_view, local_tensor, reduction_key  # noqa: F401  (re-exported)
 from .checks import (  # noqa: F401  (re-exported: algorithm files import them from here)
     _as_python,
     _check_number,
@@ -35,10 +36,11 @@ from .checks import (  # noqa: F401  (re-exported: algorithm files import them f
     check_unit,
 )
 
-EPS = 1e-12  # added to norms before dividing, as in the papers
+EPS = spec.NORM_EPS  # added to norms before dividing, as in the papers
 _GRAD = operator.attrgetter("grad")
 _VERSION = operator.attrgetter("_version")
 _IS_SPARSE = operator.attrgetter("is_sparse")
+_NONES = itertools.repeat(None)  # operator.is_'s second argument, for a C-level map
 
 
 def detached(x: Any) -> Any:
@@ -62,6 +64,7 @@ class _StepState:
     def __init__(self) -> None:
         self.perturbed = False  # between first_step and second_step
         self.nonfinite: Optional[Tensor] = None  # this step's non-finite flag (0-d bool, on the device)
+        self.unchecked: list[Tensor] = []  # reductions of this step not yet folded into ``nonfinite``
         self.local: Any = None  # m-sharpness: this step's local-pass context
         self.commit_needs_host = False  # the commit of this step reads the skip flag on the host once
         self.last_step_skipped: Optional[Tensor] = None
@@ -69,7 +72,8 @@ class _StepState:
         self.last_perturbed_loss: Any = None
         self.opt_called = False  # torch's LR schedulers read optimizer._opt_called
         self.in_step = False  # inside step(): first_step/second_step leave the step hooks to it
-        self.zeroed: dict = {}  # id(param) -> (id(grad), version) after zero_grad(set_to_none=False)
+        # id(param) -> (id(grad), version) after zero_grad(set_to_none=False), or the three lists it is made of
+        self.zeroed: Any = {}
         self.bucket_key: Optional[tuple] = None
         self.buckets: list = []
         self.created: list[tuple[Bucket, str, list[Tensor]]] = []  # see SharpnessAware._clear_pending
@@ -87,11 +91,25 @@ def _params_key(ps: list[Tensor]) -> tuple:
     return ids + tuple(map(Tensor.data_ptr, ps))
 
 
-def _nonfinite(x: Tensor) -> Tensor:
-    """0-d bool on the device: any entry of ``x`` inf or NaN. ``x * 0`` is 0 (or -0) exactly where
-    ``x`` is finite and NaN elsewhere: two device ops (``~isfinite(x).all()`` decomposes into five)."""
-    bad = x.mul(0).ne(0)
+def _nonfinite(x: Tensor, *more: Tensor) -> Tensor:
+    """0-d bool on the device: any entry of ``x`` (or of ``more``) inf or NaN. ``x * 0`` is 0 (or -0)
+    exactly where ``x`` is finite and NaN elsewhere, and ``add(y, alpha=0)`` adds ``y * 0``: n + 1
+    device ops for n tensors (``~isfinite(x).all()`` decomposes into five each), never an overflow."""
+    t = x.mul(0)
+    for y in more:
+        t = t.add(y.to(t.device), alpha=0)
+    bad = t.ne(0)
     return bad.any() if bad.dim() else bad
+
+
+def _flag(opt: SharpnessAware) -> Optional[Tensor]:
+    """This step's non-finite flag, the reductions noted since the last read folded in first."""
+    run = opt._run
+    if run.unchecked:
+        bad = _nonfinite(*run.unchecked)
+        run.unchecked = []
+        run.nonfinite = bad if run.nonfinite is None else run.nonfinite | bad.to(run.nonfinite.device)
+    return run.nonfinite
 
 
 def _run_attr(name: str, default: Any = None) -> property:
@@ -149,6 +167,12 @@ def _refuse_plain_lightning(opt: SharpnessAware, closure: Any) -> None:
     )
 
 
+def _has_pre_hooks(base: Optimizer) -> bool:
+    from torch.optim import optimizer as _o
+
+    return bool(_o._global_optimizer_pre_hooks or base._optimizer_step_pre_hooks)
+
+
 def _base_hooks(base: Optimizer, kind: int) -> None:
     """The base optimizer's step hooks (its own and torch's global ones), as ``base.step()`` would run
     them: the fused base step is that step."""
@@ -187,7 +211,8 @@ class SharpnessAware(Optimizer):
     #: the loss of the second (perturbed) pass of step(closure)
     last_perturbed_loss = _run_attr("last_perturbed_loss")
     _perturbed = _run_attr("perturbed")
-    _nonfinite = _run_attr("nonfinite")
+    #: this step's non-finite flag (0-d bool on the device, or None): read, it folds in the reductions noted so far
+    _nonfinite = property(_flag)
     #: the LocalStep of a step whose first pass ran under local_perturbation, else None (set by new_step)
     _local = _run_attr("local")
     _commit_needs_host = _run_attr("commit_needs_host")
@@ -404,6 +429,13 @@ class SharpnessAware(Optimizer):
             )
         return _params_key(ps)
 
+    def _grads_outside(self, buckets: list[Bucket]) -> int:
+        """How many parameters outside ``buckets`` have a gradient now (a count: cheaper than the
+        bucket key, and what decides whether a later pass added parameters)."""
+        have = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+        inside = [p for b in buckets for p in b.sources if p.grad is not None]
+        return len(have) - len(inside)
+
     def with_grads(self, outside: Optional[list[Bucket]] = None) -> list[tuple[int, Tensor]]:
         """(group index, parameter) of every parameter with a gradient now, in group order; with
         ``outside``, only those that are not in these buckets (they got a gradient in a later pass)."""
@@ -457,6 +489,10 @@ class SharpnessAware(Optimizer):
 
         ``xs`` picks the tensors of a bucket (its gradients by default).
         """
+        return self.global_sq_norm(buckets, xs).sqrt()
+
+    def global_sq_norm(self, buckets: list[Bucket], xs: Optional[Callable[[Bucket], list[Tensor]]] = None) -> Tensor:
+        """The square of :meth:`global_norm` (what :meth:`perturb` takes as ``sq``: no sqrt launch)."""
         parts = []
         for b in buckets:
             g = b.group
@@ -464,16 +500,17 @@ class SharpnessAware(Optimizer):
             parts.append(
                 b.sq_norm(xs(b) if xs else b.grads(), b.params if adaptive else None, g.get("eta", 0.0))
             )
-        return self.note_finite(self.all_reduce_partials(buckets, parts)).sqrt()
+        return self.note_finite(self.all_reduce_partials(buckets, parts))
 
     def note_finite(self, total: Tensor) -> Tensor:
         """Remember (on the device) whether a reduction of this step is non-finite; returns ``total``.
 
         Every norm and dot product of a step passes through here, so an inf/NaN gradient of any
-        pass marks the step for skipping at no extra pass over memory.
+        pass marks the step for skipping at no extra pass over memory. The check itself waits
+        until the flag is read (``_nonfinite``): the reductions of a step are then checked together,
+        in n + 1 device ops for n of them.
         """
-        bad = _nonfinite(total)
-        self._run.nonfinite = bad if self._nonfinite is None else self._nonfinite | bad.to(self._nonfinite.device)
+        self._run.unchecked = [*self._run.unchecked, total]  # a new list: copies of _run share none
         return total
 
     def all_reduce_partials(self, buckets: list[Bucket], parts: list[Tensor]) -> Tensor:
@@ -510,14 +547,29 @@ class SharpnessAware(Optimizer):
         # 1/inf is 0 already; NaN -> 0: three device ops, the same bits as a where() on isfinite
         return torch.nan_to_num((norm + EPS).reciprocal(), nan=0.0)
 
-    def perturb(self, buckets: list[Bucket], norm: Tensor, rho_key: str = "rho", save: bool = True) -> None:
-        """w <- w + rho * T^2 g / (||T g|| + eps) per bucket, saving w for exact restore."""
-        inv = self.inverse_norm(norm)
+    def perturb(
+        self,
+        buckets: list[Bucket],
+        norm: Optional[Tensor] = None,
+        rho_key: str = "rho",
+        save: bool = True,
+        *,
+        sq: Optional[Tensor] = None,
+    ) -> None:
+        """w <- w + rho * T^2 g / (||T g|| + eps) per bucket, saving w for exact restore.
+
+        Give the norm, or its square as ``sq`` (from :meth:`global_sq_norm`): the kernel then
+        computes rho / (sqrt(sq) + eps) itself (the same bits as :meth:`inverse_norm`, no scalar
+        launches)."""
+        inv = None if sq is not None else self.inverse_norm(norm)
         for b in buckets:
             g = b.group
-            scale = inv.to(b.device) * g[rho_key]
             eta = g.get("eta", 0.0) if g.get("adaptive", False) else None
-            b.perturb_(b.params, b.grads(), b.backup.views if save else None, scale, eta)
+            backup = b.backup.views if save else None
+            if inv is None:
+                b.perturb_(b.params, b.grads(), backup, g[rho_key], eta, norm_sq=sq.to(b.device))
+            else:
+                b.perturb_(b.params, b.grads(), backup, inv.to(b.device) * g[rho_key], eta)
 
     def restore(self, buckets: list[Bucket]) -> None:
         for b in buckets:
@@ -620,19 +672,21 @@ class SharpnessAware(Optimizer):
         st = self.base_optimizer.state
         v = b.base_state
         # the view holds the state's tensors: valid while the base optimizer's state entries are the
-        # ones it was made from (a load, state.clear() or a deleted entry makes it stale: rebuilt)
+        # ones it was made from (a load, state.clear(), an entry deleted, replaced or added makes it
+        # stale: rebuilt). Every entry, in order, by identity: no parameter is hashed (a Python call each)
         if (
             v is not None
             and v["layout"] == layout
             and v["state"] is st
-            and all(map(operator.is_, map(st.get, b.sources), v["entries"]))
+            and len(st) == len(v["entries"])
+            and all(map(operator.is_, st.values(), v["entries"]))
         ):
             return True
         view = kind.prepare(self.base_optimizer, b)
         if view is None:
             return False
         view["layout"] = layout
-        view["state"], view["entries"] = st, list(map(st.get, b.sources))
+        view["state"], view["entries"] = st, list(st.values())
         b.base_state = view
         return True
 
@@ -663,9 +717,8 @@ class SharpnessAware(Optimizer):
         sq = self.all_reduce_partials(buckets, [b.sq_norm(b.grads()) for b in buckets])
         for backend, grads in extra:  # gradients that appeared in a later pass (see _unbucketed_grads)
             sq = sq + ops.sq_norm(grads, backend=backend).to(sq.device)
-        bad = _nonfinite(sq)
-        prior = self._nonfinite
-        skip = self._run.nonfinite = bad if prior is None else prior | bad.to(prior.device)
+        self.note_finite(sq)
+        skip = self._nonfinite  # every reduction of the step, checked at once
         found = getattr(self, "found_inf", None)  # set by GradScaler.step()
         if found is not None:
             skip = skip | (found.to(skip.device) != 0)
@@ -683,8 +736,8 @@ class SharpnessAware(Optimizer):
     def _unbucketed_grads(self, buckets: list[Bucket]) -> list[tuple[str, list[Tensor]]]:
         """Gradients of parameters outside the buckets (not perturbed: they had no gradient in
         the first pass), grouped by device; empty in the usual case where the set is unchanged."""
-        if buckets is self._buckets and self._grad_key() == self._bucket_key:
-            return []  # the same parameters have gradients as when the buckets were built
+        if buckets is self._buckets and self._grads_outside(buckets) == 0:
+            return []  # no parameter outside the buckets has a gradient (the usual case)
         by: dict[tuple, list[Tensor]] = {}
         for _, p in self.with_grads(outside=buckets):
             g = kernel_view(p.grad)
@@ -712,7 +765,14 @@ class SharpnessAware(Optimizer):
             self.base_optimizer.step()
             return
         extra = self._unbucketed_grads(buckets)
-        coef, skip = self.final_grad_check(buckets, extra)
+        held = hold_grads(buckets)  # read once for the check and the fused step, unless a hook runs between
+        with held:
+            coef, skip = self.final_grad_check(buckets, extra)
+            self._restore_and_step(buckets, extra, coef, skip, held)
+
+    def _restore_and_step(
+        self, buckets: list[Bucket], extra: list, coef: Optional[Tensor], skip: Tensor, held: hold_grads
+    ) -> None:
         self._run.last_step_skipped = skip
         if self.skipped_steps is None or self.skipped_steps.device != skip.device:
             self._run.skipped_steps = torch.zeros((), dtype=torch.int64, device=skip.device)
@@ -739,6 +799,8 @@ class SharpnessAware(Optimizer):
                 _base_hooks(self.base_optimizer, 0)
                 _base_hooks(self.base_optimizer, 1)
             return
+        if _has_pre_hooks(self.base_optimizer):
+            held.__exit__()  # a hook may assign .grad: the fused step reads the gradients again
         _base_hooks(self.base_optimizer, 0)
         self._fused_base_step(buckets, kind, coef, skip)
         _base_hooks(self.base_optimizer, 1)
@@ -768,6 +830,7 @@ class SharpnessAware(Optimizer):
     def new_step(self) -> None:
         """Start a step: forget the last step's non-finite mark (first_step calls this)."""
         self._run.nonfinite = None
+        self._run.unchecked = []
         self._clear_pending()
         if SharpnessAware._local_contexts:  # m-sharpness: refuses an algorithm that cannot keep replicas identical
             from ..distributed import begin_local_step
@@ -859,7 +922,7 @@ class SharpnessAware(Optimizer):
         """A parameter of the step's buckets with no gradient in a later pass gets a zero gradient
         (it is then restored and stepped with the rest); call after each later pass's backward."""
         for b in buckets:
-            if any(g is None for g in map(_GRAD, b.sources)):
+            if any(map(operator.is_, map(_GRAD, b.sources), _NONES)):
                 for p in b.sources:
                     if p.grad is None:
                         p.grad = torch.zeros_like(p)
@@ -925,7 +988,8 @@ class SharpnessAware(Optimizer):
         still there, unwritten, later is not a new first pass."""
         ps = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
         gs = list(map(_GRAD, ps))
-        self._run.zeroed = dict(zip(map(id, ps), zip(map(id, gs), map(_VERSION, gs))))
+        # ids and versions now (C-level maps); the dict is built only when step(closure) asks
+        self._run.zeroed = (list(map(id, ps)), list(map(id, gs)), list(map(_VERSION, gs)))
 
     def has_first_pass_grads(self) -> bool:
         """Whether ``step(closure)`` finds the first pass's gradients in ``.grad``: a gradient tensor
@@ -937,6 +1001,8 @@ class SharpnessAware(Optimizer):
 
     def _first_pass_grads(self) -> bool:
         marks, written = self._run.zeroed, []
+        if isinstance(marks, tuple):
+            marks = self._run.zeroed = dict(zip(marks[0], zip(marks[1], marks[2])))
         for g in self.param_groups:
             for p in g["params"]:
                 if p.grad is None:

@@ -60,7 +60,8 @@ class Bucket:
     """
 
     __slots__ = (
-        "group", "group_index", "params", "sources", "reduce", "backend", "backup", "extra", "base_state", "plain"
+        "group", "group_index", "params", "sources", "reduce", "backend", "backup", "extra", "base_state", "plain",
+        "held_grads",
     )
 
     def __init__(
@@ -82,6 +83,7 @@ class Bucket:
         self.backup = FlatBuffer(self.params)
         self.extra: dict[str, Any] = {}
         self.base_state: Optional[dict[str, Any]] = None  # fused base step's view of base state
+        self.held_grads: Optional[list[Tensor]] = None  # see hold_grads
 
     @property
     def device(self) -> torch.device:
@@ -92,6 +94,9 @@ class Bucket:
         return self.params[0].dtype
 
     def grads(self) -> list[Tensor]:
+        """The kernel views of the parameters' ``.grad`` now (read once while :func:`hold_grads` holds them)."""
+        if self.held_grads is not None:
+            return self.held_grads
         if self.plain:  # device, dtype and sizes are the parameters' (torch enforces it for .grad)
             return Tensors.grads_of(self.params, [p.grad for p in self.sources])  # a listcomp: dynamo traces it
         return [kernel_view(p.grad) for p in self.sources]
@@ -102,6 +107,26 @@ class Bucket:
         if buf is None:
             buf = self.extra[name] = FlatBuffer(self.params, dtype=dtype, zero=zero)
         return buf
+
+
+class hold_grads:
+    """``with hold_grads(buckets):`` each bucket's :meth:`Bucket.grads` is read once and kept for the
+    block: for code in which no ``.grad`` is assigned (one step of the optimizer, no user code), so
+    that the norm and the update of a pass do not both walk the parameters."""
+
+    __slots__ = ("buckets",)
+
+    def __init__(self, buckets: list[Bucket]) -> None:
+        self.buckets = buckets
+
+    def __enter__(self) -> None:
+        for b in self.buckets:
+            b.held_grads = None
+            b.held_grads = b.grads()
+
+    def __exit__(self, *exc: Any) -> None:
+        for b in self.buckets:
+            b.held_grads = None
 
 
 def _on_bucket(name: str) -> Callable[..., Any]:

@@ -84,7 +84,7 @@ class FriendlySAM(SharpnessAware):
             if grads:  # d = g - sigma m (up to the loss scale: the perturbation is normalized)
                 b.combine_(grads, ms, c, -b.group["sigma"])
         if buckets:
-            self.perturb(buckets, self.global_norm(buckets))
+            self.perturb(buckets, sq=self.global_sq_norm(buckets))
             self.average_local(buckets, "grad")  # m-sharpness: m follows the replicas' mean g (no-op otherwise)
         self._commits.append(("_commit_momentum", (buckets, fresh)))
         self._end_first(zero_grad)

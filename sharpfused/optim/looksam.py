@@ -65,7 +65,7 @@ class LookSAM(SharpnessAware):
         if full or not buckets:
             if buckets:
                 self.copy(buckets, lambda b: b.buffer("g").views, lambda b: b.grads())
-                self.perturb(buckets, self.global_norm(buckets))
+                self.perturb(buckets, sq=self.global_sq_norm(buckets))
                 self.average_local(buckets, "g")  # m-sharpness: the replicas' mean g (no-op otherwise)
             self._end_first(zero_grad)
             return True

@@ -85,7 +85,10 @@ class SwitchingSAM(SharpnessAware):
         self._run.last_step_sam = sam
         self._run.plain_done = not sam
         if sam:
-            self.perturb(buckets, self.global_norm(buckets) if norm is None else norm)
+            if norm is None:
+                self.perturb(buckets, sq=self.global_sq_norm(buckets))
+            else:
+                self.perturb(buckets, norm)
             self._end_first(zero_grad)
             return True
         self.copy(buckets, lambda b: b.backup.views, lambda b: b.params)  # no perturbation: restore is a no-op

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from .base import SharpnessAware, check_bool, check_nonneg, check_rho
+from .base import SharpnessAware, check_bool, check_nonneg, check_rho, hold_grads
 
 
 class SAM(SharpnessAware):
@@ -61,5 +61,6 @@ class SAM(SharpnessAware):
         """Perturb: save w, then w <- w + e (call after the first backward)."""
         buckets = self._begin_first()
         if buckets:
-            self.perturb(buckets, self.global_norm(buckets))
+            with hold_grads(buckets):
+                self.perturb(buckets, sq=self.global_sq_norm(buckets))
         self._end_first(zero_grad)
