@@ -865,7 +865,8 @@ void test_adamw(const std::vector<int64_t>& numel, const char* set, AdamCfg f) {
         const R gc = coef * b.list[2].r(i, j), g = f.decoupled ? gc : gc + wd * w0;
         const R gm = f.decoupled ? std::fabs(g) : std::fabs(gc) + std::fabs(wd * w0);  // magnitude of the terms
         c.close("exp_avg", i, j, a.list[3].get(i, j), b1 * m0 + (1 - b1) * g, std::fabs(m0) + gm, 6);
-        c.close("exp_avg_sq", i, j, a.list[4].get(i, j), b2 * v0 + (1 - b2) * g * g, b2 * v0 + (1 - b2) * g * g, 6);
+        // g' is rounded relative to the magnitude of its terms (L2: |g| + |wd w0|), and g'^2 with it
+        c.close("exp_avg_sq", i, j, a.list[4].get(i, j), b2 * v0 + (1 - b2) * g * g, b2 * v0 + (1 - b2) * gm * gm, 6);
         const R mr = a.list[3].r(i, j), vr = a.list[4].r(i, j);  // the stored moments, as torch uses them
         const R u = step * mr / (std::sqrt(vr) / c2s + eps);
         c.close("w", i, j, a.list[0].get(i, j), w0 * decay - u, std::fabs(w0 * decay) + std::fabs(u), 12);
