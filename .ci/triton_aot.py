@@ -54,7 +54,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SHORT = {"float32": "f32", "bfloat16": "bf16", "float16": "f16", "int32": "i32", "int16": "i16", "uint8": "u8"}
 #: kernels that stream the multi-tensor table (checked for 16-byte access when aligned)
 STREAMING = {
-    "_perturb_kernel", "_restore_kernel", "_restore_sgd_kernel", "_restore_adamw_kernel", "_restore_rmsprop_kernel",
+    "_perturb_kernel", "_restore_kernel", "_restore_step_kernel",
     "_combine_kernel", "_dot_norms_kernel", "_sq_norm_kernel", "_bisam_lower_bound_kernel",
 }  # fmt: skip
 #: streaming kernels that store only one scalar per program

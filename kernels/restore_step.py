@@ -4,7 +4,10 @@
 ``restore_adamw_`` torch.optim.AdamW's (Loshchilov & Hutter, ICLR 2019) or, with
 ``decoupled=False``, torch.optim.Adam's (L2 weight decay: a constexpr switch of the same kernel),
 and ``restore_rmsprop_`` torch.optim.RMSprop's (not centered), all evaluated at the restored
-weights w0 = backup, so restore and base step are one pass. fp32 math; every output
+weights w0 = backup, so restore and base step are one pass. One kernel, ``_restore_step_kernel``,
+holds the chunk loop, the skip path and the scalars for all of them; the update is a per-block
+function picked by the constexpr ``UPDATE`` (one compiled variant per update, as before), and a
+base optimizer's step is its ``_*_block`` plus its wrapper's hyperparameters. fp32 math; every output
 (w and each state) is rounded once. The gradient is first multiplied by ``grad_coef`` (GradScaler
 unscale, clipping) when given. ``found_inf`` (a 0-d device tensor) is read once per program: when
 nonzero the program only copies the backup's bits into w (a skipped step, decided on the device,
@@ -89,6 +92,19 @@ def _found_inf(found_inf, dummy: torch.Tensor):
     return f, True
 
 
+@triton.jit
+def _restored_grad(b_ptr, g_ptr, offs, mask, coef, weight_decay, HAS_COEF: tl.constexpr, HAS_WD: tl.constexpr,
+                   MASKED: tl.constexpr):  # fmt: skip
+    """(w0, g') at the restored weights w0 = backup: g' = coef*g, then + wd*w0 (L2 decay), in fp32."""
+    w0 = load(b_ptr, offs, mask, MASKED).to(tl.float32)
+    g = load(g_ptr, offs, mask, MASKED).to(tl.float32)
+    if HAS_COEF:
+        g = g * coef
+    if HAS_WD:
+        g = g + weight_decay * w0
+    return w0, g
+
+
 # ------------------------------------------------------------------------------------------- SGD
 @triton.jit
 def _restore_sgd_block(
@@ -110,12 +126,7 @@ def _restore_sgd_block(
     INIT: tl.constexpr,
     MASKED: tl.constexpr,
 ):
-    w0 = load(b_ptr, offs, mask, MASKED).to(tl.float32)
-    d = load(g_ptr, offs, mask, MASKED).to(tl.float32)
-    if HAS_COEF:
-        d = d * coef
-    if HAS_WD:
-        d = d + weight_decay * w0
+    w0, d = _restored_grad(b_ptr, g_ptr, offs, mask, coef, weight_decay, HAS_COEF, HAS_WD, MASKED)
     if HAS_MOMENTUM:
         if INIT:
             buf = d
@@ -127,76 +138,6 @@ def _restore_sgd_block(
         else:
             d = buf
     store(p_ptr, offs, w0 - lr * d, mask, MASKED)
-
-
-@triton.jit
-def _restore_sgd_kernel(
-    addrs_ptr,
-    numels_ptr,
-    chunk_tensor_ptr,
-    chunk_start_ptr,
-    n_tensors,
-    lr_ptr,
-    lr_val,
-    momentum,
-    one_minus_dampening,
-    weight_decay,
-    coef_ptr,
-    coef_val,
-    found_ptr,
-    P_DT: tl.constexpr,
-    B_DT: tl.constexpr,
-    G_DT: tl.constexpr,
-    BUF_DT: tl.constexpr,
-    PB_DT: tl.constexpr,
-    BB_DT: tl.constexpr,
-    LR_PTR: tl.constexpr,
-    COEF_PTR: tl.constexpr,
-    HAS_COEF: tl.constexpr,
-    HAS_FOUND_INF: tl.constexpr,
-    HAS_WD: tl.constexpr,
-    HAS_MOMENTUM: tl.constexpr,
-    NESTEROV: tl.constexpr,
-    INIT: tl.constexpr,
-    ALIGNED: tl.constexpr,
-    CHUNK: tl.constexpr,
-    BLOCK: tl.constexpr,
-):
-    """w <- w0 - lr*SGD(coef*g) at w0 = backup. Bytes/element: read backup, g (+buf); write w (+buf).
-    Skipped step (found_inf != 0): read backup, write w (+zeros into buf on an INIT step)."""
-    t, start, n = chunk_of(chunk_tensor_ptr, chunk_start_ptr, numels_ptr, BLOCK)
-    buf_ptr = tensor_ptr(addrs_ptr, 0, n_tensors, t, P_DT, ALIGNED)
-    if HAS_MOMENTUM:
-        buf_ptr = tensor_ptr(addrs_ptr, 3, n_tensors, t, BUF_DT, ALIGNED)
-    skip = False
-    if HAS_FOUND_INF:
-        skip = tl.load(found_ptr) != 0  # once per program, any dtype; nonzero (NaN too) skips
-    if skip:
-        _skipped_step(
-            addrs_ptr, n_tensors, t, start, n, buf_ptr, PB_DT, BB_DT, HAS_MOMENTUM, INIT, ALIGNED, CHUNK, BLOCK
-        )
-    else:
-        p_ptr = tensor_ptr(addrs_ptr, 0, n_tensors, t, P_DT, ALIGNED)
-        b_ptr = tensor_ptr(addrs_ptr, 1, n_tensors, t, B_DT, ALIGNED)
-        g_ptr = tensor_ptr(addrs_ptr, 2, n_tensors, t, G_DT, ALIGNED)
-        lr = load_scalar(lr_ptr, lr_val, LR_PTR)
-        coef = 1.0
-        if HAS_COEF:
-            coef = load_scalar(coef_ptr, coef_val, COEF_PTR)
-        for i in range(0, CHUNK, BLOCK):
-            base = tl.multiple_of(start + i, BLOCK)  # chunk starts are multiples of CHUNK
-            offs = base + tl.arange(0, BLOCK)
-            mask = offs < n
-            if base + BLOCK <= n:
-                _restore_sgd_block(
-                    p_ptr, b_ptr, g_ptr, buf_ptr, offs, mask, lr, momentum, one_minus_dampening, weight_decay,
-                    coef, HAS_COEF, HAS_WD, HAS_MOMENTUM, NESTEROV, INIT, False,
-                )  # fmt: skip
-            elif base < n:
-                _restore_sgd_block(
-                    p_ptr, b_ptr, g_ptr, buf_ptr, offs, mask, lr, momentum, one_minus_dampening, weight_decay,
-                    coef, HAS_COEF, HAS_WD, HAS_MOMENTUM, NESTEROV, INIT, True,
-                )  # fmt: skip
 
 
 def restore_sgd_(
@@ -212,40 +153,11 @@ def restore_sgd_(
     way (one group per call: the dispatcher sends what supports() refuses to the torch backend).
     """
     has_momentum = bool(momentum)
-    p, b, g, buf = params, backup, grads, momentum_buffers if has_momentum else None
-    tab = tb.table([p, b, g] + ([buf] if has_momentum else []))
-    if tab.n_chunks == 0:
-        return
-    lr_p, lr_v, lr_is = tb.scalar(lr, tab.chunk_begin)
-    coef_p, coef_v, coef_is = tb.scalar(1.0 if grad_coef is None else grad_coef, tab.chunk_begin)
-    found_p, has_found = _found_inf(found_inf, tab.chunk_begin)
-    pb_dt, bb_dt = _bits_dtypes(p[0].dtype, b[0].dtype)
-    tb.launch(
-        _restore_sgd_kernel,
-        tab,
-        lr_p,
-        lr_v,
-        float(momentum),
-        1.0 - float(dampening),
-        float(weight_decay),
-        coef_p,
-        coef_v,
-        found_p,
-        P_DT=tb.tl_dtype(p[0].dtype),
-        B_DT=tb.tl_dtype(b[0].dtype),
-        G_DT=tb.tl_dtype(g[0].dtype),
-        BUF_DT=tb.tl_dtype(buf[0].dtype) if has_momentum else tl.float32,
-        PB_DT=pb_dt,
-        BB_DT=bb_dt,
-        LR_PTR=lr_is,
-        COEF_PTR=coef_is,
-        HAS_COEF=grad_coef is not None,
-        HAS_FOUND_INF=has_found,
-        HAS_WD=bool(weight_decay),
-        HAS_MOMENTUM=has_momentum,
-        NESTEROV=bool(nesterov),
-        INIT=bool(init_momentum),
-    )
+    lists = [params, backup, grads] + ([momentum_buffers] if has_momentum else [])
+    _launch(
+        SGD, lists, lr, grad_coef, found_inf, (momentum, 1.0 - float(dampening), weight_decay),
+        HAS_WD=bool(weight_decay), HAS_MOMENTUM=has_momentum, NESTEROV=bool(nesterov), INIT=bool(init_momentum),
+    )  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------- AdamW
@@ -296,10 +208,7 @@ def _restore_adamw_block(
     DECOUPLED: tl.constexpr,
     MASKED: tl.constexpr,
 ):
-    w0 = load(b_ptr, offs, mask, MASKED).to(tl.float32)
-    g = load(g_ptr, offs, mask, MASKED).to(tl.float32)
-    if HAS_COEF:
-        g = g * coef
+    w0, g = _restored_grad(b_ptr, g_ptr, offs, mask, coef, weight_decay, HAS_COEF, False, MASKED)
     if not DECOUPLED:  # torch.optim.Adam's L2 decay: g' = g + wd*w0
         g = g + weight_decay * w0
     m = load(m_ptr, offs, mask, MASKED).to(tl.float32)
@@ -315,87 +224,6 @@ def _restore_adamw_block(
     else:
         w = w0 + neg_step * tl.div_rn(m, denom)
     store(p_ptr, offs, w, mask, MASKED)
-
-
-@triton.jit
-def _restore_adamw_kernel(
-    addrs_ptr,
-    numels_ptr,
-    chunk_tensor_ptr,
-    chunk_start_ptr,
-    n_tensors,
-    lr_ptr,
-    lr_val,
-    weight_decay,
-    inv_bc1,
-    one_minus_beta1,
-    beta2,
-    one_minus_beta2,
-    eps,
-    bc2_sqrt,
-    step_ptr,
-    beta1_hi,
-    beta1_lo,
-    beta2_hi,
-    beta2_lo,
-    coef_ptr,
-    coef_val,
-    found_ptr,
-    P_DT: tl.constexpr,
-    B_DT: tl.constexpr,
-    G_DT: tl.constexpr,
-    M_DT: tl.constexpr,
-    V_DT: tl.constexpr,
-    PB_DT: tl.constexpr,
-    BB_DT: tl.constexpr,
-    LR_PTR: tl.constexpr,
-    STEP_PTR: tl.constexpr,
-    COEF_PTR: tl.constexpr,
-    HAS_COEF: tl.constexpr,
-    HAS_FOUND_INF: tl.constexpr,
-    DECOUPLED: tl.constexpr,
-    ALIGNED: tl.constexpr,
-    CHUNK: tl.constexpr,
-    BLOCK: tl.constexpr,
-):
-    """AdamW(coef*g) (DECOUPLED) or Adam with L2 decay at w0 = backup. Bytes/element: read backup, g, exp_avg, exp_avg_sq; write w,
-    exp_avg, exp_avg_sq. Skipped step (found_inf != 0): read backup, write w."""
-    t, start, n = chunk_of(chunk_tensor_ptr, chunk_start_ptr, numels_ptr, BLOCK)
-    skip = False
-    if HAS_FOUND_INF:
-        skip = tl.load(found_ptr) != 0  # once per program, any dtype; nonzero (NaN too) skips
-    if skip:
-        _skipped_step(addrs_ptr, n_tensors, t, start, n, lr_ptr, PB_DT, BB_DT, False, False, ALIGNED, CHUNK, BLOCK)
-    else:
-        p_ptr = tensor_ptr(addrs_ptr, 0, n_tensors, t, P_DT, ALIGNED)
-        b_ptr = tensor_ptr(addrs_ptr, 1, n_tensors, t, B_DT, ALIGNED)
-        g_ptr = tensor_ptr(addrs_ptr, 2, n_tensors, t, G_DT, ALIGNED)
-        m_ptr = tensor_ptr(addrs_ptr, 3, n_tensors, t, M_DT, ALIGNED)
-        v_ptr = tensor_ptr(addrs_ptr, 4, n_tensors, t, V_DT, ALIGNED)
-        lr = load_scalar(lr_ptr, lr_val, LR_PTR)
-        if STEP_PTR:
-            inv_bc1, bc2_sqrt = _bias_corrections(step_ptr, beta1_hi, beta1_lo, beta2_hi, beta2_lo)
-        coef = 1.0
-        if HAS_COEF:
-            coef = load_scalar(coef_ptr, coef_val, COEF_PTR)
-        decay = 1.0 - lr * weight_decay
-        neg_step = -(lr * inv_bc1)
-        for i in range(0, CHUNK, BLOCK):
-            base = tl.multiple_of(start + i, BLOCK)  # chunk starts are multiples of CHUNK
-            offs = base + tl.arange(0, BLOCK)
-            mask = offs < n
-            if base + BLOCK <= n:
-                _restore_adamw_block(
-                    p_ptr, b_ptr, g_ptr, m_ptr, v_ptr, offs, mask, decay, neg_step,
-                    one_minus_beta1, beta2, one_minus_beta2, eps, bc2_sqrt, coef, weight_decay, HAS_COEF, DECOUPLED,
-                    False,
-                )  # fmt: skip
-            elif base < n:
-                _restore_adamw_block(
-                    p_ptr, b_ptr, g_ptr, m_ptr, v_ptr, offs, mask, decay, neg_step,
-                    one_minus_beta1, beta2, one_minus_beta2, eps, bc2_sqrt, coef, weight_decay, HAS_COEF, DECOUPLED,
-                    True,
-                )  # fmt: skip
 
 
 def _fp32_halves(x: float) -> tuple[float, float]:
@@ -426,51 +254,12 @@ def restore_adamw_(
     else:
         inv_bc1 = 1.0 / (1.0 - beta1**step)
         bc2_sqrt = math.sqrt(1.0 - beta2**step)
-    b1_hi, b1_lo = _fp32_halves(float(beta1))
-    b2_hi, b2_lo = _fp32_halves(float(beta2))
-    p, b, g, m, v = params, backup, grads, exp_avgs, exp_avg_sqs
-    tab = tb.table([p, b, g, m, v])
-    if tab.n_chunks == 0:
-        return
-    lr_p, lr_v, lr_is = tb.scalar(lr, tab.chunk_begin)
-    step_p = step.detach().to(tab.chunk_begin.device).reshape(1) if step_is else tab.chunk_begin
-    coef_p, coef_v, coef_is = tb.scalar(1.0 if grad_coef is None else grad_coef, tab.chunk_begin)
-    found_p, has_found = _found_inf(found_inf, tab.chunk_begin)
-    pb_dt, bb_dt = _bits_dtypes(p[0].dtype, b[0].dtype)
-    tb.launch(
-        _restore_adamw_kernel,
-        tab,
-        lr_p,
-        lr_v,
-        float(weight_decay),
-        inv_bc1,
-        1.0 - float(beta1),
-        float(beta2),
-        1.0 - float(beta2),
-        float(eps),
-        bc2_sqrt,
-        step_p,
-        b1_hi,
-        b1_lo,
-        b2_hi,
-        b2_lo,
-        coef_p,
-        coef_v,
-        found_p,
-        P_DT=tb.tl_dtype(p[0].dtype),
-        B_DT=tb.tl_dtype(b[0].dtype),
-        G_DT=tb.tl_dtype(g[0].dtype),
-        M_DT=tb.tl_dtype(m[0].dtype),
-        V_DT=tb.tl_dtype(v[0].dtype),
-        PB_DT=pb_dt,
-        BB_DT=bb_dt,
-        LR_PTR=lr_is,
-        STEP_PTR=step_is,
-        COEF_PTR=coef_is,
-        HAS_COEF=grad_coef is not None,
-        HAS_FOUND_INF=has_found,
+    hyper = (weight_decay, inv_bc1, 1.0 - float(beta1), beta2, 1.0 - float(beta2), eps, bc2_sqrt)
+    _launch(
+        ADAM, [params, backup, grads, exp_avgs, exp_avg_sqs], lr, grad_coef, found_inf, hyper,
+        step=step if step_is else None, betas=(beta1, beta2),
         DECOUPLED=bool(decoupled) or not weight_decay,  # no decay: the two rules are one
-    )
+    )  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------- RMSprop
@@ -495,12 +284,7 @@ def _restore_rmsprop_block(
     HAS_MOMENTUM: tl.constexpr,
     MASKED: tl.constexpr,
 ):
-    w0 = load(b_ptr, offs, mask, MASKED).to(tl.float32)
-    g = load(g_ptr, offs, mask, MASKED).to(tl.float32)
-    if HAS_COEF:
-        g = g * coef
-    if HAS_WD:
-        g = g + weight_decay * w0
+    w0, g = _restored_grad(b_ptr, g_ptr, offs, mask, coef, weight_decay, HAS_COEF, HAS_WD, MASKED)
     v = load(v_ptr, offs, mask, MASKED).to(tl.float32)
     v = v * alpha + (one_minus_alpha * g) * g  # torch's mul_(alpha).addcmul_(g, g, value=1-alpha)
     store(v_ptr, offs, v, mask, MASKED)
@@ -510,76 +294,6 @@ def _restore_rmsprop_block(
         d = momentum * load(buf_ptr, offs, mask, MASKED).to(tl.float32) + d
         store(buf_ptr, offs, d, mask, MASKED)
     store(p_ptr, offs, w0 + neg_lr * d, mask, MASKED)
-
-
-@triton.jit
-def _restore_rmsprop_kernel(
-    addrs_ptr,
-    numels_ptr,
-    chunk_tensor_ptr,
-    chunk_start_ptr,
-    n_tensors,
-    lr_ptr,
-    lr_val,
-    alpha,
-    one_minus_alpha,
-    eps,
-    weight_decay,
-    momentum,
-    coef_ptr,
-    coef_val,
-    found_ptr,
-    P_DT: tl.constexpr,
-    B_DT: tl.constexpr,
-    G_DT: tl.constexpr,
-    V_DT: tl.constexpr,
-    BUF_DT: tl.constexpr,
-    PB_DT: tl.constexpr,
-    BB_DT: tl.constexpr,
-    LR_PTR: tl.constexpr,
-    COEF_PTR: tl.constexpr,
-    HAS_COEF: tl.constexpr,
-    HAS_FOUND_INF: tl.constexpr,
-    HAS_WD: tl.constexpr,
-    HAS_MOMENTUM: tl.constexpr,
-    ALIGNED: tl.constexpr,
-    CHUNK: tl.constexpr,
-    BLOCK: tl.constexpr,
-):
-    """RMSprop(coef*g) at w0 = backup. Bytes/element: read backup, g, square_avg (+buf); write w,
-    square_avg (+buf). Skipped step (found_inf != 0): read backup, write w."""
-    t, start, n = chunk_of(chunk_tensor_ptr, chunk_start_ptr, numels_ptr, BLOCK)
-    skip = False
-    if HAS_FOUND_INF:
-        skip = tl.load(found_ptr) != 0  # once per program, any dtype; nonzero (NaN too) skips
-    if skip:
-        _skipped_step(addrs_ptr, n_tensors, t, start, n, lr_ptr, PB_DT, BB_DT, False, False, ALIGNED, CHUNK, BLOCK)
-    else:
-        p_ptr = tensor_ptr(addrs_ptr, 0, n_tensors, t, P_DT, ALIGNED)
-        b_ptr = tensor_ptr(addrs_ptr, 1, n_tensors, t, B_DT, ALIGNED)
-        g_ptr = tensor_ptr(addrs_ptr, 2, n_tensors, t, G_DT, ALIGNED)
-        v_ptr = tensor_ptr(addrs_ptr, 3, n_tensors, t, V_DT, ALIGNED)
-        buf_ptr = v_ptr
-        if HAS_MOMENTUM:
-            buf_ptr = tensor_ptr(addrs_ptr, 4, n_tensors, t, BUF_DT, ALIGNED)
-        neg_lr = -load_scalar(lr_ptr, lr_val, LR_PTR)
-        coef = 1.0
-        if HAS_COEF:
-            coef = load_scalar(coef_ptr, coef_val, COEF_PTR)
-        for i in range(0, CHUNK, BLOCK):
-            base = tl.multiple_of(start + i, BLOCK)  # chunk starts are multiples of CHUNK
-            offs = base + tl.arange(0, BLOCK)
-            mask = offs < n
-            if base + BLOCK <= n:
-                _restore_rmsprop_block(
-                    p_ptr, b_ptr, g_ptr, v_ptr, buf_ptr, offs, mask, neg_lr, alpha, one_minus_alpha, eps,
-                    weight_decay, momentum, coef, HAS_COEF, HAS_WD, HAS_MOMENTUM, False,
-                )  # fmt: skip
-            elif base < n:
-                _restore_rmsprop_block(
-                    p_ptr, b_ptr, g_ptr, v_ptr, buf_ptr, offs, mask, neg_lr, alpha, one_minus_alpha, eps,
-                    weight_decay, momentum, coef, HAS_COEF, HAS_WD, HAS_MOMENTUM, True,
-                )  # fmt: skip
 
 
 def restore_rmsprop_(
@@ -594,39 +308,192 @@ def restore_rmsprop_(
     launch per call (one group: the dispatcher sends what supports() refuses to the torch backend).
     """
     has_momentum = momentum > 0
-    bufs = momentum_buffers if has_momentum else None
-    p, b, g, v, buf = params, backup, grads, square_avgs, bufs
-    tab = tb.table([p, b, g, v] + ([buf] if has_momentum else []))
+    lists = [params, backup, grads, square_avgs] + ([momentum_buffers] if has_momentum else [])
+    _launch(
+        RMSPROP, lists, lr, grad_coef, found_inf, (alpha, 1.0 - float(alpha), eps, weight_decay, momentum),
+        HAS_WD=bool(weight_decay), HAS_MOMENTUM=has_momentum,
+    )  # fmt: skip
+
+
+# ------------------------------------------------------------------------ the one restore-step kernel
+SGD, ADAM, RMSPROP = 0, 1, 2  # UPDATE: the per-update block of _restore_step_kernel
+
+
+@triton.jit
+def _update_block(
+    p_ptr, b_ptr, g_ptr, s1_ptr, s2_ptr, offs, mask, a0, a1, a2, coef, h0, h1, h2, h3, h4, h5,
+    UPDATE: tl.constexpr, HAS_COEF: tl.constexpr, HAS_WD: tl.constexpr, HAS_MOMENTUM: tl.constexpr,
+    NESTEROV: tl.constexpr, INIT: tl.constexpr, DECOUPLED: tl.constexpr, MASKED: tl.constexpr,
+):  # fmt: skip
+    """One block of the update (a constexpr switch: only one branch is compiled). a0..a2: the
+    per-program scalars of _restore_step_kernel; h0..h5: the hyperparameters (see _launch's callers)."""
+    if UPDATE == 0:  # SGD: a0 = lr; h0 momentum, h1 1 - dampening, h2 weight decay; s1 the buffer
+        _restore_sgd_block(
+            p_ptr, b_ptr, g_ptr, s1_ptr, offs, mask, a0, h0, h1, h2, coef,
+            HAS_COEF, HAS_WD, HAS_MOMENTUM, NESTEROV, INIT, MASKED,
+        )  # fmt: skip
+    elif UPDATE == 1:  # Adam(W): a0 1 - lr*wd, a1 -lr/bc1, a2 sqrt(bc2); h0 wd, h2 1-b1, h3 b2, h4 1-b2, h5 eps
+        _restore_adamw_block(
+            p_ptr, b_ptr, g_ptr, s1_ptr, s2_ptr, offs, mask, a0, a1, h2, h3, h4, h5, a2, coef, h0,
+            HAS_COEF, DECOUPLED, MASKED,
+        )  # fmt: skip
+    else:  # RMSprop: a0 = -lr; h0 alpha, h1 1 - alpha, h2 eps, h3 weight decay, h4 momentum; s1 v, s2 buf
+        _restore_rmsprop_block(
+            p_ptr, b_ptr, g_ptr, s1_ptr, s2_ptr, offs, mask, a0, h0, h1, h2, h3, h4, coef,
+            HAS_COEF, HAS_WD, HAS_MOMENTUM, MASKED,
+        )  # fmt: skip
+
+
+@triton.jit
+def _restore_step_kernel(
+    addrs_ptr,
+    numels_ptr,
+    chunk_tensor_ptr,
+    chunk_start_ptr,
+    n_tensors,
+    lr_ptr,
+    lr_val,
+    coef_ptr,
+    coef_val,
+    found_ptr,
+    step_ptr,
+    h0,
+    h1,
+    h2,
+    h3,
+    h4,
+    h5,
+    h6,
+    beta1_hi,
+    beta1_lo,
+    beta2_hi,
+    beta2_lo,
+    P_DT: tl.constexpr,
+    B_DT: tl.constexpr,
+    G_DT: tl.constexpr,
+    S1_DT: tl.constexpr,
+    S2_DT: tl.constexpr,
+    PB_DT: tl.constexpr,
+    BB_DT: tl.constexpr,
+    UPDATE: tl.constexpr,
+    LR_PTR: tl.constexpr,
+    COEF_PTR: tl.constexpr,
+    STEP_PTR: tl.constexpr,
+    HAS_COEF: tl.constexpr,
+    HAS_FOUND_INF: tl.constexpr,
+    HAS_S1: tl.constexpr,
+    HAS_S2: tl.constexpr,
+    HAS_WD: tl.constexpr,
+    HAS_MOMENTUM: tl.constexpr,
+    NESTEROV: tl.constexpr,
+    INIT: tl.constexpr,
+    DECOUPLED: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    CHUNK: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """w <- w0 - update(coef*g) at w0 = backup, the states (table lists 3 and 4) in place; UPDATE
+    picks SGD, Adam(W) or RMSprop. Bytes/element: read backup, g and each state; write w and each
+    state (SGD: 2b+buf / 1b+buf; Adam: 4b / 3b; RMSprop: 3b+buf / 2b+buf). Skipped step
+    (found_inf != 0): read backup, write w (+ zeros into SGD's buffer on an INIT step)."""
+    t, start, n = chunk_of(chunk_tensor_ptr, chunk_start_ptr, numels_ptr, BLOCK)
+    s1_ptr = tensor_ptr(addrs_ptr, 0, n_tensors, t, P_DT, ALIGNED)  # never read unless HAS_S1
+    s2_ptr = s1_ptr
+    if HAS_S1:
+        s1_ptr = tensor_ptr(addrs_ptr, 3, n_tensors, t, S1_DT, ALIGNED)
+    if HAS_S2:
+        s2_ptr = tensor_ptr(addrs_ptr, 4, n_tensors, t, S2_DT, ALIGNED)
+    skip = False
+    if HAS_FOUND_INF:
+        skip = tl.load(found_ptr) != 0  # once per program, any dtype; nonzero (NaN too) skips
+    if skip:  # INIT is SGD's first momentum step only
+        _skipped_step(
+            addrs_ptr, n_tensors, t, start, n, s1_ptr, PB_DT, BB_DT, HAS_MOMENTUM, INIT, ALIGNED, CHUNK, BLOCK
+        )
+    else:
+        p_ptr = tensor_ptr(addrs_ptr, 0, n_tensors, t, P_DT, ALIGNED)
+        b_ptr = tensor_ptr(addrs_ptr, 1, n_tensors, t, B_DT, ALIGNED)
+        g_ptr = tensor_ptr(addrs_ptr, 2, n_tensors, t, G_DT, ALIGNED)
+        lr = load_scalar(lr_ptr, lr_val, LR_PTR)
+        coef = 1.0
+        if HAS_COEF:
+            coef = load_scalar(coef_ptr, coef_val, COEF_PTR)
+        a0 = lr  # the per-program scalars of the update (SGD: lr)
+        a1 = lr
+        a2 = lr
+        if UPDATE == 1:
+            inv_bc1 = h1
+            bc2_sqrt = h6
+            if STEP_PTR:
+                inv_bc1, bc2_sqrt = _bias_corrections(step_ptr, beta1_hi, beta1_lo, beta2_hi, beta2_lo)
+            a0 = 1.0 - lr * h0  # decoupled decay
+            a1 = -(lr * inv_bc1)  # the step size
+            a2 = bc2_sqrt
+        if UPDATE == 2:
+            a0 = -lr
+        for i in range(0, CHUNK, BLOCK):
+            base = tl.multiple_of(start + i, BLOCK)  # chunk starts are multiples of CHUNK
+            offs = base + tl.arange(0, BLOCK)
+            mask = offs < n
+            if base + BLOCK <= n:
+                _update_block(
+                    p_ptr, b_ptr, g_ptr, s1_ptr, s2_ptr, offs, mask, a0, a1, a2, coef, h0, h1, h2, h3, h4, h5,
+                    UPDATE, HAS_COEF, HAS_WD, HAS_MOMENTUM, NESTEROV, INIT, DECOUPLED, False,
+                )  # fmt: skip
+            elif base < n:
+                _update_block(
+                    p_ptr, b_ptr, g_ptr, s1_ptr, s2_ptr, offs, mask, a0, a1, a2, coef, h0, h1, h2, h3, h4, h5,
+                    UPDATE, HAS_COEF, HAS_WD, HAS_MOMENTUM, NESTEROV, INIT, DECOUPLED, True,
+                )  # fmt: skip
+
+
+_FLAGS = dict(HAS_WD=False, HAS_MOMENTUM=False, NESTEROV=False, INIT=False, DECOUPLED=False)
+
+
+def _launch(update, lists, lr, grad_coef, found_inf, hyper, step=None, betas=(0.0, 0.0), **flags) -> None:
+    """One launch of _restore_step_kernel over ``lists`` (w, backup, g, then the states) for
+    ``update``: the scalars' encoding, the skip flag, the dtypes and the flags, written once."""
+    tab = tb.table(lists)
     if tab.n_chunks == 0:
         return
+    p, b = lists[0], lists[1]
     lr_p, lr_v, lr_is = tb.scalar(lr, tab.chunk_begin)
     coef_p, coef_v, coef_is = tb.scalar(1.0 if grad_coef is None else grad_coef, tab.chunk_begin)
     found_p, has_found = _found_inf(found_inf, tab.chunk_begin)
+    step_p = tab.chunk_begin if step is None else step.detach().to(tab.chunk_begin.device).reshape(1)
+    h = [float(x) for x in hyper] + [0.0] * (7 - len(hyper))
+    b1_hi, b1_lo = _fp32_halves(float(betas[0]))
+    b2_hi, b2_lo = _fp32_halves(float(betas[1]))
     pb_dt, bb_dt = _bits_dtypes(p[0].dtype, b[0].dtype)
+    dts = [tb.tl_dtype(x[0].dtype) for x in lists] + [tl.float32] * (5 - len(lists))
     tb.launch(
-        _restore_rmsprop_kernel,
+        _restore_step_kernel,
         tab,
         lr_p,
         lr_v,
-        float(alpha),
-        1.0 - float(alpha),
-        float(eps),
-        float(weight_decay),
-        float(momentum),
         coef_p,
         coef_v,
         found_p,
-        P_DT=tb.tl_dtype(p[0].dtype),
-        B_DT=tb.tl_dtype(b[0].dtype),
-        G_DT=tb.tl_dtype(g[0].dtype),
-        V_DT=tb.tl_dtype(v[0].dtype),
-        BUF_DT=tb.tl_dtype(buf[0].dtype) if has_momentum else tl.float32,
+        step_p,
+        *h,
+        b1_hi,
+        b1_lo,
+        b2_hi,
+        b2_lo,
+        P_DT=dts[0],
+        B_DT=dts[1],
+        G_DT=dts[2],
+        S1_DT=dts[3],
+        S2_DT=dts[4],
         PB_DT=pb_dt,
         BB_DT=bb_dt,
+        UPDATE=update,
         LR_PTR=lr_is,
         COEF_PTR=coef_is,
+        STEP_PTR=step is not None,
         HAS_COEF=grad_coef is not None,
         HAS_FOUND_INF=has_found,
-        HAS_WD=bool(weight_decay),
-        HAS_MOMENTUM=has_momentum,
+        HAS_S1=len(lists) > 3,
+        HAS_S2=len(lists) > 4,
+        **{**_FLAGS, **flags},
     )

@@ -87,9 +87,11 @@ def _sq_norm_per_tensor_kernel(partials_ptr, chunk_begin_ptr, out_ptr, BLOCK: tl
 def _sq_norm_total_kernel(partials_ptr, n, out_ptr, BLOCK: tl.constexpr):
     """out = sum of the n partials, in a fixed order (one program). Reads 4 bytes per chunk."""
     acc = tl.zeros([BLOCK], dtype=tl.float32)
-    for j in range(0, n, BLOCK):
+    j = 0  # a while loop: Triton 3.6's interpreter takes no runtime bound in range() (see below)
+    while j < n:
         offs = j + tl.arange(0, BLOCK)
         acc += tl.load(partials_ptr + offs, mask=offs < n, other=0.0)
+        j += BLOCK
     tl.store(out_ptr, tl.sum(acc, axis=0))
 
 

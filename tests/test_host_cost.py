@@ -76,7 +76,7 @@ def test_stubs_hit_and_nothing_interpreted_or_compiled(result):
         else:
             assert r["kernel_launches"] > 0 and sum(r["kernels"].values()) == r["kernel_launches"]
     triton_names = {k for r in result["rows"] if r["path"] == "triton" for k in r["kernels"]}
-    assert "_perturb_kernel" in triton_names and "_restore_sgd_kernel" in triton_names
+    assert "_perturb_kernel" in triton_names and "_restore_step_kernel" in triton_names
     cuda_names = {k for r in result["rows"] if r["path"] == "cuda" for k in r["kernels"]}
     assert {"sq_norm", "perturb_", "restore_sgd_"} <= cuda_names
 

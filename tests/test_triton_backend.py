@@ -290,7 +290,7 @@ def _count_launches(monkeypatch, kernels) -> dict:
 
         return counted
 
-    for k in kernels:
+    for k in counts:  # each kernel once (several primitives may share one)
         monkeypatch.setattr(k, "run", wrap(k))
     return counts
 
@@ -299,9 +299,9 @@ ELEMENTWISE = {
     "perturb_": k_perturb._perturb_kernel,
     "restore_": k_restore._restore_kernel,
     "combine_": k_combine._combine_kernel,
-    "restore_sgd_": k_step._restore_sgd_kernel,
-    "restore_adamw_": k_step._restore_adamw_kernel,
-    "restore_rmsprop_": k_step._restore_rmsprop_kernel,
+    "restore_sgd_": k_step._restore_step_kernel,  # one kernel for every fused base step (UPDATE)
+    "restore_adamw_": k_step._restore_step_kernel,
+    "restore_rmsprop_": k_step._restore_step_kernel,
     "sq_norm": k_sq._sq_norm_kernel,
     "dot_norms": k_dot._dot_norms_kernel,
 }
@@ -330,7 +330,8 @@ def test_one_launch_per_group(device, monkeypatch):
     counts = _count_launches(monkeypatch, ELEMENTWISE.values())
     _run_all(K, w, g, b, m, v, bufs)
     assert counts[k_perturb._perturb_kernel] == 2
-    for name in ("restore_", "combine_", "restore_sgd_", "restore_adamw_", "sq_norm", "dot_norms"):
+    assert counts[k_step._restore_step_kernel] == 2  # restore_sgd_ and restore_adamw_, one launch each
+    for name in ("restore_", "combine_", "sq_norm", "dot_norms"):
         assert counts[ELEMENTWISE[name]] == 1, name
 
 
@@ -414,7 +415,7 @@ def test_scalars_are_not_constexpr():
     allowed_suffix = ("_DT", "_PTR")
     allowed = {"CHUNK", "BLOCK", "ALIGNED", "MASKED", "HAS_BACKUP", "HAS_MASK", "ADAPTIVE", "WEIGHTED"}
     allowed |= {"HAS_WD", "HAS_MOMENTUM", "NESTEROV", "INIT", "HAS_COEF", "HAS_FOUND_INF", "DECOUPLED", "HAS_NSQ"}
-    allowed |= {"NORM_EPS"}  # the library's one epsilon (spec.NORM_EPS), not a per-step value
+    allowed |= {"NORM_EPS", "UPDATE", "HAS_S1", "HAS_S2"}  # the library epsilon (spec.NORM_EPS); the fused step picked, its state lists
     kernels = [*ELEMENTWISE.values(), k_sq._sq_norm_per_tensor_kernel, k_sq._sq_norm_total_kernel]
     for k in kernels:
         sig = inspect.signature(k.fn)
@@ -464,13 +465,13 @@ def test_skipped_step_one_launch_and_runtime_scalars(device, monkeypatch):
     b, g, bufs, m = (rand(sizes, torch.float32, device) for _ in range(4))
     v = rand(sizes, torch.float32, device, positive=True)
     g[3][0] = float("nan")
-    kernels = (k_step._restore_sgd_kernel, k_step._restore_adamw_kernel)
+    kernels = (k_step._restore_step_kernel,)  # SGD's and AdamW's launches in turn: keys[k][0::2], [1::2]
     keys = _record_specializations(monkeypatch, kernels)
     state = clone(bufs), clone(m), clone(v)
     w = clone(g)
     one = torch.tensor(1.0, device=device)
     _base_steps(w, b, g, bufs, m, v, found_inf=one, coef=torch.tensor(0.5, device=device), step=one * 3)
-    assert all(len(keys[k]) == 1 for k in kernels), "a skipped step is one launch per group"
+    assert all(len(keys[k]) == 2 for k in kernels), "a skipped step is one launch per group"
     assert all(torch.equal(x, y) for x, y in zip(w, b))
     for now, before in zip((bufs, m, v), state):
         assert all(torch.equal(x, y) for x, y in zip(now, before))
@@ -478,12 +479,15 @@ def test_skipped_step_one_launch_and_runtime_scalars(device, monkeypatch):
     _base_steps(w, b, g, bufs, m, v, found_inf=one * 0, coef=torch.tensor(0.25, device=device), step=one * 4)
     assert not any(torch.equal(x, y) for x, y in zip(w, b) if x.numel()), "found_inf == 0 takes the step"
     for k in kernels:
-        assert len(keys[k]) == 2 and keys[k][0] == keys[k][1], f"{k.fn.__name__} respecialized: {keys[k]}"
+        assert len(keys[k]) == 4, keys[k]
+        sgd, adam = keys[k][0::2], keys[k][1::2]
+        assert len(sgd) == len(adam) == 2 and sgd[0] == sgd[1] and adam[0] == adam[1], f"respecialized: {keys[k]}"
+        assert sgd[0] != adam[0]  # UPDATE tells the two apart
     # float grad_coef: a runtime fp32 argument, its value is no part of the key either
     for coef in (0.5, 0.125):
         _base_steps(w, b, g, bufs, m, v, found_inf=one * 0, coef=coef, step=one * 5)
     for k in kernels:
-        assert keys[k][2] == keys[k][3], f"{k.fn.__name__} respecialized on a float grad_coef"
+        assert keys[k][4] == keys[k][6] and keys[k][5] == keys[k][7], "respecialized on a float grad_coef"
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -692,16 +696,17 @@ cases = [
     (m("combine")._combine_kernel, dict(G_DT=tl.bfloat16, S_DT=tl.bfloat16, C1_PTR=True, C2_PTR=False, **G)),
     (m("sq_norm")._sq_norm_kernel, dict(X_DT=tl.float16, W_DT=tl.float16, ETA_PTR=False, WEIGHTED=True, **G)),
     (m("dot_norms")._dot_norms_kernel, dict(A_DT=F, B_DT=F, **G)),
-    (m("restore_step")._restore_sgd_kernel, dict(P_DT=tl.bfloat16, B_DT=tl.bfloat16, G_DT=tl.bfloat16,
-        BUF_DT=tl.bfloat16, PB_DT=tl.int16, BB_DT=tl.int16, LR_PTR=False, COEF_PTR=True, HAS_COEF=True,
-        HAS_FOUND_INF=True, HAS_WD=True, HAS_MOMENTUM=True, NESTEROV=True, INIT=False, **G)),
-    (m("restore_step")._restore_adamw_kernel, dict(P_DT=F, B_DT=F, G_DT=F, M_DT=F, V_DT=F, PB_DT=tl.int32,
-        BB_DT=tl.int32, LR_PTR=True, STEP_PTR=True, COEF_PTR=False, HAS_COEF=True, HAS_FOUND_INF=True,
-        DECOUPLED=True, **G)),
+    (m("restore_step")._restore_step_kernel, dict(UPDATE=0, P_DT=tl.bfloat16, B_DT=tl.bfloat16,
+        G_DT=tl.bfloat16, S1_DT=tl.bfloat16, S2_DT=F, PB_DT=tl.int16, BB_DT=tl.int16, LR_PTR=False,
+        COEF_PTR=True, STEP_PTR=False, HAS_COEF=True, HAS_FOUND_INF=True, HAS_S1=True, HAS_S2=False,
+        HAS_WD=True, HAS_MOMENTUM=True, NESTEROV=True, INIT=False, DECOUPLED=False, **G)),
+    (m("restore_step")._restore_step_kernel, dict(UPDATE=1, P_DT=F, B_DT=F, G_DT=F, S1_DT=F, S2_DT=F,
+        PB_DT=tl.int32, BB_DT=tl.int32, LR_PTR=True, STEP_PTR=True, COEF_PTR=False, HAS_COEF=True,
+        HAS_FOUND_INF=True, HAS_S1=True, HAS_S2=True, HAS_WD=False, HAS_MOMENTUM=False, NESTEROV=False,
+        INIT=False, DECOUPLED=True, **G)),
     (m("sq_norm")._sq_norm_per_tensor_kernel, dict(BLOCK=1024)),
 ]
-FLOATS = {"momentum", "one_minus_dampening", "weight_decay", "inv_bc1", "one_minus_beta1", "beta2",
-          "one_minus_beta2", "eps", "bc2_sqrt", "beta1_hi", "beta1_lo", "beta2_hi", "beta2_lo"}
+FLOATS = {"h0", "h1", "h2", "h3", "h4", "h5", "h6", "beta1_hi", "beta1_lo", "beta2_hi", "beta2_lo"}
 for fn, consts in cases:
     sig = {}
     for name in fn.arg_names:
@@ -716,7 +721,7 @@ for fn, consts in cases:
             sig[name] = "i32"
     k = triton.compile(ASTSource(fn, sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
                        options={"num_warps": 8})
-    if fn.__name__ == "_restore_adamw_kernel":  # device-step bias corrections: IEEE fp64 div and sqrt
+    if consts.get("UPDATE") == 1:  # Adam's device-step bias corrections: IEEE fp64 div and sqrt
         ptx = k.asm["ptx"]
         assert "div.rn.f64" in ptx and "sqrt.rn.f64" in ptx and "approx.f64" not in ptx, "fp64 not IEEE"
     print("kernel", fn.__name__, len(re.findall(r"ld\.global(?:\.\w+)*\.v4", k.asm["ptx"])))
