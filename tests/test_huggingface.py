@@ -374,7 +374,8 @@ def test_fp16_scaler_refusals():
     for opt, what in ((sharpfused.LookSAM(m.parameters(), lr=0.1, k=2), "LookSAM"),
                       (sharpfused.SAMPa(m.parameters(), torch.optim.SGD, lr=0.1), "SAMPa"),
                       (sharpfused.RST(m.parameters(), torch.optim.SGD, lr=0.1), "RST"),
-                      (sharpfused.AESAM(m.parameters(), torch.optim.SGD, lr=0.1), "AESAM")):
+                      (sharpfused.AESAM(m.parameters(), torch.optim.SGD, lr=0.1), "AESAM"),
+                      (sharpfused.MESA(m.parameters(), torch.optim.SGD, lr=0.1), "MESA")):
         with pytest.raises(RuntimeError, match=f"{what}.*GradScaler"):
             run_sam_passes(opt, lambda perturbation: None, None, scaler=object())
 

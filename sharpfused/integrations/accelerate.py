@@ -29,7 +29,7 @@ from typing import Any, Callable, Optional
 import torch
 from accelerate.optimizer import AcceleratedOptimizer
 
-from ..optim import BiSAM, LookSAM, SAMPa, SharpnessAware
+from ..optim import MESA, BiSAM, LookSAM, SAMPa, SharpnessAware
 from ..optim.rst import SwitchingSAM
 
 __all__ = ["SAMAcceleratedOptimizer", "prepare", "wrap", "unwrap", "sam_step", "run_sam_passes", "step_was_skipped"]
@@ -136,6 +136,13 @@ def _check_scaler(opt: SharpnessAware, scaler: Any) -> None:
             "inside first_step(), before GradScaler.step() could unscale the gradients, so the update would use "
             "scaled gradients; use bf16 mixed precision (no loss scaling), or the manual loop with "
             "first_step(zero_grad=True, grad_scaler=scaler)"
+        )
+    if isinstance(opt, MESA):
+        raise RuntimeError(
+            "MESA with fp16 mixed precision (a GradScaler): its one pass per step completes the step inside "
+            "first_step() (the base step), before GradScaler.step() could unscale the gradients, so the update "
+            "would use scaled gradients; use bf16 mixed precision (no loss scaling), or the plain loop "
+            "scaler.scale(loss).backward(); scaler.step(opt); scaler.update() (MESA's step() is one pass)"
         )
     if isinstance(opt, LookSAM) and opt.k > 1:
         raise RuntimeError(

@@ -230,5 +230,5 @@ class SAMTrainer(SAMTrainerMixin, Trainer):
     Refused at construction, with the reason: no sharpfused optimizer, both ``optimizers`` and
     ``sam_class``, BiSAM without ``perturbation_loss_func``, DeepSpeed. At the first step: a
     ``max_grad_norm`` on the optimizer that differs from ``TrainingArguments.max_grad_norm``;
-    under fp16 (GradScaler) LookSAM with ``k > 1``, RST, AE-SAM and SAMPa.
+    under fp16 (GradScaler) LookSAM with ``k > 1``, RST, AE-SAM, MESA and SAMPa.
     """
