@@ -345,7 +345,7 @@ def _generate(p: Primitive) -> Any:
             kw_started = True
         params.append(a.name if a.default is REQUIRED else f"{a.name}=_d[{a.name!r}]")
     params.append("backend='torch'" if kw_started else "*, backend='torch'")
-    moves = [a.name for a in p.args if a.kind in ("scalar", "scalar?") and a.to_device]
+    moves = [a.name for a in p.args if a.kind in ("scalar", "scalar?", "tensor?") and a.to_device]
     names = ", ".join(p.names) + ","
     lines = [f"def {p.name}({', '.join(params)}):"]
     for m in moves:  # a tensor coefficient made elsewhere (e.g. a skip flag's device) follows the list

@@ -48,7 +48,7 @@ class Arg:
     keyword: bool = False  # keyword-only in the public function
     io: str = ""  # lists: "r" read, "w" written, "rw" both (the byte model)
     read_unless: Optional[str] = None  # a bool argument that, when true, means the list is written only
-    to_device: bool = False  # scalars: a tensor on another device than the lists is moved to theirs
+    to_device: bool = False  # scalars, tensor?: a tensor on another device than the lists is moved to theirs
     required_when: Optional[str] = None  # optional lists: must be given when this float argument is nonzero
     minimum: Optional[float] = None  # scalars given as numbers: the least value allowed
 
@@ -136,10 +136,10 @@ each tensor's squared norm. Non-finite inputs give a non-finite result.""",
             Arg("params", L, io="rw"),
             Arg("grads", L, io="r"),
             Arg("backup", OL, io="w"),
-            Arg("scale", "scalar"),
+            Arg("scale", "scalar", to_device=True),
             Arg("eta", "float?", None),
             Arg("mask", OL, None),  # one byte per element: not counted in units of b
-            Arg("norm_sq", "tensor?", None, keyword=True),
+            Arg("norm_sq", "tensor?", None, keyword=True, to_device=True),
             does="backup <- w; w <- w + scale*T^2*g (*mask)",
             doc="""``backup <- w`` (skipped when ``backup`` is None), then ``w <- w + scale * T^2 * g [* mask]``.
 

@@ -258,6 +258,24 @@ def test_sparse_grad_raises():
         opt.first_step()
 
 
+def test_sparse_grad_in_the_second_pass_raises_and_abort_restores():
+    """A parameter dense in the first pass, sparse in the second: refused by name at second_step;
+    abort_step() then puts the weights back bit for bit. (torch refuses a CSR .grad on a dense
+    parameter itself.)"""
+    lin = torch.nn.Linear(3, 4)
+    opt = SAM(lin.parameters(), torch.optim.SGD, lr=0.1)
+    w0 = [p.detach().clone() for p in lin.parameters()]
+    lin(torch.randn(5, 3)).sum().backward()
+    opt.first_step(zero_grad=True)
+    lin(torch.randn(5, 3)).sum().backward()
+    g = lin.weight.grad
+    lin.weight.grad = g.to_sparse()
+    with pytest.raises(RuntimeError, match="sparse gradients.*shape \\(4, 3\\)"):
+        opt.second_step()
+    opt.abort_step()
+    assert all(torch.equal(p, q) for p, q in zip(lin.parameters(), w0))
+
+
 @pytest.mark.parametrize(
     "kwargs,exc,match",
     [

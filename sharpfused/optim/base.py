@@ -39,7 +39,6 @@ from .checks import (  # noqa: F401  (re-exported: algorithm files import them f
 EPS = spec.NORM_EPS  # added to norms before dividing, as in the papers
 _GRAD = operator.attrgetter("grad")
 _VERSION = operator.attrgetter("_version")
-_IS_SPARSE = operator.attrgetter("is_sparse")
 _NONES = itertools.repeat(None)  # operator.is_'s second argument, for a C-level map
 
 
@@ -76,6 +75,7 @@ class _StepState:
         self.zeroed: Any = {}
         self.bucket_key: Optional[tuple] = None
         self.buckets: list = []
+        self.grads_bucketed = False  # this step: exactly the buckets' parameters have gradients
         self.created: list[tuple[Bucket, str, list[Tensor]]] = []  # see SharpnessAware._clear_pending
         self.commits: list[tuple[str, tuple]] = []
         self.rollbacks: list[tuple[str, tuple]] = []
@@ -419,14 +419,9 @@ class SharpnessAware(Optimizer):
     # ---------------------------------------------------------------- buckets
     def _grad_key(self) -> tuple:
         """Which parameters have a gradient now, and where their storage is: the buckets are rebuilt
-        when this changes. C-level maps over the parameters (a step's host cost)."""
+        when this changes. C-level maps over the parameters (a step's host cost). A sparse gradient
+        is refused where a bucket reads its gradients (``Bucket.grads``)."""
         ps = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
-        if any(map(_IS_SPARSE, map(_GRAD, ps))):
-            p = next(p for p in ps if p.grad.is_sparse)
-            raise RuntimeError(
-                f"{type(self).__name__} does not support sparse gradients (a parameter of shape "
-                f"{tuple(p.shape)} has one); use a dense embedding or a dense optimizer"
-            )
         return _params_key(ps)
 
     def _grads_outside(self, buckets: list[Bucket]) -> int:
@@ -434,6 +429,8 @@ class SharpnessAware(Optimizer):
         bucket key, and what decides whether a later pass added parameters)."""
         have = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
         inside = [p for b in buckets for p in b.sources if p.grad is not None]
+        if buckets is self._buckets and len(have) == len(inside) == sum(len(b.sources) for b in buckets):
+            self._run.grads_bucketed = True  # _mark_grads can take the buckets' parameters as they are
         return len(have) - len(inside)
 
     def with_grads(self, outside: Optional[list[Bucket]] = None) -> list[tuple[int, Tensor]]:
@@ -567,9 +564,9 @@ class SharpnessAware(Optimizer):
             eta = g.get("eta", 0.0) if g.get("adaptive", False) else None
             backup = b.backup.views if save else None
             if inv is None:
-                b.perturb_(b.params, b.grads(), backup, g[rho_key], eta, norm_sq=sq.to(b.device))
+                b.perturb_(b.params, b.grads(), backup, g[rho_key], eta, norm_sq=sq)
             else:
-                b.perturb_(b.params, b.grads(), backup, inv.to(b.device) * g[rho_key], eta)
+                b.perturb_(b.params, b.grads(), backup, inv * g[rho_key], eta)
 
     def restore(self, buckets: list[Bucket]) -> None:
         for b in buckets:
@@ -789,7 +786,7 @@ class SharpnessAware(Optimizer):
             for b in buckets:
                 b.base_state = None  # base.step() may create or replace state tensors
                 if coef is not None:
-                    b.combine_(b.grads(), b.grads(), coef.to(b.device), 0.0)
+                    b.combine_(b.grads(), b.grads(), coef, 0.0)
             if coef is not None:
                 for backend, grads in extra:
                     ops.combine_(grads, grads, coef.to(grads[0].device), 0.0, backend=backend)
@@ -831,6 +828,7 @@ class SharpnessAware(Optimizer):
         """Start a step: forget the last step's non-finite mark (first_step calls this)."""
         self._run.nonfinite = None
         self._run.unchecked = []
+        self._run.grads_bucketed = False
         self._clear_pending()
         if SharpnessAware._local_contexts:  # m-sharpness: refuses an algorithm that cannot keep replicas identical
             from ..distributed import begin_local_step
@@ -935,7 +933,7 @@ class SharpnessAware(Optimizer):
         if zero_grad:
             self.zero_grad()
         else:
-            self._mark_grads()  # this step's gradients: not the next step's first pass
+            self._mark_grads(self._run.grads_bucketed)  # this step's gradients: not the next step's first pass
         if not self._run.in_step:
             self._fire_user_hooks(1)
 
@@ -983,13 +981,18 @@ class SharpnessAware(Optimizer):
         super().zero_grad(set_to_none)
         self._mark_grads()
 
-    def _mark_grads(self) -> None:
+    def _mark_grads(self, bucketed: bool = False) -> None:
         """Remember which gradient tensors are there now (after a step, after zero_grad): one that is
-        still there, unwritten, later is not a new first pass."""
-        ps = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+        still there, unwritten, later is not a new first pass. ``bucketed``: the parameters with a
+        gradient are exactly the buckets' (known from this step's second pass)."""
+        if bucketed:
+            ps = [p for b in self._buckets for p in b.sources]
+        else:
+            ps = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+        ids = list(map(id, ps))
         gs = list(map(_GRAD, ps))
         # ids and versions now (C-level maps); the dict is built only when step(closure) asks
-        self._run.zeroed = (list(map(id, ps)), list(map(id, gs)), list(map(_VERSION, gs)))
+        self._run.zeroed = (ids, list(map(id, gs)), list(map(_VERSION, gs)))
 
     def has_first_pass_grads(self) -> bool:
         """Whether ``step(closure)`` finds the first pass's gradients in ``.grad``: a gradient tensor
@@ -1157,6 +1160,7 @@ class SharpnessAware(Optimizer):
         # addresses differ in a copy: buckets are rebuilt at the next step; a copy taken mid-step
         # keeps its buckets (they hold the backup), keyed by the copied parameters
         self._run.bucket_key = None
+        self._run.grads_bucketed = False
         if self._perturbed and self._buckets:
             inside = {id(p) for b in self._buckets for p in b.sources}
             self._run.bucket_key = _params_key([p for g in self.param_groups for p in g["params"] if id(p) in inside])

@@ -61,7 +61,7 @@ class BSAM(SharpnessAware):
             self.copy(buckets, lambda b: b.buffer("g0").views, lambda b: b.grads())
             self._run._inv0 = self.inverse_norm(self.global_norm(buckets))
             for b in buckets:
-                scale = self._inv0.to(b.device) * b.group["rho_max"]
+                scale = self._inv0 * b.group["rho_max"]
                 b.perturb_(b.params, b.grads(), b.backup.views, scale)
         self._run._phase = 1
         self._end_first(zero_grad)
@@ -80,7 +80,7 @@ class BSAM(SharpnessAware):
             self.restore(buckets)
             for b in buckets:
                 rho = b.group["rho_min"] if b.group["rho_min"] is not None else b.group["rho_max"]
-                b.perturb_(b.params, b.buffer("g0").views, None, self._inv0.to(b.device) * -rho)
+                b.perturb_(b.params, b.buffer("g0").views, None, self._inv0 * -rho)
         self._run._phase = 2
         self._next_pass(zero_grad)
 
@@ -94,7 +94,7 @@ class BSAM(SharpnessAware):
             ratio = self._norm_max / (self.global_norm(buckets) + EPS)
             self.average_local(buckets, "g0")  # m-sharpness: the replicas' mean g_0, after both local moves
             for b in buckets:
-                b.combine_(b.grads(), b.buffer("gmax").views, -ratio.to(b.device), 1.0)
+                b.combine_(b.grads(), b.buffer("gmax").views, -ratio, 1.0)
                 b.combine_(b.grads(), b.buffer("g0").views, 1.0, 1.0)
         self.restore_and_base_step(buckets)
         self._end_second(zero_grad)

@@ -98,7 +98,11 @@ class Bucket:
         if self.held_grads is not None:
             return self.held_grads
         if self.plain:  # device, dtype and sizes are the parameters' (torch enforces it for .grad)
-            return Tensors.grads_of(self.params, [p.grad for p in self.sources])  # a listcomp: dynamo traces it
+            gs = Tensors.grads_of(self.params, [p.grad for p in self.sources])  # a listcomp: dynamo traces it
+            if not gs.info.contiguous:  # a sparse gradient reads as non-contiguous
+                refuse_sparse(self.sources)
+            return gs
+        refuse_sparse(self.sources)
         return [kernel_view(p.grad) for p in self.sources]
 
     def buffer(self, name: str, dtype: Optional[torch.dtype] = None, zero: bool = False) -> FlatBuffer:
@@ -127,6 +131,16 @@ class hold_grads:
     def __exit__(self, *exc: Any) -> None:
         for b in self.buckets:
             b.held_grads = None
+
+
+def refuse_sparse(params: list[Tensor]) -> None:
+    """A clear error when a parameter's gradient is sparse (the kernels take dense tensors only)."""
+    p = next((p for p in params if p.grad is not None and p.grad.layout != torch.strided), None)
+    if p is not None:
+        raise RuntimeError(
+            f"sharpfused does not support sparse gradients (a parameter of shape {tuple(p.shape)} has one of "
+            f"layout {p.grad.layout}); use a dense embedding or a dense optimizer"
+        )
 
 
 def _on_bucket(name: str) -> Callable[..., Any]:

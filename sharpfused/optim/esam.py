@@ -313,7 +313,7 @@ class ESAM(SharpnessAware):
             seeded: set = set()
             for b in buckets:
                 beta = float(b.group["beta"])
-                scale = inv.to(b.device) * (b.group["rho"] / beta)
+                scale = inv * (b.group["rho"] / beta)
                 if beta == 1.0:  # every weight: SAM's perturbation, nothing drawn
                     b.perturb_(b.params, b.grads(), b.backup.views, scale)
                     continue

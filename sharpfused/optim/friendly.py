@@ -75,7 +75,7 @@ class FriendlySAM(SharpnessAware):
             m, valid = self.state_buffer(b, "momentum")
             new = [False] * len(b.sources) if valid else self.created_now(b, "momentum")
             fresh.append(new)
-            c = 1.0 if inv is None else inv.to(b.device)
+            c = 1.0 if inv is None else inv
             g = b.buffer("grad").views  # this step's (unscaled) gradient, committed into m at the end
             b.combine_(g, b.grads(), 0.0, c)
             (fresh_g, _), (grads, ms) = _split(new, b.grads(), m.views)

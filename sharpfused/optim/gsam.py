@@ -117,7 +117,7 @@ class GSAM(SharpnessAware):
             self.copy(buckets, lambda b: b.buffer("g").views, lambda b: b.grads())
             inv = self.inverse_norm(self.global_norm(buckets))  # ||T g|| with T = |w| where adaptive
             for b in buckets:
-                scale = inv.to(b.device) * self.rho_t(b.group)
+                scale = inv * self.rho_t(b.group)
                 eta = 0.0 if b.group.get("adaptive") else None  # adaptive: e = rho_t |w|^2 g / ||T g||
                 b.perturb_(b.params, b.grads(), b.backup.views, scale, eta)
             self.average_local(buckets, "g")  # m-sharpness: the replicas' mean g (no-op otherwise)
@@ -135,7 +135,7 @@ class GSAM(SharpnessAware):
             for b in buckets:
                 a = b.group["alpha"]
                 # d = g_s - a (g - proj g_s) = (1 + a proj) g_s - a g
-                b.combine_(b.grads(), b.buffer("g").views, 1.0 + a * proj.to(b.device), -a)
+                b.combine_(b.grads(), b.buffer("g").views, 1.0 + a * proj, -a)
         if loss is not None and perturbed_loss is not None:
             self._run.surrogate_gap = perturbed_loss.detach() - loss.detach()
         self.restore_and_base_step(buckets)

@@ -74,7 +74,7 @@ class LookSAM(SharpnessAware):
         gvnorm = self.global_norm(buckets, lambda b: b.extra["g_v"].views)
         ratio = gnorm / (gvnorm + EPS)
         for b in buckets:
-            b.combine_(b.grads(), b.extra["g_v"].views, 1.0, ratio.to(b.device) * b.group["beta"])
+            b.combine_(b.grads(), b.extra["g_v"].views, 1.0, ratio * b.group["beta"])
         self.copy(buckets, lambda b: b.backup.views, lambda b: b.params)  # no perturbation: restore is a no-op
         self.restore_and_base_step(buckets)
         self._end_second(zero_grad)
@@ -101,7 +101,7 @@ class LookSAM(SharpnessAware):
             for b in buckets:  # g_v = g_s - (<g,g_s>/|g|^2) g; kept as it was on a skipped step
                 g_v = self.state_buffer(b, "g_v")[0].views
                 b.combine_(g_v, b.grads(), self.unless_skipped(0.0, 1.0), self.unless_skipped(1.0, 0.0))
-                b.combine_(g_v, b.buffer("g").views, 1.0, self.unless_skipped(coef, 0.0).to(b.device))
+                b.combine_(g_v, b.buffer("g").views, 1.0, self.unless_skipped(coef, 0.0))
         self.restore_and_base_step(buckets)
         self._end_second(zero_grad)
 

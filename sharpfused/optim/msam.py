@@ -153,7 +153,7 @@ class MSAM(SharpnessAware):
         if buckets:
             inv = self.inverse_norm(self.global_norm(buckets, self._momentum))
             for b in buckets:
-                scale = -inv.to(b.device) * b.group["rho"]
+                scale = -inv * b.group["rho"]
                 ops.perturb_(b.params, self._momentum(b), b.backup.views, scale, None, backend=b.backend)
         self._run.perturbed = True  # BatchNorm is not frozen: this is the step's only pass
         self._next_pass(zero_grad)

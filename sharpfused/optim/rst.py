@@ -6,12 +6,12 @@ import math
 import numbers
 import random
 from collections.abc import Iterable
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
 
-from .base import Bucket, SharpnessAware, _run_attr, check_rho, detached
+from .base import Bucket, SharpnessAware, _run_attr, check_rho
 from .esam import host_setting, refuse_global_in_group
 
 SCHEDULES = ("constant", "linear", "cosine")
@@ -114,19 +114,9 @@ class SwitchingSAM(SharpnessAware):
             )
         super().second_step(zero_grad)
 
-    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:  # type: ignore[override]
-        """One step: one forward/backward on plain steps, two on SAM steps. Returns the first-pass loss."""
-        if self._perturbed:  # after a SAM step's first_step(): the closure (if any) is its second pass
-            return self._finish_perturbed(closure)
-        if closure is None:
-            raise RuntimeError(f"{type(self).__name__}.step() needs a closure that runs forward and backward")
-        closure = torch.enable_grad()(closure)
-        with self.guarded():
-            loss = closure() if not self._first_pass_grads() else None
-            if self.first_step(zero_grad=True):
-                self._run.last_perturbed_loss = detached(closure())
-                self.second_step(zero_grad=True)
-        return loss
+    # step(closure) is the base class's: a first_step() that returns False (a plain step) has finished
+    # the step with the first pass's gradient; otherwise the second pass and second_step() follow
+    _by_hand = "call first_step(); when it returns True, a second forward/backward and second_step()"
 
 
 class RST(SwitchingSAM):

@@ -144,7 +144,7 @@ class SAMPa(SharpnessAware):
         try:
             inv = self.inverse_norm(self.global_norm(buckets, gy))
             for b in buckets:  # x~ = x + rho grad_y / ||grad_y||   (x saved for exact restore)
-                b.perturb_(b.params, gy(b), b.backup.views, inv.to(b.device) * b.group["rho"])
+                b.perturb_(b.params, gy(b), b.backup.views, inv * b.group["rho"])
             loss = None
             outside: dict = {}  # parameters with a gradient now but none at the step's start (LayerDrop)
             if rank in (None, 0):

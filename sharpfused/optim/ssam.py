@@ -145,7 +145,7 @@ class SSAM(SharpnessAware):
             self._run.commit_needs_host = refresh  # one host read on refresh steps only
             inv = self.inverse_norm(self.global_norm(buckets))
             for b in buckets:
-                scale = inv.to(b.device) * b.group["rho"]
+                scale = inv * b.group["rho"]
                 mask = b.extra["mask"].views
                 b.perturb_(b.params, b.grads(), b.backup.views, scale, mask=mask)
         self._end_first(zero_grad)

@@ -72,7 +72,7 @@ class XSAM(SharpnessAware):
         """w <- w + (rho/k) g/(||g||+eps) and u <- u + the same step (u = w_k - w_0 in exact arithmetic)."""
         inv = self.inverse_norm(self.global_norm(buckets))
         for b in buckets:
-            scale = inv.to(b.device) * (b.group["rho"] / self.steps)
+            scale = inv * (b.group["rho"] / self.steps)
             u = b.buffer("ascent").views
             if save:
                 b.restore_(u, b.grads())  # u <- g0, then scaled: no stale values survive
@@ -137,7 +137,7 @@ class XSAM(SharpnessAware):
                 a0, a1 = self._coefficients(b.group["alpha"], theta, sin)
                 # ||g_k|| d = a1 g_k + a0 (||g_k|| / ||u||) u
                 c2 = a0 * ng / (nu + EPS)
-                b.combine_(b.grads(), b.buffer("ascent").views, a1.to(b.device), c2.to(b.device))
+                b.combine_(b.grads(), b.buffer("ascent").views, a1, c2)
         self.restore_and_base_step(buckets)
         self._end_second(zero_grad)
 
@@ -167,8 +167,8 @@ class XSAM(SharpnessAware):
             for b in buckets:
                 r = b.group["rho_max"]
                 b.restore_(b.params, b.backup.views)
-                b.perturb_(b.params, b.buffer("ascent").views, None, (r * c_u).to(b.device))
-                b.perturb_(b.params, b.grads(), None, (r * c_g).to(b.device))
+                b.perturb_(b.params, b.buffer("ascent").views, None, r * c_u)
+                b.perturb_(b.params, b.grads(), None, r * c_g)
             loss = loss_fn()
             losses.append(torch.as_tensor(loss, dtype=torch.float64).detach().reshape(()).cpu())
         self.restore(buckets)
