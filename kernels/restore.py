@@ -14,6 +14,31 @@ from .table import chunk_of, load, store, tensor_ptr
 
 
 @triton.jit
+def _copy_block(dst_ptr, src_ptr, zero_ptr, offs, mask, ZERO: tl.constexpr, MASKED: tl.constexpr):
+    """dst <- src: raw bits when both are the same integer type (bit-exact), else rounded once;
+    with ZERO, zeros into ``zero_ptr`` too."""
+    x = load(src_ptr, offs, mask, MASKED)
+    if x.dtype != dst_ptr.dtype.element_ty:
+        x = x.to(tl.float32)
+    store(dst_ptr, offs, x, mask, MASKED)
+    if ZERO:
+        store(zero_ptr, offs, tl.zeros(x.shape, tl.float32), mask, MASKED)
+
+
+@triton.jit
+def copy_chunk(dst_ptr, src_ptr, zero_ptr, start, n, ZERO: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    """One chunk of ``restore_``'s copy (full blocks unmasked); also the skipped fused step's."""
+    for i in range(0, CHUNK, BLOCK):
+        base = tl.multiple_of(start + i, BLOCK)  # chunk starts are multiples of CHUNK
+        offs = base + tl.arange(0, BLOCK)
+        mask = offs < n
+        if base + BLOCK <= n:
+            _copy_block(dst_ptr, src_ptr, zero_ptr, offs, mask, ZERO, False)
+        elif base < n:
+            _copy_block(dst_ptr, src_ptr, zero_ptr, offs, mask, ZERO, True)
+
+
+@triton.jit
 def _restore_kernel(
     addrs_ptr,
     numels_ptr,
@@ -30,14 +55,7 @@ def _restore_kernel(
     t, start, n = chunk_of(chunk_tensor_ptr, chunk_start_ptr, numels_ptr, BLOCK)
     p_ptr = tensor_ptr(addrs_ptr, 0, n_tensors, t, P_DT, ALIGNED)
     b_ptr = tensor_ptr(addrs_ptr, 1, n_tensors, t, B_DT, ALIGNED)
-    for i in range(0, CHUNK, BLOCK):
-        base = tl.multiple_of(start + i, BLOCK)  # chunk starts are multiples of CHUNK
-        offs = base + tl.arange(0, BLOCK)
-        mask = offs < n
-        if base + BLOCK <= n:
-            store(p_ptr, offs, load(b_ptr, offs, mask, False), mask, False)
-        elif base < n:
-            store(p_ptr, offs, load(b_ptr, offs, mask, True), mask, True)
+    copy_chunk(p_ptr, b_ptr, p_ptr, start, n, False, CHUNK, BLOCK)
 
 
 def restore_(params, backup) -> None:

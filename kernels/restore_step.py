@@ -34,19 +34,11 @@ import triton
 import triton.language as tl
 
 from . import table as tb
+from .restore import copy_chunk
 from .table import chunk_of, load, load_scalar, store, tensor_ptr
 
 
 # ------------------------------------------------------------------------------------------ shared
-@triton.jit
-def _copy_block(dst_ptr, src_ptr, offs, mask, MASKED: tl.constexpr):
-    """dst <- src: raw bits when both are the same integer type (bit-exact), else rounded once."""
-    x = load(src_ptr, offs, mask, MASKED)
-    if x.dtype != dst_ptr.dtype.element_ty:
-        x = x.to(tl.float32)
-    store(dst_ptr, offs, x, mask, MASKED)
-
-
 @triton.jit
 def _skipped_step(
     addrs_ptr, n_tensors, t, start, n, buf_ptr,
@@ -57,20 +49,10 @@ def _skipped_step(
     momentum step. Bytes/element: read backup, write w (+ buf)."""
     pb_ptr = tensor_ptr(addrs_ptr, 0, n_tensors, t, PB_DT, ALIGNED)
     bb_ptr = tensor_ptr(addrs_ptr, 1, n_tensors, t, BB_DT, ALIGNED)
-    for i in range(0, CHUNK, BLOCK):
-        base = tl.multiple_of(start + i, BLOCK)  # chunk starts are multiples of CHUNK
-        offs = base + tl.arange(0, BLOCK)
-        mask = offs < n
-        if base + BLOCK <= n:
-            _copy_block(pb_ptr, bb_ptr, offs, mask, False)
-            if HAS_MOMENTUM:
-                if INIT:
-                    store(buf_ptr, offs, tl.zeros([BLOCK], tl.float32), mask, False)
-        elif base < n:
-            _copy_block(pb_ptr, bb_ptr, offs, mask, True)
-            if HAS_MOMENTUM:
-                if INIT:
-                    store(buf_ptr, offs, tl.zeros([BLOCK], tl.float32), mask, True)
+    if HAS_MOMENTUM:  # INIT: SGD's first momentum step (the buffer becomes zeros)
+        copy_chunk(pb_ptr, bb_ptr, buf_ptr, start, n, INIT, CHUNK, BLOCK)
+    else:
+        copy_chunk(pb_ptr, bb_ptr, buf_ptr, start, n, False, CHUNK, BLOCK)
 
 
 def _bits_dtypes(p: torch.dtype, b: torch.dtype):

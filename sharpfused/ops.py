@@ -19,6 +19,8 @@ Conventions shared by every backend:
 * Reductions are deterministic: a fixed partition, fixed order, no atomics.
 * ``found_inf`` (the fused base steps): a 0-d device tensor, nonzero to skip the step on the
   device -- the weights are restored bit-exactly and no optimizer state changes; no host sync.
+* The primitives write tensors in place: call them under ``torch.no_grad()`` when a list holds
+  parameters that require grad (the optimizers do; torch refuses an in-place write to such a leaf).
 
 Dispatch (:func:`call`): the lists are split once by (device, dtype) of the first list -- one
 group in the usual case (an optimizer bucket), checked without building keys --; each group
@@ -195,8 +197,13 @@ def _check(p: Primitive, args: tuple) -> None:
                 f"{p.args[i].name} {_numels(o)[j]}"
             )
     for a, x in zip(p.args, args):
-        if a.kind == "tensor?" and x is not None and not isinstance(x, Tensor):
-            raise TypeError(f"{p.name}: {a.name} must be None or a 0-d tensor, got {type(x).__name__}")
+        if a.kind == "tensor?" and x is not None:
+            if not isinstance(x, Tensor):
+                raise TypeError(f"{p.name}: {a.name} must be None or a 0-d tensor, got {type(x).__name__}")
+            if x.numel() != 1:
+                raise ValueError(f"{p.name}: {a.name} must be a one-element tensor, got shape {tuple(x.shape)}")
+            if a.real and (x.dtype == torch.bool or x.is_complex()):
+                raise TypeError(f"{p.name}: {a.name} must be a real number (a float or integer tensor), got {x.dtype}")
         if a.minimum is not None and not isinstance(x, Tensor) and x is not None and x < a.minimum:
             raise ValueError(f"{p.name}: {a.name} must be >= {a.minimum}, got {x}")
 

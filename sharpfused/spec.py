@@ -51,6 +51,7 @@ class Arg:
     to_device: bool = False  # scalars, tensor?: a tensor on another device than the lists is moved to theirs
     required_when: Optional[str] = None  # optional lists: must be given when this float argument is nonzero
     minimum: Optional[float] = None  # scalars given as numbers: the least value allowed
+    real: bool = False  # tensor?: a real number (not bool, not complex)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -139,7 +140,7 @@ each tensor's squared norm. Non-finite inputs give a non-finite result.""",
             Arg("scale", "scalar", to_device=True),
             Arg("eta", "float?", None),
             Arg("mask", OL, None),  # one byte per element: not counted in units of b
-            Arg("norm_sq", "tensor?", None, keyword=True, to_device=True),
+            Arg("norm_sq", "tensor?", None, keyword=True, to_device=True, real=True),
             does="backup <- w; w <- w + scale*T^2*g (*mask)",
             doc="""``backup <- w`` (skipped when ``backup`` is None), then ``w <- w + scale * T^2 * g [* mask]``.
 
@@ -150,7 +151,8 @@ when the gradient norm is not finite, so the next forward sees finite weights).
 ``norm_sq``: a 0-d opmath tensor on the lists' device (a squared norm, from ``sq_norm``); when
 given, the kernel scales by ``scale * inv`` with ``inv = 1 / (sqrt(norm_sq) + 1e-12)`` computed
 on the device in opmath (each operation correctly rounded), and ``inv = 0`` when ``norm_sq`` is
-not finite: SAM's ``rho / (||g|| + eps)`` with no separate scalar launches.""",
+not finite (or negative: its square root is NaN): SAM's ``rho / (||g|| + eps)`` with no separate
+scalar launches. One element, read on the device only (never on the host).""",
         ),
         _p(
             "restore_",

@@ -11,6 +11,8 @@ roundings of the reference; bf16/fp16 at most 2x the torch backend's own error.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -217,3 +219,32 @@ def test_perturb_norm_sq_is_the_torch_scale_bit_for_bit(device, backend, dtype, 
     assert all(torch.equal(x, y) for x, y in zip(b, b2))
     if not sq < float("inf"):
         assert all(torch.equal(x, y) for x, y in zip(w, b)), "a non-finite norm must leave w as it was"
+
+
+@pytest.mark.parametrize("device,backend", HERE)
+def test_perturb_norm_sq_rounding_and_dtypes(device, backend, _on):
+    """The inverse norm is correctly rounded in opmath on every backend (torch's own CPU sqrt is
+    not: the case an outside trial found, and 300 random norms, give the same bits on torch and
+    here); a float16, float64 or integer norm_sq is read in the parameters' opmath (float32)."""
+    torch.manual_seed(3)
+    norms = [0.0997066572, 0.0, 40.0] + (torch.rand(300, dtype=torch.float64) * 10).tolist()
+    for v in norms:
+        for dt in (torch.float32, torch.float16, torch.float64, torch.int64):
+            if dt == torch.int64 and v != int(v):
+                continue
+            nsq = torch.tensor(v, dtype=dt, device=DEVICE)
+            n32 = nsq.to(torch.float32).double()  # what the kernels read: the value in float32
+            root = float(torch.tensor(math.sqrt(float(n32))).float())  # sqrt rounded once to float32
+            want = torch.tensor(1.0 / (root + float(torch.tensor(NORM_EPS).float())), dtype=torch.float64).float()
+            w, g = [torch.zeros(3, device=DEVICE)], [torch.ones(3, device=DEVICE)]
+            ops.on(backend).perturb_(w, g, None, 1.0, None, None, nsq)
+            assert torch.equal(w[0], want.expand(3).to(DEVICE)), (backend, v, dt, w[0][0].item(), want.item())
+        if v > 1.0:
+            break  # the dtype loop once on a large value; the random norms below in float32 only
+    for v in norms[3:]:
+        nsq = torch.tensor(v, dtype=torch.float32, device=DEVICE)
+        got = [torch.zeros(2, device=DEVICE)]
+        ref = [torch.zeros(2, device=DEVICE)]
+        ops.on(backend).perturb_(got, [torch.ones(2, device=DEVICE)], None, 0.05, None, None, nsq)
+        ops.on("torch").perturb_(ref, [torch.ones(2, device=DEVICE)], None, 0.05, None, None, nsq)
+        assert torch.equal(got[0], ref[0]), (backend, v)

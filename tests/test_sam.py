@@ -258,6 +258,20 @@ def test_sparse_grad_raises():
         opt.first_step()
 
 
+def test_sparse_grad_of_a_parameter_only_in_the_second_pass_raises():
+    """An embedding that gets its (sparse) gradient only in the second pass: refused by name too."""
+    lin, emb = torch.nn.Linear(3, 4), torch.nn.Embedding(10, 4, sparse=True)
+    opt = SAM([*lin.parameters(), *emb.parameters()], torch.optim.SGD, lr=0.1)
+    w0 = [p.detach().clone() for p in [*lin.parameters(), *emb.parameters()]]
+    lin(torch.randn(5, 3)).sum().backward()
+    opt.first_step(zero_grad=True)
+    (lin(torch.randn(5, 3)).sum() + emb(torch.tensor([1, 2])).sum()).backward()
+    with pytest.raises(RuntimeError, match="sparse gradients.*shape \\(10, 4\\)"):
+        opt.second_step()
+    opt.abort_step()
+    assert all(torch.equal(p, q) for p, q in zip([*lin.parameters(), *emb.parameters()], w0))
+
+
 def test_sparse_grad_in_the_second_pass_raises_and_abort_restores():
     """A parameter dense in the first pass, sparse in the second: refused by name at second_step;
     abort_step() then puts the weights back bit for bit. (torch refuses a CSR .grad on a dense
@@ -397,3 +411,32 @@ def test_bn_running_stats_updated_once_per_step():
     sharpfused.enable_running_stats(probe)
     probe(x)
     assert not torch.equal(probe.bn.running_mean, before)
+
+
+def test_skipped_steps_counts_this_object_and_stays_out_of_the_state_dict():
+    """The skipped-step count: None on a fresh optimizer, counts on the device, and is not saved:
+    a skipped step leaves the state dict as it was (the count of a loaded optimizer starts anew)."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(3, 2)
+    opt = SAM(lin.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9)
+    assert opt.skipped_steps is None
+
+    def step(bad):
+        lin(torch.randn(4, 3)).sum().backward()
+        if bad:
+            lin.weight.grad[0, 0] = float("inf")
+        opt.first_step(zero_grad=True)
+        lin(torch.randn(4, 3)).sum().backward()
+        opt.second_step(zero_grad=True)
+
+    step(False)
+    before = opt.state_dict()
+    step(True)
+    assert int(opt.skipped_steps) == 1 and opt.skipped_steps.dtype == torch.int64
+    after = opt.state_dict()
+    assert after.keys() == before.keys() and "skipped_steps" not in after
+    step(True)
+    assert int(opt.skipped_steps) == 2
+    other = SAM(lin.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9)
+    other.load_state_dict(opt.state_dict())
+    assert other.skipped_steps is None

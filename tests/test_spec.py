@@ -196,6 +196,18 @@ def test_dispatcher_checks_the_contract_naming_the_argument():
     with pytest.raises(ValueError, match="restore_adamw_: step must be >= 1, got 0"):
         ops.restore_adamw_(w, b, g, [torch.zeros(2)], [torch.zeros(2)], step=0, lr=0.1, beta1=0.9, beta2=0.99,
                            eps=1e-8, weight_decay=0.0)  # fmt: skip
+    with pytest.raises(ValueError, match="perturb_: norm_sq must be a one-element tensor, got shape \\(2,\\)"):
+        ops.perturb_(w, g, None, 0.05, norm_sq=torch.ones(2))
+    with pytest.raises(TypeError, match="perturb_: norm_sq must be None or a 0-d tensor, got float"):
+        ops.perturb_(w, g, None, 0.05, norm_sq=4.0)
+    for bad in (torch.tensor(True), torch.tensor(4.0 + 0j)):
+        with pytest.raises(TypeError, match="perturb_: norm_sq must be a real number .*, got torch.(bool|complex64)"):
+            ops.perturb_(w, g, None, 0.05, norm_sq=bad)
+    with pytest.raises(ValueError, match="restore_sgd_: found_inf must be a one-element tensor, got shape \\(0,\\)"):
+        ops.restore_sgd_(
+            w, b, g, None, lr=0.1, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False,
+            init_momentum=False, found_inf=torch.zeros(0),
+        )  # fmt: skip
     with pytest.raises(TypeError, match="found_inf must be None or a 0-d tensor, got bool"):
         ops.restore_sgd_(
             w, b, g, None, lr=0.1, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False,

@@ -479,17 +479,33 @@ def sq_norm(xs, weights=None, eta=0.0, per_tensor=False):
     return total, per
 
 
-def inverse_norm_scale(scale, norm_sq: Tensor):
+def _sqrt_rn(x: Tensor) -> Tensor:
+    """``sqrt(x)`` correctly rounded in x's dtype. torch's CPU sqrt is not (up to an ulp off, float32
+    and float64 alike); on CPU the value is read on the host for free and taken in double (exact for
+    float32 after the rounding, exact for float64); on a GPU torch's sqrt is the IEEE one. (With
+    HOST_BRANCH_ON_CPU off, the device path on CPU: float32 through torch's double sqrt.)"""
+    if x.device.type != "cpu":
+        return x.sqrt()
+    if not HOST_BRANCH_ON_CPU:
+        return x.double().sqrt().to(x.dtype) if x.dtype != torch.float64 else x.sqrt()
+    v = float(x)
+    return torch.tensor(math.sqrt(v) if v >= 0 else math.nan, dtype=torch.float64).to(x.dtype).reshape(x.shape)
+
+
+def inverse_norm_scale(scale, norm_sq: Tensor, dtype: Optional[torch.dtype] = None):
     """``scale * inv``, ``inv = 1 / (sqrt(norm_sq) + NORM_EPS)`` and 0 where that is NaN (a
-    non-finite norm): what every backend's ``perturb_`` computes from ``norm_sq``, in this order
-    (1/inf is 0 already; three device ops on this backend, folded into the kernel on the others)."""
-    inv = torch.nan_to_num((norm_sq.sqrt() + NORM_EPS).reciprocal(), nan=0.0)
+    non-finite or negative norm): what every backend's ``perturb_`` computes from ``norm_sq``,
+    in this order and in the opmath of ``dtype`` (the parameters'; default: norm_sq's own), each
+    operation correctly rounded (1/inf is 0 already). Three device ops on this backend, folded
+    into the kernel on the others."""
+    n = norm_sq.reshape(()).to(opmath(dtype or norm_sq.dtype))
+    inv = torch.nan_to_num((_sqrt_rn(n) + NORM_EPS).reciprocal(), nan=0.0)
     return inv * scale
 
 
 def perturb_(params, grads, backup, scale, eta=None, mask=None, norm_sq=None):
     if norm_sq is not None:
-        scale = inverse_norm_scale(scale, norm_sq)
+        scale = inverse_norm_scale(scale, norm_sq, params[0].dtype)
     for dtype, (p, g, b, m) in _groups(params, grads, backup, mask):
         s_host = _host_float(scale, p)
         if s_host == 0.0:  # a zero scale drops the term: w stays as it is, whatever g holds

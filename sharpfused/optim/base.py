@@ -24,7 +24,14 @@ from torch.optim import Optimizer
 from .. import ops, spec
 from ..buffers import FlatBuffer
 from . import adapters
-from .buckets import Bucket, hold_grads, kernel_view, local_tensor, reduction_key  # noqa: F401  (re-exported)
+from .buckets import (  # noqa: F401  (re-exported)
+    Bucket,
+    hold_grads,
+    kernel_view,
+    local_tensor,
+    reduction_key,
+    refuse_sparse,
+)
 from .checks import (  # noqa: F401  (re-exported: algorithm files import them from here)
     _as_python,
     _check_number,
@@ -736,7 +743,9 @@ class SharpnessAware(Optimizer):
         if buckets is self._buckets and self._grads_outside(buckets) == 0:
             return []  # no parameter outside the buckets has a gradient (the usual case)
         by: dict[tuple, list[Tensor]] = {}
-        for _, p in self.with_grads(outside=buckets):
+        later = self.with_grads(outside=buckets)
+        refuse_sparse([p for _, p in later])
+        for _, p in later:
             g = kernel_view(p.grad)
             by.setdefault((g.device, g.dtype), []).append(g)
         return [(ops.resolve(self.backend, dev), gs) for (dev, _), gs in by.items()]
@@ -771,8 +780,10 @@ class SharpnessAware(Optimizer):
         self, buckets: list[Bucket], extra: list, coef: Optional[Tensor], skip: Tensor, held: hold_grads
     ) -> None:
         self._run.last_step_skipped = skip
-        if self.skipped_steps is None or self.skipped_steps.device != skip.device:
+        if self.skipped_steps is None:
             self._run.skipped_steps = torch.zeros((), dtype=torch.int64, device=skip.device)
+        elif self.skipped_steps.device != skip.device:  # the parameters moved: the count goes on
+            self._run.skipped_steps = self.skipped_steps.to(skip.device)
         self.skipped_steps.add_(skip)
         kind = self._fused_kind()
         later = self._later_buckets(buckets) if kind is not None and extra else []
