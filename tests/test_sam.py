@@ -268,7 +268,7 @@ def test_sparse_grad_of_a_parameter_only_in_the_second_pass_raises():
     (lin(torch.randn(5, 3)).sum() + emb(torch.tensor([1, 2])).sum()).backward()
     with pytest.raises(RuntimeError, match="sparse gradients.*shape \\(10, 4\\)"):
         opt.second_step()
-    opt.abort_step()
+    assert not opt.perturbed  # second_step aborted the step before raising
     assert all(torch.equal(p, q) for p, q in zip([*lin.parameters(), *emb.parameters()], w0))
 
 
@@ -286,7 +286,7 @@ def test_sparse_grad_in_the_second_pass_raises_and_abort_restores():
     lin.weight.grad = g.to_sparse()
     with pytest.raises(RuntimeError, match="sparse gradients.*shape \\(4, 3\\)"):
         opt.second_step()
-    opt.abort_step()
+    assert not opt.perturbed  # second_step aborted the step before raising
     assert all(torch.equal(p, q) for p, q in zip(lin.parameters(), w0))
 
 
@@ -440,3 +440,42 @@ def test_skipped_steps_counts_this_object_and_stays_out_of_the_state_dict():
     other = SAM(lin.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9)
     other.load_state_dict(opt.state_dict())
     assert other.skipped_steps is None
+
+
+@pytest.mark.parametrize("algo", ["SAM", "XSAM", "GSAM", "BSAM", "LookSAM", "FriendlySAM", "RST"])
+def test_a_second_step_that_raises_aborts_the_step(algo):
+    """The base optimizer's own error inside second_step() (RMSprop switched to centered mid-run,
+    or Adam to amsgrad: torch raises KeyError for the missing state) aborts the step before it
+    propagates: the weights are the pre-step ones bit for bit, no state moved, the optimizer can
+    step again."""
+    import sharpfused
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(3, 2)
+    kw = dict(k=1) if algo == "LookSAM" else dict(p=1.0) if algo == "RST" else {}
+    base, switch = (torch.optim.Adam, "amsgrad") if algo in ("XSAM", "GSAM") else (torch.optim.RMSprop, "centered")
+    opt = getattr(sharpfused, algo)(lin.parameters(), base, lr=0.01, **kw)
+    x = torch.randn(4, 3)
+
+    def loss():
+        return lin(x).pow(2).sum()
+
+    opt.step(lambda: loss().backward() or loss())  # state made, not centered
+    opt.zero_grad()
+    w0 = [p.detach().clone() for p in lin.parameters()]
+    state0 = {k: v.clone() for st in opt.base_optimizer.state.values() for k, v in st.items() if torch.is_tensor(v)}
+    for g in opt.param_groups:
+        g[switch] = True
+    loss().backward()
+    opt.first_step(zero_grad=True)
+    opt.remaining_passes(lambda: loss().backward())
+    loss().backward()
+    with pytest.raises(KeyError):
+        opt.second_step()
+    assert not opt.perturbed
+    assert all(torch.equal(p, q) for p, q in zip(lin.parameters(), w0))
+    state1 = {k: v for st in opt.base_optimizer.state.values() for k, v in st.items() if torch.is_tensor(v)}
+    assert state1.keys() == state0.keys() and all(torch.equal(state0[k], state1[k]) for k in state0)
+    for g in opt.param_groups:
+        g[switch] = False
+    opt.step(lambda: loss().backward() or loss())  # steps again

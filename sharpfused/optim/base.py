@@ -155,6 +155,22 @@ def _in_step(step: Callable) -> Callable:
     return marked
 
 
+def _aborts_on_error(second_step: Callable) -> Callable:
+    """``second_step`` that aborts the step (weights restored bit-exactly, no state moved) when it
+    raises -- a refused input, the base optimizer's own error -- before the exception propagates."""
+
+    @functools.wraps(second_step)
+    def guarded(self: SharpnessAware, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return second_step(self, *args, **kwargs)
+        except BaseException:
+            if self._run.perturbed:
+                self.abort_step()
+            raise
+
+    return guarded
+
+
 def _refuse_plain_lightning(opt: SharpnessAware, closure: Any) -> None:
     """Lightning's automatic optimization calls ``optimizer.step(closure)`` with its precision plugin's
     closure wrapper; from a plain LightningModule that step is silently wrong under gradient
@@ -208,6 +224,8 @@ class SharpnessAware(Optimizer):
         super().__init_subclass__(**kwargs)
         if "step" in cls.__dict__:
             cls.step = _in_step(cls.__dict__["step"])
+        if "second_step" in cls.__dict__:
+            cls.second_step = _aborts_on_error(cls.__dict__["second_step"])
 
     #: per-group hyperparameters of the algorithm, validated at construction and in add_param_group
     hyper: dict[str, Callable[[str, Any, str], None]] = {}
@@ -1184,6 +1202,7 @@ class SharpnessAware(Optimizer):
 
 
 SharpnessAware.step = _in_step(SharpnessAware.step)
+SharpnessAware.second_step = _aborts_on_error(SharpnessAware.second_step)
 
 
 def _refuse_torch_checkpoint(opt: SharpnessAware, api: str) -> None:
