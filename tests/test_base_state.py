@@ -51,6 +51,13 @@ def _ref_step(ws, base, rho=0.05):
         w.grad = None
 
 
+def _both_steps(ws, opt, rs, ref, n=1):
+    """``n`` steps of the sharpfused SAM and of the plain-torch reference, in turn."""
+    for _ in range(n):
+        _sam_step(ws, opt)
+        _ref_step(rs, ref)
+
+
 def _pair(name):
     cls, kw = BASES[name]
     torch.manual_seed(0)
@@ -66,9 +73,7 @@ def _close(a, b):
 @pytest.mark.parametrize("name", list(BASES))
 def test_base_state_dict_loaded_mid_run_is_used(name):
     ws, opt, rs, ref = _pair(name)
-    for _ in range(2):
-        _sam_step(ws, opt)
-        _ref_step(rs, ref)
+    _both_steps(ws, opt, rs, ref, 2)
     sd = copy.deepcopy(ref.state_dict())
     for s in sd["state"].values():  # a different state: the next steps must start from it
         for k, v in s.items():
@@ -76,9 +81,7 @@ def test_base_state_dict_loaded_mid_run_is_used(name):
                 s[k] = v * 3 + 0.5
     opt.base_optimizer.load_state_dict(copy.deepcopy(sd))
     ref.load_state_dict(sd)
-    for _ in range(3):
-        _sam_step(ws, opt)
-        _ref_step(rs, ref)
+    _both_steps(ws, opt, rs, ref, 3)
     assert _close(ws, rs)
     got, want = opt.base_optimizer.state_dict()["state"], ref.state_dict()["state"]
     for i in want:
@@ -91,18 +94,13 @@ def test_base_state_dict_loaded_mid_run_is_used(name):
 @pytest.mark.parametrize("name", list(BASES))
 def test_base_state_cleared_or_deleted_mid_run_restarts_like_torch(name):
     ws, opt, rs, ref = _pair(name)
-    for _ in range(2):
-        _sam_step(ws, opt)
-        _ref_step(rs, ref)
+    _both_steps(ws, opt, rs, ref, 2)
     opt.base_optimizer.state.clear()
     ref.state.clear()
-    _sam_step(ws, opt)
-    _ref_step(rs, ref)
+    _both_steps(ws, opt, rs, ref)
     del opt.base_optimizer.state[ws[1]]
     del ref.state[rs[1]]
-    for _ in range(2):
-        _sam_step(ws, opt)
-        _ref_step(rs, ref)
+    _both_steps(ws, opt, rs, ref, 2)
     assert _close(ws, rs)
     assert len(opt.base_optimizer.state) == len(ref.state) == 2
 

@@ -442,21 +442,15 @@ class SharpnessAware(Optimizer):
         self._run.bucket_key = None
 
     # ---------------------------------------------------------------- buckets
+    def _params_with_grads(self) -> list[Tensor]:
+        """Every parameter that has a gradient now, in group order (a listcomp: dynamo traces it)."""
+        return [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+
     def _grad_key(self) -> tuple:
         """Which parameters have a gradient now, and where their storage is: the buckets are rebuilt
         when this changes. C-level maps over the parameters (a step's host cost). A sparse gradient
         is refused where a bucket reads its gradients (``Bucket.grads``)."""
-        ps = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
-        return _params_key(ps)
-
-    def _grads_outside(self, buckets: list[Bucket]) -> int:
-        """How many parameters outside ``buckets`` have a gradient now (a count: cheaper than the
-        bucket key, and what decides whether a later pass added parameters)."""
-        have = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
-        inside = [p for b in buckets for p in b.sources if p.grad is not None]
-        if buckets is self._buckets and len(have) == len(inside) == sum(len(b.sources) for b in buckets):
-            self._run.grads_bucketed = True  # _mark_grads can take the buckets' parameters as they are
-        return len(have) - len(inside)
+        return _params_key(self._params_with_grads())
 
     def with_grads(self, outside: Optional[list[Bucket]] = None) -> list[tuple[int, Tensor]]:
         """(group index, parameter) of every parameter with a gradient now, in group order; with
@@ -758,8 +752,13 @@ class SharpnessAware(Optimizer):
     def _unbucketed_grads(self, buckets: list[Bucket]) -> list[tuple[str, list[Tensor]]]:
         """Gradients of parameters outside the buckets (not perturbed: they had no gradient in
         the first pass), grouped by device; empty in the usual case where the set is unchanged."""
-        if buckets is self._buckets and self._grads_outside(buckets) == 0:
-            return []  # no parameter outside the buckets has a gradient (the usual case)
+        if buckets is self._buckets:  # a count, cheaper than the bucket key
+            inside = [p for b in buckets for p in b.sources if p.grad is not None]
+            if len(self._params_with_grads()) == len(inside):
+                # no parameter outside the buckets has a gradient (the usual case); when each of
+                # theirs has one, _mark_grads can take the buckets' parameters as they are
+                self._run.grads_bucketed = len(inside) == sum(len(b.sources) for b in buckets)
+                return []
         by: dict[tuple, list[Tensor]] = {}
         later = self.with_grads(outside=buckets)
         refuse_sparse([p for _, p in later])
@@ -1017,7 +1016,7 @@ class SharpnessAware(Optimizer):
         if bucketed:
             ps = [p for b in self._buckets for p in b.sources]
         else:
-            ps = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+            ps = self._params_with_grads()
         ids = list(map(id, ps))
         gs = list(map(_GRAD, ps))
         # ids and versions now (C-level maps); the dict is built only when step(closure) asks
